@@ -1,0 +1,39 @@
+"""Loading a model from an HF directory or a GGUF file into one shared form.
+
+`load_model(path, dtype=...)` returns a `LoadedModel`: the static config, the
+weights pytree on the device, the tokenizer and the generation defaults.
+Each format has one module here (`hf.py`, `gguf.py`) that turns its files
+into a config, a `TensorSource` and a tokenizer; `weights.build_weights` does
+the rest, the same way for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from yalm_jax.config import ModelConfig
+from yalm_jax.errors import UserError
+from yalm_jax.tokenizer import Tokenizer
+from yalm_jax.weights import Weights, build_weights
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    weights: Weights
+    tokenizer: Tokenizer
+
+
+def load_model(path: str, dtype: str = "float32", progress: bool = False) -> LoadedModel:
+    from yalm_jax.loading import gguf, hf
+
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        cfg, source, tokenizer = hf.open_hf_dir(path, dtype)
+    elif path.endswith(".gguf") or gguf.is_gguf(path):
+        cfg, source, tokenizer = gguf.open_gguf(path, dtype)
+    else:
+        raise UserError(f"{path}: expected a transformers model directory or a .gguf file")
+    return LoadedModel(cfg=cfg, weights=build_weights(cfg, source, progress=progress), tokenizer=tokenizer)
