@@ -1,0 +1,188 @@
+"""Batch-1 matrix-vector products y = W x for W of shape (N, K), row-major.
+
+Decode reads every weight once per token, so this kernel is bound by memory
+bandwidth: each program owns `block_n` rows and walks K in chunks of `block_k`
+columns, so one row chunk is a contiguous run of `block_k` elements (wide,
+coalesced loads). Products accumulate in f32 in a (block_n, block_k) register
+tile that is reduced along K once, at the end.
+
+Fused forms, each saving a kernel launch and a round trip of the vector:
+  * `norm=(g, eps)`: the RMS norm of x is computed by every program (x is tiny
+    and sits in L2), so y = W rms_norm(x) needs no separate norm kernel;
+  * `gated=True`: W holds gate rows then up rows (2H, K); y = silu(W_g x) * (W_u x);
+  * `bias`, `residual`: y = W x + b + r, added in f32 before the one rounding.
+
+`gemv_reference` is the same function in plain jnp, for tests and the CPU.
+Lowered through Pallas' Triton backend on the GPU; `interpret=True` runs it
+anywhere (CI does, at small shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+# Measured on one H100 80GB HBM3 (see KERNEL_NOTES.md): (block_n, block_k, num_warps, num_stages).
+DEFAULT_CONFIG = (8, 512, 4, 3)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides n and is at most cap."""
+    return min(cap, n & -n)
+
+
+def _rms_scale(x_ref, k: int, bk: int, eps: float):
+    """rsqrt(mean(x^2) + eps) of the whole vector, in f32, walking x in chunks of bk."""
+
+    def body(i, acc):
+        xb = x_ref[pl.ds(pl.multiple_of(i * bk, bk), bk)].astype(jnp.float32)
+        return acc + xb * xb
+
+    acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bk,), jnp.float32))
+    return lax.rsqrt(jnp.sum(acc) / k + eps)
+
+
+def _gemv_kernel(*refs, k, bn, bk, gated, has_norm, has_bias, has_res, eps, out_dtype):
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    g_ref = refs.pop(0) if has_norm else None
+    w_refs = [refs.pop(0)] + ([refs.pop(0)] if gated else [])
+    b_ref = refs.pop(0) if has_bias else None
+    r_ref = refs.pop(0) if has_res else None
+    if len(refs) == 2:  # a poison buffer aliased to the output (tests)
+        refs.pop(0)
+    (o_ref,) = refs
+    x_dtype = x_ref.dtype
+
+    scale = _rms_scale(x_ref, k, bk, eps) if has_norm else None
+
+    def body(i, accs):
+        k0 = pl.multiple_of(i * bk, bk)
+        xb = x_ref[pl.ds(k0, bk)]
+        if has_norm:
+            # Same roundings as ops.rms_norm: normalise in f32, round, scale by g in x's dtype.
+            xb = (xb.astype(jnp.float32) * scale).astype(x_dtype) * g_ref[pl.ds(k0, bk)]
+        xb = xb.astype(jnp.float32)[None, :]
+        return tuple(a + w[:, pl.ds(k0, bk)].astype(jnp.float32) * xb for a, w in zip(accs, w_refs))
+
+    zeros = tuple(jnp.zeros((bn, bk), jnp.float32) for _ in w_refs)
+    accs = lax.fori_loop(0, k // bk, body, zeros)
+    ys = [jnp.sum(a, axis=1) for a in accs]
+    if gated:
+        gate, up = ys
+        y = gate / (1.0 + jnp.exp(-gate)) * up
+    else:
+        (y,) = ys
+    if has_bias:
+        y = y + b_ref[...].astype(jnp.float32)
+    if has_res:
+        y = y + r_ref[...].astype(jnp.float32)
+    o_ref[...] = y.astype(out_dtype)
+
+
+def gemv(
+    w: jax.Array,
+    x: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    residual: jax.Array | None = None,
+    norm: tuple[jax.Array, float] | None = None,
+    gated: bool = False,
+    config: tuple[int, int, int, int] | None = None,
+    out: jax.Array | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """y = W x (+ bias) (+ residual), in x's dtype, accumulated in f32.
+
+    w: (N, K) in f32/bf16/f16; x: (K,). With `norm=(g, eps)` x is replaced by
+    rms_norm(x) * g first. With `gated=True`, N = 2H and the result (H,) is
+    silu(W[:H] x) * W[H:] x. `config` = (block_n, block_k, num_warps, num_stages);
+    block sizes are cut down to powers of two that divide N and K. `out`, if
+    given, is a buffer of the result's shape and dtype aliased to the result
+    (tests fill it with NaN to catch unwritten elements).
+    """
+    n, k = w.shape
+    if x.shape != (k,):
+        raise ValueError(f"x has shape {x.shape}, expected ({k},)")
+    n_out = n // 2 if gated else n
+    if gated and n % 2:
+        raise ValueError(f"gated gemv needs an even row count, got {n}")
+    bn, bk, num_warps, num_stages = config or DEFAULT_CONFIG
+    bn = _pow2_divisor(n_out, bn)
+    bk = _pow2_divisor(k, bk)
+    grid = (n_out // bn,)
+
+    vec_k = pl.BlockSpec((k,), lambda i: (0,))
+    vec_n = pl.BlockSpec((bn,), lambda i: (i,))
+    operands, specs = [x], [vec_k]
+    if norm is not None:
+        operands.append(norm[0].astype(x.dtype))
+        specs.append(vec_k)
+    operands.append(w)
+    specs.append(pl.BlockSpec((bn, k), lambda i: (i, 0)))
+    if gated:
+        operands.append(w)
+        specs.append(pl.BlockSpec((bn, k), lambda i, h=n_out // bn: (i + h, 0)))
+    for v in (bias, residual):
+        if v is not None:
+            operands.append(v)
+            specs.append(vec_n)
+    aliases = {}
+    if out is not None:
+        aliases = {len(operands): 0}
+        operands.append(out)
+        specs.append(vec_n)
+
+    kernel = functools.partial(
+        _gemv_kernel,
+        k=k,
+        bn=bn,
+        bk=bk,
+        gated=gated,
+        has_norm=norm is not None,
+        has_bias=bias is not None,
+        has_res=residual is not None,
+        eps=float(norm[1]) if norm is not None else 0.0,
+        out_dtype=x.dtype,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n_out,), x.dtype),
+        grid=grid,
+        in_specs=specs,
+        out_specs=vec_n,
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gemv_gated" if gated else "gemv",
+    )(*operands)
+
+
+def gemv_reference(
+    w: jax.Array,
+    x: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    residual: jax.Array | None = None,
+    norm: tuple[jax.Array, float] | None = None,
+    gated: bool = False,
+) -> jax.Array:
+    """The function `gemv` computes, in plain jnp (f32 accumulation, one final rounding)."""
+    if norm is not None:
+        g, eps = norm
+        xf = x.astype(jnp.float32)
+        x = (xf * lax.rsqrt(jnp.mean(xf * xf) + eps)).astype(x.dtype) * g.astype(x.dtype)
+    y = jnp.dot(w.astype(jnp.float32), x.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    if gated:
+        gate, up = jnp.split(y, 2)
+        y = jax.nn.silu(gate) * up
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
+    return y.astype(x.dtype)
