@@ -12,6 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import decode_attention as _attn
+from pallas_kernels import gemv as _gemv
+
 BACKENDS = ("xla", "pallas")
 
 
@@ -26,10 +29,50 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, backend: str = "xla") -> jax.Array:
-    """x @ w.T (+ b) for x of shape (S, in) and w of shape (out, in)."""
+def _decode(x: jax.Array, backend: str) -> bool:
+    """Whether this call goes to the Pallas kernels: one token (batch-1 decode) on the pallas backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    return backend == "pallas" and x.shape[0] == 1
+
+
+def _interpret() -> bool:
+    # Off the GPU the kernels run in Pallas' interpreter (slow; for tests at small shapes).
+    return jax.default_backend() != "gpu"
+
+
+def linear(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    residual: jax.Array | None = None,
+    norm: tuple[jax.Array, float] | None = None,
+    backend: str = "xla",
+) -> jax.Array:
+    """x @ w.T (+ b) (+ residual) for x of shape (S, in) and w of shape (out, in).
+
+    With `norm=(weight, eps)`, x is replaced by rms_norm(x, weight, eps) first;
+    the Pallas GEMV fuses that norm, the bias and the residual add into one pass.
+    """
+    if _decode(x, backend):
+        r = None if residual is None else residual[0]
+        return _gemv.gemv(w, x[0], bias=b, residual=r, norm=norm, interpret=_interpret())[None]
+    if norm is not None:
+        x = rms_norm(x, *norm)
     y = jnp.einsum("si,oi->so", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    return y if b is None else y + b
+    y = y if b is None else y + b
+    return y if residual is None else residual + y
+
+
+def gated_ffn_up(
+    x: jax.Array, w13: jax.Array, *, norm: tuple[jax.Array, float] | None = None, backend: str = "xla"
+) -> jax.Array:
+    """silu(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in)."""
+    if _decode(x, backend):
+        return _gemv.gemv(w13, x[0], norm=norm, gated=True, interpret=_interpret())[None]
+    gate, up = jnp.split(linear(x, w13, norm=norm), 2, axis=-1)
+    return jax.nn.silu(gate) * up
 
 
 def attention(
@@ -49,7 +92,12 @@ def attention(
     t > p - window with a sliding window). Returns (S, n_heads, head_dim).
     """
     s, n_heads, hd = q.shape
-    n_kv = k_cache.shape[0]
+    n_kv, max_context, _ = k_cache.shape
+    if _decode(q, backend) and _attn.supported(max_context, hd):
+        # The kernel reads only the blocks below q_pos + 1, so attn_len is not needed.
+        length = q_pos[0] + 1
+        out = _attn.decode_attention(q[0], k_cache, v_cache, length, window=window, interpret=_interpret())
+        return out[None]
     k = k_cache[:, :attn_len]
     v = v_cache[:, :attn_len]
     qg = q.reshape(s, n_kv, n_heads // n_kv, hd)
