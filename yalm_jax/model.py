@@ -61,8 +61,9 @@ def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.
 
 
 def attention_block(x, layer: LayerWeights, k_cache, v_cache, positions, cfg: ModelConfig, attn_len, backend):
+    """x + attention(rms_norm(x)); the norm and the residual add fuse into the projections."""
     s = x.shape[0]
-    qkv = ops.linear(x, layer.wqkv, layer.bqkv, backend=backend)
+    qkv = ops.linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, cfg.norm_eps), backend=backend)
     q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
     q = rope(q.reshape(s, cfg.n_heads, cfg.head_dim), positions, cfg)
     k = rope(k.reshape(s, cfg.n_kv_heads, cfg.head_dim), positions, cfg)
@@ -72,12 +73,13 @@ def attention_block(x, layer: LayerWeights, k_cache, v_cache, positions, cfg: Mo
     out = ops.attention(
         q, k_cache, v_cache, positions, attn_len=attn_len, window=cfg.sliding_window, backend=backend
     )
-    return ops.linear(out.reshape(s, cfg.q_dim), layer.wo, backend=backend), k_cache, v_cache
+    return ops.linear(out.reshape(s, cfg.q_dim), layer.wo, residual=x, backend=backend), k_cache, v_cache
 
 
 def ffn_block(x, layer: LayerWeights, cfg: ModelConfig, backend):
-    gate, up = jnp.split(ops.linear(x, layer.w13, backend=backend), 2, axis=-1)
-    return ops.linear(jax.nn.silu(gate) * up, layer.w2, backend=backend)
+    """x + w2 (silu(w1 rms_norm(x)) * w3 rms_norm(x))."""
+    h = ops.gated_ffn_up(x, layer.w13, norm=(layer.ffn_norm, cfg.norm_eps), backend=backend)
+    return ops.linear(h, layer.w2, residual=x, backend=backend)
 
 
 def forward_hidden(
@@ -96,12 +98,9 @@ def forward_hidden(
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(weights.layers, cache.k, cache.v):
         with jax.named_scope("attention"):
-            h, k_cache, v_cache = attention_block(
-                ops.rms_norm(x, layer.attn_norm, cfg.norm_eps), layer, k_cache, v_cache, positions, cfg, attn_len, backend
-            )
-        x = x + h
+            x, k_cache, v_cache = attention_block(x, layer, k_cache, v_cache, positions, cfg, attn_len, backend)
         with jax.named_scope("ffn"):
-            x = x + ffn_block(ops.rms_norm(x, layer.ffn_norm, cfg.norm_eps), layer, cfg, backend)
+            x = ffn_block(x, layer, cfg, backend)
         new_k.append(k_cache)
         new_v.append(v_cache)
     return ops.rms_norm(x, weights.final_norm, cfg.norm_eps), KVCache(k=new_k, v=new_v)
