@@ -10,6 +10,7 @@ holds the whole model twice.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 from typing import Protocol
 
 import jax
@@ -91,9 +92,20 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
         return arr
 
     def put(*names: str) -> jax.Array:
-        parts = [read(n) for n in names]
-        host = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        return jnp.asarray(host, dtype=dtype)
+        # One staging copy at a time: parts are cast straight into one fused
+        # buffer, and jax.device_put (unlike jnp.asarray, which keeps an extra
+        # host copy alive on CPU) leaves nothing behind once `host` goes.
+        rest = iter(names[1:])
+        part = read(names[0])
+        if len(names) == 1 and part.dtype == dtype:
+            return jax.device_put(part)
+        host = _host_empty((sum(shapes[n][0] for n in names), *shapes[names[0]][1:]), dtype)
+        start = 0
+        while part is not None:
+            host[start : start + part.shape[0]] = part
+            start += part.shape[0]
+            part = read(n) if (n := next(rest, None)) else None
+        return jax.device_put(host)
 
     bar = _progress(cfg.n_layers + 2, enabled=progress)
     embed = put("model.embed_tokens.weight")
@@ -123,6 +135,13 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
     bar.update()
     bar.close()
     return weights
+
+
+def _host_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A host buffer in its own anonymous mapping: freed straight back to the OS,
+    so staging buffers never pile up as heap fragments between device buffers."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)[:nbytes].view(dtype).reshape(shape)
 
 
 def _progress(total: int, enabled: bool):
