@@ -97,42 +97,86 @@ def _rope_scaling_from_hf(d: dict | None) -> RopeScaling | None:
         return None
     if kind != "llama3":
         raise UserError(f"unsupported rope_scaling type {kind!r}; supported: llama3")
-    return RopeScaling(
-        factor=float(d["factor"]),
-        low_freq_factor=float(d["low_freq_factor"]),
-        high_freq_factor=float(d["high_freq_factor"]),
-        original_max_position_embeddings=int(d["original_max_position_embeddings"]),
-    )
+    try:
+        return RopeScaling(
+            factor=float(d["factor"]),
+            low_freq_factor=float(d["low_freq_factor"]),
+            high_freq_factor=float(d["high_freq_factor"]),
+            original_max_position_embeddings=int(d["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise UserError(f"llama3 rope scaling lacks {e.args[0]!r}") from None
 
 
 _HF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float": "float32", "half": "float16"}
 
 
-def config_from_hf(d: dict, dtype: str = "float32") -> ModelConfig:
-    """Builds a config from a transformers `config.json` (4.x or 5.x keys)."""
+def hf_checkpoint_dtype(d: dict) -> str | None:
+    """The dtype a config.json says its weights are stored in ("dtype" in 5.x, "torch_dtype" in 4.x)."""
+    name = str(d.get("dtype") or d.get("torch_dtype") or "").removeprefix("torch.")
+    return _HF_DTYPES.get(name)
+
+
+def _hf_sliding_window(d: dict, arch: str, n_layers: int) -> int | None:
+    """Mistral masks keys more than `sliding_window - 1` positions behind every query
+    (transformers: kv_idx > q_idx - sliding_window); Qwen2 only with use_sliding_window."""
+    window = d.get("sliding_window")
+    if arch == "llama" or not window:
+        return None
+    if arch == "qwen2":
+        if not d.get("use_sliding_window", False):
+            return None
+        first = int(d.get("max_window_layers", 28))
+        types = d.get("layer_types") or [
+            "sliding_attention" if i >= first else "full_attention" for i in range(n_layers)
+        ]
+        if all(t == "full_attention" for t in types):
+            return None
+        if not all(t == "sliding_attention" for t in types):
+            raise UserError("Qwen2 with sliding windows on only some layers (max_window_layers) is not supported")
+    return int(window)
+
+
+def config_from_hf(d: dict, dtype: str | None = "float32") -> ModelConfig:
+    """Builds a config from a transformers `config.json` (4.x or 5.x keys).
+
+    `dtype=None` computes in the dtype the checkpoint declares (float32 if none).
+    """
     archs = d.get("architectures") or []
     model_type = d.get("model_type", "")
     arch = next((_HF_ARCH[a] for a in archs if a in _HF_ARCH), None) or (
-        model_type if model_type in SUPPORTED_ARCHITECTURES else None
+        model_type if model_type in SUPPORTED_ARCHITECTURES and not archs else None
     )
     if arch is None:
         name = archs[0] if archs else model_type or "<none>"
         raise UserError(f"unsupported architecture {name!r}; supported: {', '.join(_HF_ARCH)}")
+    act = d.get("hidden_act", d.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise UserError(f"unsupported activation {act!r} for {arch}; supported: silu")
+    if d.get("mlp_bias"):
+        raise UserError("MLP biases (mlp_bias=true) are not supported")
+    if arch != "qwen2" and d.get("attention_bias"):
+        raise UserError("attention output biases (attention_bias=true) are not supported")
     # transformers 5.x moved rope_theta and rope_scaling into rope_parameters.
     rope = d.get("rope_parameters") or {}
     rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
     scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    n_heads = int(d["num_attention_heads"])
-    dim = int(d["hidden_size"])
-    sliding_window = d.get("sliding_window") if d.get("use_sliding_window", arch == "mistral") else None
-    if sliding_window and arch == "qwen2":
-        raise UserError("Qwen2 per-layer sliding windows (use_sliding_window=true) are not supported yet")
+    try:
+        n_heads = int(d["num_attention_heads"])
+        dim = int(d["hidden_size"])
+        n_layers = int(d["num_hidden_layers"])
+        vocab_size = int(d["vocab_size"])
+        hidden_dim = int(d["intermediate_size"])
+    except KeyError as e:
+        raise UserError(f"config.json lacks {e.args[0]!r}") from None
+    sliding_window = _hf_sliding_window(d, arch, n_layers)
     return ModelConfig(
         arch=arch,
-        vocab_size=int(d["vocab_size"]),
+        vocab_size=vocab_size,
         dim=dim,
-        hidden_dim=int(d["intermediate_size"]),
-        n_layers=int(d["num_hidden_layers"]),
+        hidden_dim=hidden_dim,
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
         head_dim=int(d.get("head_dim") or dim // n_heads),
@@ -140,8 +184,8 @@ def config_from_hf(d: dict, dtype: str = "float32") -> ModelConfig:
         rope_theta=float(rope_theta),
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2" or bool(d.get("attention_bias", False)),
+        qkv_bias=arch == "qwen2",
         rope_scaling=_rope_scaling_from_hf(scaling),
-        sliding_window=int(sliding_window) if sliding_window else None,
-        dtype=dtype,
+        sliding_window=sliding_window,
+        dtype=dtype or hf_checkpoint_dtype(d) or "float32",
     )

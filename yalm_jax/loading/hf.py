@@ -1,25 +1,50 @@
-"""Transformers model directories: config.json plus one or many safetensors files."""
+"""Transformers model directories: config.json plus one or many safetensors files.
+
+Tensors are read with plain file reads into fresh arrays, one at a time, in the
+dtype the file stores (bf16 through ml_dtypes). Nothing is memory-mapped, so a
+tensor's bytes are resident only while `build_weights` converts and places it.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 
+import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from yalm_jax.config import ModelConfig, config_from_hf
 from yalm_jax.errors import UserError
 
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return d
 
 
 def load_hf_config(model_dir: str, dtype: str) -> ModelConfig:
@@ -29,38 +54,102 @@ def load_hf_config(model_dir: str, dtype: str) -> ModelConfig:
     return config_from_hf(read_json(path), dtype)
 
 
+class _TensorInfo:
+    __slots__ = ("kind", "shape", "start", "nbytes")
+
+    def __init__(self, kind: str, shape: tuple[int, ...], start: int, nbytes: int):
+        self.kind, self.shape, self.start, self.nbytes = kind, shape, start, nbytes
+
+
+def _read_header(path: str) -> dict[str, _TensorInfo]:
+    """Parses and checks a safetensors header against the file's real size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, _MAX_HEADER):
+            raise UserError(f"{path}: not a safetensors file, or truncated (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header")
+    data_start = 8 + n
+    infos = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            kind = str(meta["dtype"])
+            shape = tuple(int(x) for x in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
+        dtype = _DTYPES.get(kind)
+        if begin < 0 or end < begin or (dtype is not None and end - begin != math.prod(shape) * dtype.itemsize):
+            raise UserError(f"{path}: corrupt safetensors header: tensor {name} has inconsistent offsets")
+        if data_start + end > size:
+            raise UserError(f"{path}: truncated: tensor {name} needs {data_start + end} bytes but the file has {size}")
+        infos[name] = _TensorInfo(kind, shape, data_start + begin, end - begin)
+    return infos
+
+
 class SafetensorsSource:
     """Reads tensors lazily, one at a time, from a model's safetensors file(s)."""
 
     def __init__(self, model_dir: str):
         index_path = os.path.join(model_dir, INDEX)
         if os.path.isfile(index_path):
-            weight_map = read_json(index_path).get("weight_map", {})
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{index_path}: no weight_map")
             files = sorted(set(weight_map.values()))
-        elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-            files = ["model.safetensors"]
+        elif os.path.isfile(os.path.join(model_dir, SINGLE)):
+            files = [SINGLE]
         else:
-            raise UserError(f"{model_dir}: no model.safetensors or {INDEX}")
-        self._file_of: dict[str, str] = {}
-        self._handles = {}
+            raise UserError(f"{model_dir}: no {SINGLE} or {INDEX}")
+        self._where: dict[str, tuple[str, _TensorInfo]] = {}
         for name in files:
             path = os.path.join(model_dir, name)
             if not os.path.isfile(path):
                 raise UserError(f"{path}: shard listed in {INDEX} is missing")
-            try:
-                handle = safe_open(path, framework="numpy")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-            self._handles[path] = handle
-            for key in handle.keys():
-                self._file_of[key] = path
+            for key, info in _read_header(path).items():
+                self._where[key] = (path, info)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
 
     def has(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._where
 
     def get(self, name: str) -> np.ndarray:
-        path = self._file_of[name]
-        try:
-            return self._handles[path].get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path}: tensor {name} cannot be read; the file may be truncated ({e})") from None
+        """A fresh array (not a view of the file) in the dtype the file stores."""
+        path, info = self._where[name]
+        dtype = _DTYPES.get(info.kind)
+        if dtype is None:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info.kind}")
+        # An anonymous mapping, not malloc: its pages go back to the OS as soon as
+        # the array dies, instead of fragmenting the heap between device buffers.
+        buf = np.frombuffer(mmap.mmap(-1, max(info.nbytes, 1)), np.uint8)[: info.nbytes]
+        view = memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(info.start)
+            done = 0
+            while done < info.nbytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise UserError(f"{path}: truncated while reading tensor {name}")
+                done += got
+        return buf.view(dtype).reshape(info.shape)
+
+
+def open_hf_dir(model_dir: str, dtype: str = "float32"):
+    """Config, tensor source and tokenizer of a transformers model directory."""
+    from yalm_jax.tokenizer import tokenizer_from_hf_dir
+
+    if not os.path.isdir(model_dir):
+        raise UserError(f"{model_dir}: no such directory")
+    cfg = load_hf_config(model_dir, dtype)
+    source = SafetensorsSource(model_dir)
+    return cfg, source, tokenizer_from_hf_dir(model_dir)
