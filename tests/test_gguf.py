@@ -1,0 +1,414 @@
+"""The GGUF loader: config from metadata, dequantization, llama.cpp's Q/K permutation, bad files."""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from yalm_jax.errors import UserError
+from yalm_jax.loading import load_model
+from yalm_jax.loading.gguf import is_gguf, open_gguf
+from yalm_jax.model import forward, init_cache
+
+# ---- writing small GGUF files ------------------------------------------------------------------
+
+
+def spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A tiny llama-style sentencepiece vocabulary: specials, 256 byte tokens, letters and a few merges."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    pieces = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += ["▁" + chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += ["th", "he", "in", "er", "an", "▁th", "▁the", "▁an", "▁and", "nd", "▁in", "ing", "▁the▁"]
+    tokens += pieces
+    types += [1] * len(pieces)
+    tokens += ["<|im_end|>", "<tool>"]
+    types += [3, 4]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
+    return tokens, scores, types
+
+
+def write_gguf(path, tensors: dict, *, arch="llama", meta=None, vocab=None, hp=None):
+    """Writes `tensors` (GGUF name -> float array in (out, in) layout, or (array, quant type)) with llama metadata."""
+    w = gguf.GGUFWriter(str(path), arch)
+    hp = hp or {}
+    w.add_block_count(hp.get("n_layers", 1))
+    w.add_context_length(hp.get("ctx", 256))
+    w.add_embedding_length(hp.get("dim", 32))
+    w.add_feed_forward_length(hp.get("hidden", 64))
+    w.add_head_count(hp.get("n_heads", 2))
+    w.add_head_count_kv(hp.get("n_kv_heads", 1))
+    w.add_rope_freq_base(hp.get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(hp.get("eps", 1e-5))
+    w.add_rope_dimension_count(hp.get("head_dim", 16))
+    tokens, scores, types = vocab or spm_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    for key, value in (meta or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_uint32(key, value)
+    for name, value in tensors.items():
+        arr, qtype = value if isinstance(value, tuple) else (value, QT.F32)
+        if qtype == QT.F32:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        elif qtype == QT.F16:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float16))
+        else:
+            w.add_tensor(name, arr, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, written out the way llama.cpp has it."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_to_gguf_tensors(state: dict, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
+    names = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    out = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
+    if "lm_head.weight" in state:
+        out["output.weight"] = state["lm_head.weight"]
+    for i in range(n_layers):
+        for hf, gg in names.items():
+            w = state[f"model.layers.{i}.{hf}"]
+            if gg == "attn_q.weight":
+                w = llamacpp_permute(w, n_heads)
+            elif gg == "attn_k.weight":
+                w = llamacpp_permute(w, n_kv_heads)
+            out[f"blk.{i}.{gg}"] = w
+    return out
+
+
+def run_logits(path: str, ids: list[int]) -> np.ndarray:
+    m = load_model(path, "float32")
+    logits, _ = forward(
+        m.weights, init_cache(m.cfg, 64), jnp.asarray(ids, jnp.int32), jnp.arange(len(ids), dtype=jnp.int32), cfg=m.cfg
+    )
+    return np.asarray(logits)
+
+
+# ---- a random transformers Llama, written to GGUF as llama.cpp would ---------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_random_llama_gguf_matches_transformers(tmp_path, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = spm_vocab()
+    torch.manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    hf_cfg = LlamaConfig(
+        vocab_size=len(vocab[0]),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        initializer_range=0.2,
+    )
+    model = LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # norms away from 1 so that a mix-up between them shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    if tied:
+        state.pop("lm_head.weight", None)
+    tensors = hf_to_gguf_tensors(state, 2, 4, 2)
+    path = write_gguf(
+        tmp_path / "tiny.gguf",
+        tensors,
+        vocab=vocab,
+        hp=dict(n_layers=2, dim=64, hidden=96, n_heads=4, n_kv_heads=2, head_dim=16, ctx=256),
+    )
+    cfg, _, _ = open_gguf(path)
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (4, 2, 16, len(vocab[0]))
+    assert cfg.tie_embeddings == tied
+
+    ids = np.random.default_rng().integers(3, len(vocab[0]), size=17).tolist()
+    ours = run_logits(path, ids)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err <= 1e-4, err
+
+
+def test_qk_unpermute_inverts_llamacpp_permute():
+    from yalm_jax.loading.gguf import unpermute_rows
+
+    rng = np.random.default_rng()
+    for heads, head_dim in ((4, 16), (3, 64), (1, 8)):
+        w = rng.standard_normal((heads * head_dim, 24)).astype(np.float32)
+        p = llamacpp_permute(w, heads)
+        assert not np.array_equal(p, w)
+        np.testing.assert_array_equal(unpermute_rows(p, heads), w)
+        b = rng.standard_normal(heads * head_dim).astype(np.float32)
+        np.testing.assert_array_equal(unpermute_rows(llamacpp_permute(b, heads), heads), b)
+
+
+# ---- quantization types --------------------------------------------------------------------------
+# gguf's numpy code quantizes only the simple formats; the K-quants are packed here from the format
+# definitions in ggml-quants.c, with plain (not optimal) scale choices.
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _kquant_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Packs 8 6-bit scales and 8 6-bit mins per block into 12 bytes (ggml's get_scale_min_k4 layout)."""
+    n = sc.shape[0]
+    out = np.zeros((n, 12), np.uint8)
+    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0xF) | ((m[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _affine_kquant(x: np.ndarray, bits: int):
+    """Blocks of 256 as 8 sub-blocks of 32: x ~ d*sc*q - dmin*m with 6-bit sc, m and `bits`-bit q."""
+    levels = 2**bits - 1
+    sub = x.reshape(-1, 8, 32).astype(np.float64)
+    lo = np.minimum(sub.min(-1), 0)
+    scale = (sub.max(-1) - lo) / levels
+    d = scale.max(-1) / 63
+    dmin = (-lo).max(-1) / 63
+    d16, dmin16 = d.astype(np.float16).astype(np.float64), dmin.astype(np.float16).astype(np.float64)
+    sc = np.clip(np.round(scale / d16[:, None]), 1, 63).astype(np.uint8)
+    m = np.clip(np.round(-lo / np.where(dmin16 > 0, dmin16, 1)[:, None]), 0, 63).astype(np.uint8)
+    step = (d16[:, None] * sc)[..., None]
+    offset = (dmin16[:, None] * m)[..., None]
+    q = np.clip(np.round((sub + offset) / step), 0, levels).astype(np.uint8)
+    return d16, dmin16, sc, m, q
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m, q = _affine_kquant(x, 4)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # sub-blocks 2j (low nibble) and 2j+1 (high)
+    return np.concatenate([_fp16_bytes(d), _fp16_bytes(dmin), _kquant_scales(sc, m), qs], axis=1)
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    d, dmin, sc, m, q = _affine_kquant(x, 5)
+    low = q & 0xF
+    qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(-1, 128)
+    high = (q >> 4).astype(np.uint8)  # (blocks, 8 sub-blocks, 32): bit j of qh[l] is sub-block j
+    qh = np.zeros((q.shape[0], 32), np.uint8)
+    for j in range(8):
+        qh |= high[:, j, :] << j
+    return np.concatenate([_fp16_bytes(d), _fp16_bytes(dmin), _kquant_scales(sc, m), qh, qs], axis=1)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """Blocks of 256 as 16 sub-blocks of 16: x ~ d * scale * (q - 32), int8 scales, 6-bit q."""
+    sub = x.reshape(-1, 16, 16).astype(np.float64)
+    scale = np.abs(sub).max(-1) / 31
+    d = (scale.max(-1) / 127).astype(np.float16).astype(np.float64)
+    sc = np.clip(np.round(scale / d[:, None]), 1, 127).astype(np.int8)
+    q = np.clip(np.round(sub / (d[:, None] * sc)[..., None]), -32, 31).astype(np.int16) + 32
+    q = q.reshape(-1, 2, 128).astype(np.uint8)  # two halves of 128 values
+    low, high = q & 0xF, q >> 4
+    ql = (low[:, :, 0:64] | (low[:, :, 64:128] << 4)).reshape(-1, 128)
+    qh = (high[:, :, 0:32] | (high[:, :, 32:64] << 2) | (high[:, :, 64:96] << 4) | (high[:, :, 96:128] << 6))
+    return np.concatenate([ql, qh.reshape(-1, 64), sc.view(np.uint8), _fp16_bytes(d)], axis=1)
+
+
+def _quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
+    own = {QT.Q4_K: quantize_q4_k, QT.Q5_K: quantize_q5_k, QT.Q6_K: quantize_q6_k}
+    if qtype in own:
+        return own[qtype](x).reshape(x.shape[0], -1)
+    return gguf.quants.quantize(x, qtype)
+
+
+# Largest error per element, as a fraction of the block's largest |x|, and RMS error relative to RMS(x).
+QUANT_BOUNDS = {
+    QT.F32: (0.0, 0.0),
+    QT.F16: (1e-3, 1e-3),
+    QT.BF16: (4e-3, 4e-3),
+    QT.Q8_0: (1 / 127, 0.01),
+    QT.Q4_0: (1 / 8 + 1e-3, 0.12),
+    QT.Q4_1: (1 / 15 + 1e-3, 0.1),
+    QT.Q4_K: (2 / 15, 0.1),
+    QT.Q5_K: (2 / 31, 0.05),
+    QT.Q6_K: (1 / 31, 0.025),
+}
+
+
+@pytest.mark.parametrize("qtype", list(QUANT_BOUNDS), ids=lambda q: q.name)
+def test_dequantized_tensor_has_transformers_layout(tmp_path, qtype):
+    rng = np.random.default_rng()
+    out_f, in_f = 96, 512  # non-square, so a transposed read cannot pass
+    x = (rng.standard_normal((out_f, in_f)) * rng.uniform(0.1, 3.0, (out_f, 1))).astype(np.float32)
+    x[rng.integers(0, out_f), rng.integers(0, in_f)] = 9.0  # one outlier
+    data = x if qtype in (QT.F32, QT.F16) else _quantize(x, qtype)
+    tensors = {"blk.0.ffn_up.weight": (data, qtype)}
+    path = write_gguf(tmp_path / f"{qtype.name}.gguf", tensors, hp=dict(dim=in_f, hidden=out_f))
+    _, source, _ = open_gguf(path)
+    assert source.has("model.layers.0.mlp.up_proj.weight")
+    got = source.get("model.layers.0.mlp.up_proj.weight")
+    assert got.shape == (out_f, in_f) and got.dtype == np.float32
+    max_frac, rms_frac = QUANT_BOUNDS[qtype]
+    block = 32 if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1) else 256
+    blocks_amax = np.abs(x).reshape(out_f, -1, block).max(-1, keepdims=True)
+    err = np.abs(got - x).reshape(out_f, -1, block)
+    assert np.all(err <= max_frac * blocks_amax + 1e-6), (err / blocks_amax).max()
+    assert np.sqrt(np.mean((got - x) ** 2)) <= rms_frac * np.sqrt(np.mean(x**2)) + 1e-12
+    if qtype != QT.F32:
+        assert not np.array_equal(got, x)  # really went through the format
+
+
+def test_q_and_k_are_unpermuted_but_v_is_not(tmp_path):
+    rng = np.random.default_rng()
+    hp = dict(dim=32, n_heads=2, n_kv_heads=1, head_dim=16)
+    q = rng.standard_normal((32, 32)).astype(np.float32)
+    k = rng.standard_normal((16, 32)).astype(np.float32)
+    v = rng.standard_normal((16, 32)).astype(np.float32)
+    tensors = {
+        "blk.0.attn_q.weight": llamacpp_permute(q, 2),
+        "blk.0.attn_k.weight": llamacpp_permute(k, 1),
+        "blk.0.attn_v.weight": v,
+    }
+    _, source, _ = open_gguf(write_gguf(tmp_path / "qkv.gguf", tensors, hp=hp))
+    np.testing.assert_array_equal(source.get("model.layers.0.self_attn.q_proj.weight"), q)
+    np.testing.assert_array_equal(source.get("model.layers.0.self_attn.k_proj.weight"), k)
+    np.testing.assert_array_equal(source.get("model.layers.0.self_attn.v_proj.weight"), v)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def _small_valid_gguf(tmp_path, name="ok.gguf", qtype=QT.F32):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    data = x if qtype == QT.F32 else _quantize(x, qtype)
+    tensors = {"token_embd.weight": rng.standard_normal((len(spm_vocab()[0]), 32)).astype(np.float32)}
+    tensors["blk.0.ffn_up.weight"] = (data, qtype)
+    return write_gguf(tmp_path / name, tensors)
+
+
+def _one_line_user_error(fn, *match: str) -> str:
+    with pytest.raises(UserError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg and msg
+    for m in match:
+        assert m in msg, msg
+    return msg
+
+
+def test_truncated_file_is_a_user_error(tmp_path):
+    path = _small_valid_gguf(tmp_path)
+    with open(path, "rb") as f:
+        data = f.read()
+    for cut in (len(data) // 2, len(data) - 7, 40, 10):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        _one_line_user_error(lambda: open_gguf(str(bad)), str(bad))
+        _one_line_user_error(lambda: load_model(str(bad)), str(bad))
+
+
+def test_corrupt_magic_is_a_user_error(tmp_path):
+    path = _small_valid_gguf(tmp_path)
+    data = bytearray(open(path, "rb").read())
+    assert is_gguf(path)
+    data[:4] = b"GGUX"
+    bad = tmp_path / "magic.gguf"
+    bad.write_bytes(bytes(data))
+    assert not is_gguf(str(bad))
+    _one_line_user_error(lambda: load_model(str(bad)), "magic")
+
+
+def test_garbage_after_magic_is_a_user_error(tmp_path):
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(b"GGUF" + np.random.default_rng().integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    _one_line_user_error(lambda: load_model(str(bad)), str(bad))
+
+
+def test_unsupported_architecture_is_a_user_error(tmp_path):
+    tensors = {"token_embd.weight": np.random.default_rng().standard_normal((300, 32)).astype(np.float32)}
+    path = write_gguf(tmp_path / "falcon.gguf", tensors, arch="falcon")
+    _one_line_user_error(lambda: load_model(path), "falcon", "architecture")
+
+
+def test_unsupported_quant_type_is_a_user_error(tmp_path):
+    path = _small_valid_gguf(tmp_path, "q5_0.gguf", QT.Q5_0)
+    _one_line_user_error(lambda: open_gguf(path), "Q5_0", "blk.0.ffn_up.weight")
+
+
+def test_missing_tensor_is_a_user_error(tmp_path):
+    path = _small_valid_gguf(tmp_path)  # one layer, but only token_embd and ffn_up
+    _one_line_user_error(lambda: load_model(path), "missing tensor")
+
+
+# ---- SmolLM2 (real file) vs transformers ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_transformers(smollm2_gguf):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
+    )
+    return model.eval()
+
+
+def test_smollm2_config(smollm2_gguf):
+    cfg, source, tok = open_gguf(smollm2_gguf)
+    assert (cfg.arch, cfg.n_layers, cfg.dim, cfg.hidden_dim) == ("llama", 30, 576, 1536)
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (9, 3, 64, 49152)
+    assert cfg.tie_embeddings and not source.has("lm_head.weight")
+    assert cfg.rope_theta == 100000.0 and cfg.max_position_embeddings == 8192
+    assert source.quant_type("model.embed_tokens.weight") == "Q8_0"
+    assert source.quant_type("model.layers.0.self_attn.q_proj.weight") == "Q4_1"
+    assert tok.vocab_size == 49152
+
+
+def test_smollm2_logits_match_transformers(smollm2_gguf, smollm2_transformers):
+    m = load_model(smollm2_gguf, "float32")
+    ids = m.tokenizer.encode("In 1969, astronauts landed on the Moon; here is a short poem about it:\n")
+    assert 15 <= len(ids) <= 30
+    logits, _ = forward(
+        m.weights, init_cache(m.cfg, 64), jnp.asarray(ids, jnp.int32), jnp.arange(len(ids), dtype=jnp.int32), cfg=m.cfg
+    )
+    with torch.no_grad():
+        ref = smollm2_transformers(torch.tensor([ids])).logits[0].numpy()
+    err = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()
+    assert err <= 1e-4, err
+    assert np.array_equal(np.asarray(logits).argmax(-1), ref.argmax(-1))
