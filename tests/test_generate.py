@@ -1,0 +1,99 @@
+"""Generation through the library API: greedy output equals transformers', sessions reuse their cache exactly, stops."""
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import hf_greedy  # noqa: E402
+
+from yalm_jax import generate as gen  # noqa: E402
+from yalm_jax.errors import UserError  # noqa: E402
+from yalm_jax.loading import load_model  # noqa: E402
+from yalm_jax.sampling import SamplingParams  # noqa: E402
+
+PROMPT = "Once upon a time there was a little model. The user asked a question and"
+N_NEW = 32
+
+
+def _generator(model_dir, max_context=128, **kwargs):
+    lm = load_model(model_dir)
+    return gen.Generator(lm.weights, lm.cfg, lm.tokenizer, max_context=max_context, **kwargs), lm.tokenizer
+
+
+def test_greedy_matches_transformers(tiny_chat_model, monkeypatch):
+    # Small chunks and attention buckets, so one generation crosses chunk and bucket edges.
+    monkeypatch.setattr(gen, "MIN_ATTN_LEN", 16)
+    g, tok = _generator(tiny_chat_model, prefill_chunk=16, decode_chunk=8)
+    tok.eos_ids = frozenset()  # run all 32 tokens, as transformers does below with no eos
+    prompt = tok.encode(PROMPT)
+    assert len(prompt) > 16
+    out = g.generate(prompt, max_new_tokens=N_NEW)
+    assert out.token_ids == hf_greedy(tiny_chat_model, prompt, N_NEW)
+    assert out.finish_reason == "length" and out.prefilled == len(prompt)
+    assert out.text == tok.decode(out.token_ids)
+
+
+def test_chat_session_continuation_equals_one_shot_prefill(tiny_llama_chat_model):
+    g, tok = _generator(tiny_llama_chat_model)
+    session = gen.ChatSession(g, system="You are a model.")
+    session.send("Hello, how are you today?", max_new_tokens=8)
+    out2 = session.send("What is the capital of France?", max_new_tokens=8)
+    assert out2.prefilled < len(out2.prompt_ids)  # the first turn came from the cache
+    assert session.messages[-1] == {"role": "assistant", "content": out2.text}
+
+    fresh, _ = _generator(tiny_llama_chat_model)
+    one_shot = fresh.generate(out2.prompt_ids, max_new_tokens=8)
+    assert one_shot.prefilled == len(out2.prompt_ids)
+    assert one_shot.token_ids == out2.token_ids
+
+
+def test_stop_string_truncates_text_and_stream(tiny_llama_chat_model):
+    g, tok = _generator(tiny_llama_chat_model)
+    tok.eos_ids = frozenset()
+    prompt = tok.encode(PROMPT)
+    full = g.generate(prompt, max_new_tokens=24).text
+    assert len(full) >= 8
+    stop = full[4:7]
+    pieces = []
+    out = g.generate(prompt, max_new_tokens=24, stop=["never appears \x00", stop], on_text=pieces.append)
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.find(stop)]
+    assert "".join(pieces) == out.text
+    assert out.prefilled == 1  # the whole prompt but its last token was cached by the first call
+
+
+def test_eos_stops_and_is_kept_in_ids_not_text(tiny_llama_chat_model):
+    g, tok = _generator(tiny_llama_chat_model)
+    tok.eos_ids = frozenset()
+    prompt = tok.encode(PROMPT)
+    ids = g.generate(prompt, max_new_tokens=16).token_ids
+    eos = ids[5]
+    tok.eos_ids = frozenset({eos})
+    out = g.generate(prompt, max_new_tokens=16)
+    cut = ids.index(eos) + 1
+    assert out.finish_reason == "eos"
+    assert out.token_ids == ids[:cut]
+    assert out.text == tok.decode(ids[: cut - 1])
+
+
+def test_full_context_stops_and_long_prompt_is_a_user_error(tiny_llama_chat_model):
+    g, tok = _generator(tiny_llama_chat_model, max_context=40)
+    tok.eos_ids = frozenset()
+    prompt = tok.encode(PROMPT)
+    out = g.generate(prompt, max_new_tokens=100)
+    assert out.finish_reason == "context" and len(prompt) + len(out.token_ids) == 40
+    with pytest.raises(UserError, match="context"):
+        g.generate(tok.encode(PROMPT * 3), max_new_tokens=4)
+    with pytest.raises(UserError):
+        g.generate([], max_new_tokens=4)
+
+
+def test_sampling_is_reproducible_per_seed(tiny_llama_chat_model):
+    params = SamplingParams.make(temperature=1.0, top_k=50, top_p=0.9)
+    runs = []
+    for seed in (3, 3, 4):
+        g, tok = _generator(tiny_llama_chat_model, seed=seed)
+        tok.eos_ids = frozenset()
+        runs.append(g.generate(tok.encode(PROMPT), max_new_tokens=16, sampling=params).token_ids)
+    assert runs[0] == runs[1] and runs[0] != runs[2]

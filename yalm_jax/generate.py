@@ -1,0 +1,462 @@
+"""Generation: chunked prefill, on-device decode chunks, and chat sessions that keep their cache.
+
+The device side is three jitted, pure functions that other JAX code can call,
+jit or scan as they are:
+
+* `prefill_chunk` runs a fixed-size chunk of prompt tokens into the cache and
+  returns the logits of one row (the last real token);
+* `decode_step` feeds one token, samples the next and returns the new
+  `DecodeState` (cache, newest token, its position, rng key);
+* `decode_chunk` runs `n_steps` decode steps in one `lax.scan`, so the host
+  sees a chunk of tokens per dispatch.
+
+Both jitted functions donate the cache. Attention reads only `attn_len` cache
+slots, a power of two >= 256 (capped at the cache size) that covers the last
+position of the call, so a short conversation does not read all of an
+8192-slot cache per token, and the number of compiled programs grows with the
+logarithm of the context.
+
+The host side is `prefill` (splits a prompt into chunks) and `Generator`,
+which keeps one KV cache together with the token ids it holds: each call
+reuses the longest common prefix of its prompt and those ids and prefills only
+the rest. `ChatSession` builds on it to keep a conversation, so each turn
+prefills only its new tokens. Programs are compiled ahead of time per shape
+(`Programs`), which keeps compile time out of the reported speeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from yalm_jax import model
+from yalm_jax.config import ModelConfig
+from yalm_jax.errors import UserError
+from yalm_jax.model import KVCache
+from yalm_jax.sampling import SamplingParams, sample
+from yalm_jax.weights import Weights
+
+PREFILL_CHUNK = 128  # prompt tokens per prefill call; a shorter last chunk is padded to a power of two >= 16
+MIN_PREFILL_CHUNK = 16
+DECODE_CHUNK = 16  # decode steps per device call
+MIN_ATTN_LEN = 256
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def attn_bucket(needed: int, max_context: int) -> int:
+    """The attention length for a call whose last position is `needed - 1`."""
+    return min(max(MIN_ATTN_LEN, _next_pow2(needed)), max_context)
+
+
+# -- device side -------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    cache: KVCache
+    token: jax.Array  # int32 (): the newest token, not yet written to the cache
+    pos: jax.Array  # int32 (): the position of `token`
+    key: jax.Array  # PRNG key for the next draws
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "backend"), donate_argnames=("cache",))
+def prefill_chunk(
+    weights: Weights,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    last: jax.Array,
+    *,
+    cfg: ModelConfig,
+    attn_len: int,
+    backend: str = "xla",
+) -> tuple[jax.Array, KVCache]:
+    """Writes `tokens` (C,) at `positions` (C,) into the cache; returns the f32 logits (V,) of row `last`.
+
+    Padding rows take position `cache.max_context`, so their cache writes are dropped.
+    Only the one row's logits are computed.
+    """
+    h, cache = model.forward_hidden(weights, cache, tokens, positions, cfg=cfg, attn_len=attn_len, backend=backend)
+    row = lax.dynamic_slice_in_dim(h, last, 1, axis=0)
+    return model.logits_from_hidden(weights, row, backend=backend)[0], cache
+
+
+def decode_step(
+    weights: Weights, state: DecodeState, params: SamplingParams, *, cfg: ModelConfig, attn_len: int, backend: str = "xla"
+) -> tuple[DecodeState, jax.Array]:
+    """Feeds `state.token`, samples the next token; returns the new state and that token. Pure."""
+    h, cache = model.forward_hidden(
+        weights, state.cache, state.token[None], state.pos[None], cfg=cfg, attn_len=attn_len, backend=backend
+    )
+    logits = model.logits_from_hidden(weights, h, backend=backend)[0]
+    key, sub = jax.random.split(state.key)
+    token = sample(logits, sub, params)
+    return DecodeState(cache=cache, token=token, pos=state.pos + 1, key=key), token
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "n_steps", "attn_len", "backend"), donate_argnames=("state",)
+)
+def decode_chunk(
+    weights: Weights,
+    state: DecodeState,
+    params: SamplingParams,
+    *,
+    cfg: ModelConfig,
+    n_steps: int,
+    attn_len: int,
+    backend: str = "xla",
+) -> tuple[jax.Array, DecodeState]:
+    """`n_steps` decode steps in one `lax.scan`: the sampled tokens (n_steps,) int32 and the new state.
+
+    `attn_len` must exceed `state.pos + n_steps - 1`, the last position fed.
+    """
+
+    def step(s, _):
+        return decode_step(weights, s, params, cfg=cfg, attn_len=attn_len, backend=backend)
+
+    state, tokens = lax.scan(step, state, length=n_steps)
+    return tokens, state
+
+
+@jax.jit
+def first_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Samples from the prefill logits; returns the token and the next key."""
+    key, sub = jax.random.split(key)
+    return sample(logits, sub, params), key
+
+
+# -- compiled programs ---------------------------------------------------------------
+
+
+class Programs:
+    """Ahead-of-time compiled executables, one per jitted function and shape, and the time spent compiling.
+
+    The first call of a shape is lowered and compiled here (or loaded from the
+    persistent cache) before it runs, so timing a call never includes compiling it.
+    """
+
+    def __init__(self):
+        self._exe: dict = {}
+        self.compile_s = 0.0
+
+    def get(self, fn, *args, **static):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        sig = (fn, tree, tuple((x.shape, x.dtype) for x in leaves), tuple(sorted(static.items())))
+        exe = self._exe.get(sig)
+        if exe is None:
+            t = time.perf_counter()
+            exe = fn.lower(*args, **static).compile()
+            self.compile_s += time.perf_counter() - t
+            self._exe[sig] = exe
+        return exe
+
+    def __call__(self, fn, *args, **static):
+        return self.get(fn, *args, **static)(*args)
+
+
+def _plan_prefill(start: int, end: int, chunk: int) -> list[tuple[int, int, int]]:
+    """(first position, real tokens, padded length) for each prefill call over positions [start, end)."""
+    plan = []
+    while start < end:
+        n = min(chunk, end - start)
+        plan.append((start, n, chunk if n == chunk else min(chunk, max(MIN_PREFILL_CHUNK, _next_pow2(n)))))
+        start += n
+    return plan
+
+
+def _chunk_args(tokens: Sequence[int], start: int, n: int, length: int, max_context: int):
+    ids = np.zeros(length, np.int32)
+    ids[:n] = tokens[start : start + n]
+    positions = np.full(length, max_context, np.int32)
+    positions[:n] = np.arange(start, start + n)
+    return jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(n - 1, jnp.int32)
+
+
+def prefill(
+    weights: Weights,
+    cache: KVCache,
+    tokens: Sequence[int],
+    start_pos: int,
+    cfg: ModelConfig,
+    *,
+    chunk: int = PREFILL_CHUNK,
+    backend: str = "xla",
+    programs: Programs | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Writes `tokens[start_pos:]` at their positions in chunks; returns the last token's logits and the cache.
+
+    `tokens` is the whole sequence; slots before `start_pos` must already hold
+    `tokens[:start_pos]`. The cache is consumed (donated).
+    """
+    max_context = cache.max_context
+    if not 0 <= start_pos < len(tokens) <= max_context:
+        raise ValueError(f"need 0 <= start_pos ({start_pos}) < len(tokens) ({len(tokens)}) <= {max_context}")
+    run = programs or (lambda fn, *args, **static: fn(*args, **static))
+    logits = None
+    for start, n, length in _plan_prefill(start_pos, len(tokens), chunk):
+        ids, positions, last = _chunk_args(tokens, start, n, length, max_context)
+        attn_len = attn_bucket(start + n, max_context)
+        logits, cache = run(
+            prefill_chunk, weights, cache, ids, positions, last, cfg=cfg, attn_len=attn_len, backend=backend
+        )
+    return logits, cache
+
+
+# -- host side -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Generation:
+    """One call's result. `token_ids` includes an EOS token if one ended it; `text` never shows it."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens) or "context" (cache full)
+    prefilled: int  # prompt tokens actually run (the rest were already in the cache)
+    prefill_s: float
+    ttft_s: float  # prefill plus the first token, compile time excluded
+    decode_s: float  # everything after the first token, compile time excluded
+    compile_s: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefilled / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = len(self.token_ids) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def stats(self) -> dict:
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "prefilled_tokens": self.prefilled,
+            "generated_tokens": len(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "prefill_s": self.prefill_s,
+            "prefill_tok_s": self.prefill_tok_s,
+            "ttft_s": self.ttft_s,
+            "decode_s": self.decode_s,
+            "decode_tok_s": self.decode_tok_s,
+            "compile_s": self.compile_s,
+        }
+
+
+class _TextStream:
+    """Streams decoded text, holding back any tail that could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], on_text: Callable[[str], None] | None):
+        self._decoder = tokenizer.stream_decoder()
+        self._stop = [s for s in stop if s]
+        self._on_text = on_text
+        self.text = ""
+        self._sent = 0
+
+    def push(self, token: int) -> bool:
+        """Adds a token's text; True when a stop string appeared (the text is then cut before it)."""
+        self.text += self._decoder.push([token])
+        return self._check()
+
+    def finish(self) -> None:
+        self.text += self._decoder.flush()
+        self._check()
+        self._send(len(self.text))
+
+    def _check(self) -> bool:
+        hits = [i for i in (self.text.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self._send(len(self.text))
+            return True
+        held = max((k for s in self._stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        self._send(len(self.text) - held)
+        return False
+
+    def _send(self, upto: int) -> None:
+        if upto > self._sent and self._on_text is not None:
+            self._on_text(self.text[self._sent : upto])
+        self._sent = max(self._sent, upto)
+
+
+class Generator:
+    """A model, one KV cache, and the token ids the cache holds (slot i holds `cached_ids[i]`)."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        cfg: ModelConfig,
+        tokenizer,
+        *,
+        max_context: int,
+        backend: str = "xla",
+        seed: int = 0,
+        prefill_chunk: int = PREFILL_CHUNK,
+        decode_chunk: int = DECODE_CHUNK,
+    ):
+        if max_context < 1:
+            raise UserError(f"max_context must be >= 1, got {max_context}")
+        self.weights, self.cfg, self.tokenizer = weights, cfg, tokenizer
+        self.max_context = max_context
+        self.backend = backend
+        self.prefill_chunk = prefill_chunk
+        self.decode_chunk = decode_chunk
+        self.cache: KVCache | None = model.init_cache(cfg, max_context)
+        self.cached_ids: list[int] = []
+        self.key = jax.random.key(seed)
+        self.programs = Programs()
+
+    def reset(self) -> None:
+        self.cached_ids = []
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise UserError(
+                f"the prompt is {len(prompt_ids)} tokens but the context holds {self.max_context} "
+                "(room for at least one new token is needed); shorten it or raise --max_context"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the model's vocabulary of {self.cfg.vocab_size}")
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Continues `prompt_ids` (the whole sequence, including any earlier turns) and streams text to `on_text`.
+
+        Stops at an EOS / end-of-turn id, a stop string (the text is cut before
+        it), `max_new_tokens`, or a full context (prompt plus output reach `max_context`).
+        """
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.check_prompt(prompt_ids)
+        if max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        sampling = sampling or SamplingParams.greedy()
+        eos = self.tokenizer.eos_ids
+        compile_before = self.programs.compile_s
+        n_prompt = len(prompt_ids)
+
+        # Reuse the cached prefix; the last prompt token always runs, for its logits.
+        reuse = 0
+        for a, b in zip(self.cached_ids, prompt_ids[:-1]):
+            if a != b:
+                break
+            reuse += 1
+        if self.cache is None:  # an earlier call failed after donating it
+            self.cache = model.init_cache(self.cfg, self.max_context)
+        cache, self.cache = self.cache, None  # donated below; a failure leaves the generator without a cache
+        self.cached_ids = []
+        for start, n, length in _plan_prefill(reuse, n_prompt, self.prefill_chunk):  # compile before timing
+            args = _chunk_args(prompt_ids, start, n, length, self.max_context)
+            self.programs.get(
+                prefill_chunk, self.weights, cache, *args,
+                cfg=self.cfg, attn_len=attn_bucket(start + n, self.max_context), backend=self.backend,
+            )  # fmt: skip
+        self.programs.get(first_token, jnp.zeros(self.cfg.vocab_size, jnp.float32), self.key, sampling)
+
+        t0 = time.perf_counter()
+        logits, cache = prefill(
+            self.weights, cache, prompt_ids, reuse, self.cfg,
+            chunk=self.prefill_chunk, backend=self.backend, programs=self.programs,
+        )  # fmt: skip
+        jax.block_until_ready(logits)
+        prefill_s = time.perf_counter() - t0
+        token, self.key = self.programs(first_token, logits, self.key, sampling)
+        all_ids = [int(token)]  # every sampled token, including any past the stop
+        ttft_s = time.perf_counter() - t0
+
+        stream = _TextStream(self.tokenizer, stop, on_text)
+        kept, reason = self._accept(all_ids[0], [], stream, eos, n_prompt, max_new_tokens)
+        fed = 0  # sampled tokens written to the cache
+        state = DecodeState(cache=cache, token=token, pos=jnp.asarray(n_prompt, jnp.int32), key=self.key)
+        t1 = time.perf_counter()
+        compile_mid = self.programs.compile_s
+        while reason is None:
+            room = min(max_new_tokens, self.max_context - n_prompt) - len(kept)
+            n_steps = min(self.decode_chunk, _next_pow2(room))
+            attn_len = attn_bucket(n_prompt + fed + n_steps, self.max_context)
+            tokens, state = self.programs(
+                decode_chunk, self.weights, state, sampling,
+                cfg=self.cfg, n_steps=n_steps, attn_len=attn_len, backend=self.backend,
+            )  # fmt: skip
+            fed += n_steps
+            for t in np.asarray(tokens).tolist():
+                all_ids.append(t)
+                kept, reason = self._accept(t, kept, stream, eos, n_prompt, max_new_tokens)
+                if reason is not None:
+                    break
+        decode_s = time.perf_counter() - t1 - (self.programs.compile_s - compile_mid)
+        stream.finish()
+
+        self.cache, self.key = state.cache, state.key
+        self.cached_ids = (prompt_ids + all_ids[:fed])[: self.max_context]
+        return Generation(
+            prompt_ids=prompt_ids,
+            token_ids=kept,
+            text=stream.text,
+            finish_reason=reason,
+            prefilled=n_prompt - reuse,
+            prefill_s=prefill_s,
+            ttft_s=ttft_s,
+            decode_s=decode_s,
+            compile_s=self.programs.compile_s - compile_before,
+        )
+
+    def _accept(self, token, kept, stream, eos, n_prompt, max_new_tokens):
+        """Appends one sampled token; returns the kept tokens and the finish reason, if this ends the call."""
+        if len(kept) >= max_new_tokens:
+            return kept, "length"
+        kept.append(token)
+        if token in eos:
+            return kept, "eos"
+        if stream.push(token):
+            return kept, "stop"
+        if len(kept) >= max_new_tokens:
+            return kept, "length"
+        if n_prompt + len(kept) >= self.max_context:
+            return kept, "context"
+        return kept, None
+
+
+class ChatSession:
+    """A conversation with one model; each turn prefills only what the cache does not hold yet."""
+
+    def __init__(self, generator: Generator, system: str | None = None):
+        self.generator = generator
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def prompt_ids(self) -> list[int]:
+        tok = self.generator.tokenizer
+        # The template writes any BOS itself, as transformers' apply_chat_template does.
+        return tok.encode(tok.render_chat(self.messages, add_generation_prompt=True), add_special_tokens=False)
+
+    def send(self, text: str, **generate_kwargs) -> Generation:
+        """Adds a user turn, generates the reply, and adds it to the conversation."""
+        self.messages.append({"role": "user", "content": text})
+        try:
+            result = self.generator.generate(self.prompt_ids(), **generate_kwargs)
+        except UserError:
+            self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": result.text})
+        return result
