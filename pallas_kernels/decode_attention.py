@@ -64,7 +64,7 @@ def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, s
         if window is not None:
             valid &= pos >= length - window
         k = k_ref[pl.ds(t0, bt), :]
-        scores = pl.dot(q, k.astype(q.dtype), trans_b=True, precision=precision) * scale
+        scores = plt.dot(q, k.astype(q.dtype), trans_b=True, precision=precision) * scale
         scores = jnp.where(valid[None, :], scores, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))
         alpha = jnp.exp(m - m_new)
@@ -72,7 +72,7 @@ def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, s
         l = alpha * l + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(t0, bt), :].astype(q.dtype)
         v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unwritten slots may hold anything
-        acc = alpha[:, None] * acc + pl.dot(p.astype(v.dtype), v, precision=precision)
+        acc = alpha[:, None] * acc + plt.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, l, acc
 
     init = (jnp.full((gp,), -jnp.inf, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, hd), f32))

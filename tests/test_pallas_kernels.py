@@ -1,0 +1,199 @@
+"""Each Pallas kernel against its jnp reference.
+
+On the CPU the kernels run in Pallas' interpreter at small shapes (each grid
+step costs ~10 ms there, so grids stay at <= 16 steps); on a GPU they also run
+compiled at the model's real shapes. Inputs are fresh random draws every run,
+and outputs start as NaN (a buffer aliased to the output), so an element the
+kernel forgets to write fails the check.
+
+Tolerances, as ||out - ref|| / ||ref|| against an f32 reference:
+f32 1e-5; f16 3e-3; bf16 1.5e-2 (one bf16 ulp is 2^-8 = 3.9e-3, and a fused
+norm can flip the rounding of some inputs; the attention casts the softmax
+weights to the cache dtype before the PV product, as the xla path does).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.decode_attention import (
+    combine_partials,
+    decode_attention,
+    decode_attention_partials,
+    decode_attention_reference,
+)
+from pallas_kernels.gemv import gemv, gemv_reference
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+TOL = {jnp.float32: 1e-5, jnp.float16: 3e-3, jnp.bfloat16: 1.5e-2}
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _key():
+    # A fresh seed every run: the kernels must compute the function on any input.
+    seed = time.time_ns() % (2**31)
+    print(f"seed {seed}")
+    return jax.random.key(seed)
+
+
+def _rel_err(out, ref):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out).all(), "unwritten (NaN) or non-finite output"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _check_gemv(n, k, dtype, config, **kw):
+    k1, k2, k3, k4 = jax.random.split(_key(), 4)
+    w = jax.random.normal(k1, (n, k), dtype)
+    x = jax.random.normal(k2, (k,), dtype)
+    n_out = n // 2 if kw.get("gated") else n
+    args = {}
+    if kw.pop("bias", False):
+        args["bias"] = jax.random.normal(k3, (n_out,), dtype)
+    if kw.pop("residual", False):
+        args["residual"] = jax.random.normal(k3, (n_out,), dtype)
+    if kw.pop("norm", False):
+        args["norm"] = (1.0 + 0.1 * jax.random.normal(k4, (k,), dtype), 1e-5)
+    args.update(kw)
+    poison = jnp.full((n_out,), jnp.nan, dtype)
+    out = jax.jit(lambda w, x, p: gemv(w, x, config=config, out=p, interpret=INTERPRET, **args))(w, x, poison)
+    assert out.shape == (n_out,) and out.dtype == dtype
+    assert _rel_err(out, gemv_reference(w, x, **args)) < TOL[dtype]
+
+
+SMALL_GEMV = (8, 64, 4, 2)  # block_n, block_k, num_warps, num_stages: grid of 8 steps below
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "form",
+    [{}, {"bias": True}, {"residual": True}, {"norm": True}, {"gated": True, "norm": True}],
+    ids=["plain", "bias", "residual", "norm", "gated_norm"],
+)
+def test_gemv_matches_reference_small(dtype, form):
+    n = 128 if form.get("gated") else 64
+    _check_gemv(n, 256, dtype, SMALL_GEMV, **dict(form))
+
+
+def test_gemv_odd_shapes_shrink_blocks():
+    # 96 rows and 576 columns (SmolLM2's dim): blocks fall to powers of two that divide them.
+    _check_gemv(96, 576, jnp.float32, (32, 512, 4, 2), residual=True)
+
+
+def test_gemv_poison_is_seen():
+    # The check itself must catch an unwritten output: a NaN buffer that no kernel touches fails.
+    with pytest.raises(AssertionError, match="unwritten"):
+        _rel_err(jnp.full((4,), jnp.nan), jnp.ones((4,)))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="real shapes need a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,form",
+    [
+        ((6144, 4096), {"norm": True}),
+        ((28672, 4096), {"gated": True, "norm": True}),
+        ((4096, 14336), {"residual": True}),
+        ((32000, 4096), {}),
+        ((1152, 896), {"bias": True}),
+    ],
+)
+def test_gemv_matches_reference_real(dtype, shape, form):
+    _check_gemv(*shape, dtype, None, **dict(form))
+
+
+def _check_attention(n_heads, n_kv, t, hd, length, window, dtype, config):
+    k1, k2, k3 = jax.random.split(_key(), 3)
+    q = jax.random.normal(k1, (n_heads, hd), dtype)
+    kc = jax.random.normal(k2, (n_kv, t, hd), dtype)
+    vc = jax.random.normal(k3, (n_kv, t, hd), dtype)
+    if t > length:  # unwritten slots may hold anything: the kernel must not let them through
+        kc = kc.at[:, length:].set(jnp.nan)
+        vc = vc.at[:, length:].set(jnp.nan)
+
+    def run(q, kc, vc, length):
+        shapes = jax.eval_shape(
+            lambda: decode_attention_partials(q, kc, vc, length, window=window, config=config, interpret=INTERPRET)
+        )
+        init = tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes)
+        acc, m, l = decode_attention_partials(
+            q, kc, vc, length, window=window, config=config, init=init, interpret=INTERPRET
+        )
+        return acc, m, l, combine_partials(acc, m, l, n_heads, q.dtype)
+
+    acc, m, l, out = jax.jit(run)(q, kc, vc, jnp.int32(length))
+    for part in (acc, m, l):
+        assert not np.isnan(np.asarray(part)).any(), "a split left its partial unwritten"
+    ref = decode_attention_reference(q, jnp.nan_to_num(kc), jnp.nan_to_num(vc), length, window=window)
+    assert out.shape == (n_heads, hd) and out.dtype == dtype
+    assert _rel_err(out, ref) < TOL[dtype]
+
+
+SMALL_ATTN = (16, 32, 4, 2)  # block_t, split_t, num_warps, num_stages: grid (2 kv heads, 4 splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n_heads,length,window",
+    [(8, 100, None), (8, 1, None), (8, 128, None), (6, 70, 20), (2, 45, None)],
+    ids=["gqa4", "first_token", "full", "window_gqa3", "mha"],
+)
+def test_decode_attention_matches_reference_small(dtype, n_heads, length, window):
+    _check_attention(n_heads, 2, 128, 32, length, window, dtype, SMALL_ATTN)
+
+
+def test_decode_attention_length_is_traced():
+    # One compiled program serves every position.
+    k1, k2 = jax.random.split(_key())
+    q = jax.random.normal(k1, (4, 16), jnp.float32)
+    kv = jax.random.normal(k2, (2, 64, 16), jnp.float32)
+    f = jax.jit(lambda length: decode_attention(q, kv, kv, length, config=SMALL_ATTN, interpret=INTERPRET))
+    for length in (3, 40):
+        ref = decode_attention_reference(q, kv, kv, length)
+        assert _rel_err(f(jnp.int32(length)), ref) < TOL[jnp.float32]
+    assert f._cache_size() == 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="real shapes need a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length,window", [(1, None), (128, None), (3000, None), (4096, None), (4096, 1024)])
+def test_decode_attention_matches_reference_real(dtype, length, window):
+    _check_attention(32, 8, 4096, 128, length, window, dtype, None)
+
+
+def test_model_decode_pallas_matches_xla():
+    """A tiny model's decode step through backend="pallas" gives the xla path's logits."""
+    from yalm_jax import model
+    from yalm_jax.config import ModelConfig
+    from yalm_jax.weights import LayerWeights, Weights
+
+    cfg = ModelConfig(
+        arch="qwen2", vocab_size=64, dim=64, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=2,
+        head_dim=16, norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64, qkv_bias=True,
+        dtype="float32",
+    )  # fmt: skip
+    keys = iter(jax.random.split(_key(), 16))
+
+    def rnd(*shape, scale=0.2):
+        return scale * jax.random.normal(next(keys), shape, jnp.float32)
+
+    qkv = cfg.q_dim + 2 * cfg.kv_dim
+    layer = LayerWeights(
+        attn_norm=1 + rnd(cfg.dim), wqkv=rnd(qkv, cfg.dim), bqkv=rnd(qkv), wo=rnd(cfg.dim, cfg.q_dim),
+        ffn_norm=1 + rnd(cfg.dim), w13=rnd(2 * cfg.hidden_dim, cfg.dim), w2=rnd(cfg.dim, cfg.hidden_dim),
+    )  # fmt: skip
+    weights = Weights(embed=rnd(cfg.vocab_size, cfg.dim, scale=1.0), layers=[layer], final_norm=1 + rnd(cfg.dim), lm_head=None)
+    prompt = jax.random.randint(next(keys), (5,), 0, cfg.vocab_size)
+    logits = {}
+    for backend in ("xla", "pallas"):
+        cache = model.init_cache(cfg, 32)
+        _, cache = model.forward(weights, cache, prompt, jnp.arange(5), cfg=cfg, backend="xla")
+        out, _ = model.forward(weights, cache, prompt[:1], jnp.array([5]), cfg=cfg, backend=backend)
+        logits[backend] = out
+    assert _rel_err(logits["pallas"], logits["xla"]) < 1e-5
