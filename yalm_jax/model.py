@@ -55,11 +55,6 @@ def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    # Positions past the cache (the padding of a prefill chunk) are dropped, not clamped.
-    return cache.at[:, positions].set(new.swapaxes(0, 1).astype(cache.dtype), mode="drop")
-
-
 def attention_block(x, layer: LayerWeights, k_cache, v_cache, positions, cfg: ModelConfig, attn_len, backend):
     """x + attention(rms_norm(x)); the norm and the residual add fuse into the projections."""
     s = x.shape[0]
@@ -68,10 +63,8 @@ def attention_block(x, layer: LayerWeights, k_cache, v_cache, positions, cfg: Mo
     q = rope(q.reshape(s, cfg.n_heads, cfg.head_dim), positions, cfg)
     k = rope(k.reshape(s, cfg.n_kv_heads, cfg.head_dim), positions, cfg)
     v = v.reshape(s, cfg.n_kv_heads, cfg.head_dim)
-    k_cache = _write_cache(k_cache, k, positions)
-    v_cache = _write_cache(v_cache, v, positions)
-    out = ops.attention(
-        q, k_cache, v_cache, positions, attn_len=attn_len, window=cfg.sliding_window, backend=backend
+    out, k_cache, v_cache = ops.attention(
+        q, k, v, k_cache, v_cache, positions, attn_len=attn_len, window=cfg.sliding_window, backend=backend
     )
     return ops.linear(out.reshape(s, cfg.q_dim), layer.wo, residual=x, backend=backend), k_cache, v_cache
 
@@ -124,8 +117,11 @@ def forward(
     """Logits (S, vocab) in f32 for `tokens` (S,) at `positions` (S,), and the new cache.
 
     Pure: jit it, scan it, or call it as it is (it is jitted with the cache donated).
-    `attn_len` (static) bounds how many cache slots attention reads; it must
-    exceed every position in `positions`.
+    `positions` must be consecutive, start + arange(S), with start + S <= the
+    cache's max_context; pad a short chunk by continuing the positions: a pad
+    token's key lands in a slot past the real tokens, which attention never
+    reads before a real token overwrites it. `attn_len` (static) bounds how
+    many cache slots attention reads; it must be >= positions[0].
     """
     h, cache = forward_hidden(weights, cache, tokens, positions, cfg=cfg, attn_len=attn_len, backend=backend)
     return logits_from_hidden(weights, h, backend=backend), cache

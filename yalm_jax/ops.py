@@ -75,8 +75,20 @@ def gated_ffn_up(
     return jax.nn.silu(gate) * up
 
 
+def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Writes new (S, n_kv_heads, head_dim) into slots positions[0] .. positions[0] + S - 1.
+
+    A plain dynamic-update-slice, which XLA does in place; a scatter (or a
+    masked write) makes it copy the whole cache. The slice is clamped to fit
+    the cache, so callers keep positions[0] + S <= max_context.
+    """
+    return jax.lax.dynamic_update_slice(cache, new.swapaxes(0, 1).astype(cache.dtype), (0, positions[0], 0))
+
+
 def attention(
     q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     q_pos: jax.Array,
@@ -84,29 +96,43 @@ def attention(
     attn_len: int,
     window: int | None,
     backend: str = "xla",
-) -> jax.Array:
-    """Causal attention of S queries over the first `attn_len` slots of the cache.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Causal attention of a chunk of S consecutive tokens; writes the chunk into the cache.
 
-    q: (S, n_heads, head_dim); k_cache, v_cache: (n_kv_heads, T, head_dim), where
-    slot t holds position t. A query at position p sees slots t <= p (and
-    t > p - window with a sliding window). Returns (S, n_heads, head_dim).
+    q: (S, n_heads, head_dim); k, v: (S, n_kv_heads, head_dim), the chunk's own
+    keys and values; k_cache, v_cache: (n_kv_heads, T, head_dim), holding
+    position t in slot t. q_pos: (S,), ascending from q_pos[0], the chunk's
+    start; cache slots from the start on are stale and never read. A query at
+    position p sees keys at positions <= p (and > p - window with a sliding
+    window). The xla path reads only the first `attn_len` slots. Returns the
+    output (S, n_heads, head_dim) and the updated caches.
     """
     s, n_heads, hd = q.shape
     n_kv, max_context, _ = k_cache.shape
     if _decode(q, backend) and _attn.supported(max_context, hd):
         # The kernel reads only the blocks below q_pos + 1, so attn_len is not needed.
-        length = q_pos[0] + 1
-        out = _attn.decode_attention(q[0], k_cache, v_cache, length, window=window, interpret=_interpret())
-        return out[None]
-    k = k_cache[:, :attn_len]
-    v = v_cache[:, :attn_len]
-    qg = q.reshape(s, n_kv, n_heads // n_kv, hd)
-    scores = jnp.einsum("skgd,ktd->kgst", qg, k, preferred_element_type=jnp.float32) * (hd**-0.5)
-    k_pos = jnp.arange(attn_len)
+        k_cache, v_cache = write_cache(k_cache, k, q_pos), write_cache(v_cache, v, q_pos)
+        out = _attn.decode_attention(q[0], k_cache, v_cache, q_pos[0] + 1, window=window, interpret=_interpret())
+        return out[None], k_cache, v_cache
+    # Attend over the cache as it was plus the chunk itself, then write the chunk:
+    # reading the cache after the write makes XLA fuse the write into the read
+    # and copy every layer's whole cache on every step to keep both alive.
+    # In f32 throughout: XLA CPU has no bf16 x bf16 -> f32 dot, and the softmax wants f32 anyway.
+    f32 = jnp.float32
+    qg = q.astype(f32).reshape(s, n_kv, n_heads // n_kv, hd) * (hd**-0.5)
+    k_all = jnp.concatenate([k_cache[:, :attn_len].astype(f32), k.swapaxes(0, 1).astype(f32)], axis=1)
+    v_all = jnp.concatenate([v_cache[:, :attn_len].astype(f32), v.swapaxes(0, 1).astype(f32)], axis=1)
+    slot = jnp.arange(attn_len)
+    k_pos = jnp.concatenate([jnp.where(slot < q_pos[0], slot, jnp.iinfo(jnp.int32).max), q_pos])
     visible = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - window
-    scores = jnp.where(visible, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("kgst,ktd->skgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(s, n_heads, hd).astype(q.dtype)
+    scores = jnp.einsum("skgd,ktd->kgst", qg, k_all)
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("kgst,ktd->skgd", probs, v_all)
+    out = out.reshape(s, n_heads, hd).astype(q.dtype)
+    # The write must come after the read, or XLA keeps the old cache alive by
+    # copying it. Nothing orders the two, so make the written values depend on
+    # the output (0 * x is not folded away: it is NaN for x = inf).
+    after_read = jnp.zeros((), k.dtype) * out[0, 0, 0].astype(k.dtype)
+    return out, write_cache(k_cache, k + after_read, q_pos), write_cache(v_cache, v + after_read, q_pos)
