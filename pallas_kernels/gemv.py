@@ -27,8 +27,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-# Measured on one H100 80GB HBM3 (see KERNEL_NOTES.md): (block_n, block_k, num_warps, num_stages).
+# (block_n, block_k, num_warps, num_stages), measured on one H100 80GB HBM3 (see KERNEL_NOTES.md).
 DEFAULT_CONFIG = (8, 512, 4, 3)
+# Per shape (n_out, k, gated), where a sweep found a better one than the default.
+CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int]] = {}
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -112,7 +114,7 @@ def gemv(
     n_out = n // 2 if gated else n
     if gated and n % 2:
         raise ValueError(f"gated gemv needs an even row count, got {n}")
-    bn, bk, num_warps, num_stages = config or DEFAULT_CONFIG
+    bn, bk, num_warps, num_stages = config or CONFIGS.get((n_out, k, gated), DEFAULT_CONFIG)
     bn = _pow2_divisor(n_out, bn)
     bk = _pow2_divisor(k, bk)
     grid = (n_out // bn,)

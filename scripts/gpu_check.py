@@ -1,0 +1,415 @@
+"""Checks and times the Pallas kernels and a Mistral-7B-shaped decode on one GPU.
+
+    PYTHONUNBUFFERED=1 python scripts/gpu_check.py [--phases roof,sweep,attn,model] [--out DIR]
+
+Phases: roof (read bandwidth: jnp.sum and torch.sum over 8 GiB), sweep (GEMV
+block configs per Mistral shape, vs XLA's dot), attn (decode attention at
+T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
+through yalm_jax.model.forward in a jitted lax.scan, pallas vs xla, at context
+128 and 4096). `--smoke` runs every phase at toy shapes in interpret mode on
+the CPU, to check the script itself. Prints a table last; logs go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+from pallas_kernels import decode_attention as attn_mod  # noqa: E402
+from pallas_kernels import gemv as gemv_mod  # noqa: E402
+
+ROWS: list[str] = []  # the final table
+LOG: dict = {}
+
+
+def row(s: str):
+    print(s)
+    ROWS.append(s)
+
+
+def timed(fn, *args, reps=10, batches=5):
+    """Median seconds per call: `reps` calls issued back to back, then one sync; `batches` of those."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(batches):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / reps)
+    return statistics.median(times), times
+
+
+# -- read roofline -------------------------------------------------------------------
+
+
+def phase_roof(smoke):
+    n = (1 << 20) if smoke else (4 << 30)  # bf16 elements: 8 GiB
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    t, _ = timed(f, x, reps=5)
+    gbs = x.nbytes / t / 1e9
+    del x
+    row(f"roof  jnp.sum bf16 {n * 2 / 2**30:.0f} GiB: {t * 1e3:.2f} ms = {gbs:.0f} GB/s")
+    LOG["roof_jnp_gbs"] = gbs
+    try:
+        import torch
+
+        if torch.cuda.is_available() and not smoke:
+            xt = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+            for _ in range(3):
+                xt.sum()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(10):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                xt.sum()
+                b.record()
+                torch.cuda.synchronize()
+                ts.append(a.elapsed_time(b) / 1e3)
+            t = statistics.median(ts)
+            del xt
+            torch.cuda.empty_cache()
+            row(f"roof  torch.sum bf16 8 GiB: {t * 1e3:.2f} ms = {n * 2 / t / 1e9:.0f} GB/s")
+            LOG["roof_torch_gbs"] = n * 2 / t / 1e9
+    except Exception as e:  # noqa: BLE001
+        row(f"roof  torch: {type(e).__name__}: {e}")
+    return LOG.get("roof_torch_gbs", gbs)
+
+
+# -- GEMV ----------------------------------------------------------------------------
+
+# name, rows, k, form: the four projections of a Mistral-7B layer and the output.
+GEMV_SHAPES = [
+    ("wqkv+norm", 4096 + 2 * 1024, 4096, {"norm": True}),
+    ("w13 gated+norm", 2 * 14336, 4096, {"gated": True, "norm": True}),
+    ("w2 +residual", 4096, 14336, {"residual": True}),
+    ("output", 32000, 4096, {}),
+]
+SMOKE_GEMV_SHAPES = [("toy", 64, 256, {"norm": True}), ("toy gated", 128, 256, {"gated": True})]
+
+
+def _gemv_inputs(n, k, form, copies, dtype=jnp.bfloat16):
+    keys = jax.random.split(jax.random.key(1), copies + 3)
+    ws = [jax.random.normal(keys[i], (n, k), dtype) for i in range(copies)]
+    x = jax.random.normal(keys[-1], (k,), dtype)
+    n_out = n // 2 if form.get("gated") else n
+    extra = {}
+    if form.get("norm"):
+        extra["norm"] = (1.0 + 0.1 * jax.random.normal(keys[-2], (k,), dtype), 1e-5)
+    if form.get("residual"):
+        extra["residual"] = jax.random.normal(keys[-3], (n_out,), dtype)
+    return ws, x, extra
+
+
+def _gemv_chain(config, extra, interpret, xla=False):
+    # Every copy once per call: a model-like stream of distinct weights, so L2 holds none.
+    def f(ws, x):
+        outs = []
+        for w in ws:
+            if xla:
+                xx = x
+                if "norm" in extra:
+                    g, eps = extra["norm"]
+                    xf = xx.astype(jnp.float32)
+                    xx = (xf * lax.rsqrt(jnp.mean(xf * xf) + eps)).astype(x.dtype) * g
+                y = jnp.dot(w, xx, preferred_element_type=jnp.float32)
+                if "residual" in extra:
+                    y = y + extra["residual"]
+                outs.append(y.astype(x.dtype))
+            else:
+                outs.append(gemv_mod.gemv(w, x, config=config, interpret=interpret, **extra))
+        return outs
+
+    return jax.jit(f)
+
+
+def phase_sweep(smoke, roof):
+    shapes = SMOKE_GEMV_SHAPES if smoke else GEMV_SHAPES
+    if smoke:
+        grid_a = [(8, 64, 4, 2)]
+    else:
+        grid_a = [(bn, bk, nw, 2) for bn in (4, 8, 16) for bk in (512, 1024) for nw in (4, 8)]
+    LOG["sweep"] = {}
+    best = {}
+    for name, n, k, form in shapes:
+        nbytes = n * k * 2
+        copies = 2 if smoke else max(4, int(1.5e9 // nbytes))
+        ws, x, extra = _gemv_inputs(n, k, form, copies)
+        res = {}
+        # Correctness of every config against the reference on the first copy.
+        ref = gemv_mod.gemv_reference(ws[0], x, gated=form.get("gated", False), **extra)
+
+        def try_cfg(cfg):
+            try:
+                fn = _gemv_chain(cfg, dict(extra, gated=form.get("gated", False)), smoke)
+                out = fn(ws, x)[0]
+                err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+                t, _ = timed(fn, ws, x, reps=3 if smoke else 10)
+                res[cfg] = (t / copies, err)
+                print(f"  {name} {cfg}: {t / copies * 1e6:.1f} us {nbytes / (t / copies) / 1e9:.0f} GB/s err {err:.1e}")
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+
+        for cfg in grid_a:
+            try_cfg(cfg)
+        if not res:
+            row(f"gemv  {name}: every config failed")
+            continue
+        b = min(res, key=lambda c: res[c][0])
+        if not smoke:
+            for st in (1, 3, 4):
+                try_cfg(b[:3] + (st,))
+        b = min(res, key=lambda c: res[c][0])
+        best[(name, n, k)] = b
+        gated = form.get("gated", False)
+        gemv_mod.CONFIGS[(n // 2 if gated else n, k, gated)] = b
+        # XLA's dot on the same stream of weights.
+        fx = _gemv_chain(None, dict(extra), smoke, xla=True)
+        tx, _ = timed(fx, ws, x, reps=3 if smoke else 10)
+        tx /= copies
+        t, err = res[b]
+        row(
+            f"gemv  {name:16s} {n}x{k}: pallas {t * 1e6:7.1f} us {nbytes / t / 1e9:5.0f} GB/s "
+            f"({nbytes / t / 1e9 / roof:4.0%} roof) cfg {b} err {err:.1e} | xla dot {tx * 1e6:7.1f} us "
+            f"{nbytes / tx / 1e9:5.0f} GB/s"
+        )
+        LOG["sweep"][name] = {str(c): v for c, v in res.items()} | {"xla": tx, "best": b}
+        del ws
+    return best
+
+
+# -- attention -----------------------------------------------------------------------
+
+
+def phase_attn(smoke, roof):
+    from yalm_jax import ops
+
+    if smoke:
+        n_heads, n_kv, hd, t_max, layers = 8, 2, 32, 128, 2
+        cfgs = [(16, 32, 4, 2)]
+        lengths = [100]
+    else:
+        n_heads, n_kv, hd, t_max, layers = 32, 8, 128, 4096, 32
+        cfgs = [(bt, sp, nw, 2) for bt in (32, 64, 128) for sp in (256, 512) for nw in (4,)]
+        cfgs += [(64, 256, 8, 2), (64, 256, 4, 3), (64, 1024, 4, 2)]
+        lengths = [128, 4096]
+    dt = jnp.bfloat16
+    keys = jax.random.split(jax.random.key(2), 2 * layers + 1)
+    q = jax.random.normal(keys[-1], (n_heads, hd), dt)
+    kcs = [jax.random.normal(keys[i], (n_kv, t_max, hd), dt) for i in range(layers)]
+    vcs = [jax.random.normal(keys[layers + i], (n_kv, t_max, hd), dt) for i in range(layers)]
+    LOG["attn"] = {}
+    for length in lengths:
+        kv_bytes = 2 * n_kv * length * hd * 2
+        ref = attn_mod.decode_attention_reference(q, kcs[0], vcs[0], length)
+        res = {}
+        for cfg in cfgs:
+            try:
+                fn = jax.jit(
+                    lambda q, kcs, vcs, n, cfg=cfg: [
+                        attn_mod.decode_attention(q, k, v, n, config=cfg, interpret=smoke) for k, v in zip(kcs, vcs)
+                    ]
+                )
+                out = fn(q, kcs, vcs, jnp.int32(length))[0]
+                err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+                t, _ = timed(fn, q, kcs, vcs, jnp.int32(length), reps=3 if smoke else 10)
+                res[cfg] = (t / layers, err)
+                print(f"  attn T={length} {cfg}: {t / layers * 1e6:.1f} us err {err:.1e}")
+            except Exception as e:  # noqa: BLE001
+                print(f"  attn T={length} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        # The xla path as the model runs it (attn_len = a power of two >= 256 covering the length).
+        attn_len = min(t_max, max(256, 1 << (length - 1).bit_length()))
+        pos = jnp.array([length - 1])
+        kk = jax.random.normal(keys[0], (1, n_kv, hd), dt)
+        fx = jax.jit(
+            lambda q, kcs, vcs, pos: [
+                ops.attention(q[None], kk, kk, k, v, pos, attn_len=attn_len, window=None, backend="xla")[0]
+                for k, v in zip(kcs, vcs)
+            ]
+        )
+        tx, _ = timed(fx, q, kcs, vcs, pos, reps=3 if smoke else 10)
+        tx /= layers
+        if res:
+            b = min(res, key=lambda c: res[c][0])
+            t, err = res[b]
+            row(
+                f"attn  T={length:5d} (cache {t_max}): pallas {t * 1e6:6.1f} us {kv_bytes / t / 1e9:5.0f} GB/s "
+                f"cfg {b} err {err:.1e} | xla path (attn_len {attn_len}) {tx * 1e6:6.1f} us"
+            )
+            LOG["attn"][length] = {str(c): v for c, v in res.items()} | {"xla": tx, "best": b}
+            if length == lengths[-1]:
+                attn_mod.DEFAULT_CONFIG = b
+        else:
+            row(f"attn  T={length}: every config failed | xla {tx * 1e6:.1f} us")
+
+
+# -- the whole model -------------------------------------------------------------------
+
+
+def mistral_cfg(smoke):
+    from yalm_jax.config import ModelConfig
+
+    if smoke:
+        return ModelConfig(
+            arch="mistral", vocab_size=64, dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+            head_dim=16, norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=4096, dtype="bfloat16",
+        )  # fmt: skip
+    return ModelConfig(
+        arch="mistral", vocab_size=32000, dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8,
+        head_dim=128, norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, dtype="bfloat16",
+    )  # fmt: skip
+
+
+def random_weights(cfg, key):
+    from yalm_jax.weights import LayerWeights, Weights
+
+    dt = jnp.dtype(cfg.dtype)
+    keys = iter(jax.random.split(key, 8 * cfg.n_layers + 8))
+
+    def w(*shape, scale=None):
+        scale = scale if scale is not None else shape[-1] ** -0.5
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dt)
+
+    def norm(n):
+        return (1.0 + 0.1 * jax.random.normal(next(keys), (n,), jnp.float32)).astype(dt)
+
+    layers = []
+    for _ in range(cfg.n_layers):
+        layers.append(
+            LayerWeights(
+                attn_norm=norm(cfg.dim), wqkv=w(cfg.q_dim + 2 * cfg.kv_dim, cfg.dim), bqkv=None,
+                wo=w(cfg.dim, cfg.q_dim), ffn_norm=norm(cfg.dim), w13=w(2 * cfg.hidden_dim, cfg.dim),
+                w2=w(cfg.dim, cfg.hidden_dim),
+            )  # fmt: skip
+        )
+    return Weights(
+        embed=w(cfg.vocab_size, cfg.dim, scale=1.0), layers=layers, final_norm=norm(cfg.dim),
+        lm_head=w(cfg.vocab_size, cfg.dim),
+    )  # fmt: skip
+
+
+def random_cache(cfg, max_context, key):
+    from yalm_jax.model import KVCache
+
+    dt = jnp.dtype(cfg.dtype)
+    shape = (cfg.n_kv_heads, max_context, cfg.head_dim)
+    keys = jax.random.split(key, 2 * cfg.n_layers)
+    ks = [jax.random.normal(keys[i], shape, jnp.float32).astype(dt) for i in range(cfg.n_layers)]
+    vs = [jax.random.normal(keys[cfg.n_layers + i], shape, jnp.float32).astype(dt) for i in range(cfg.n_layers)]
+    return KVCache(k=ks, v=vs)
+
+
+def phase_model(smoke, roof, steps):
+    import functools
+
+    from yalm_jax import model
+
+    cfg = mistral_cfg(smoke)
+    weights = random_weights(cfg, jax.random.key(3))
+    w_bytes = weights.nbytes() - weights.embed.nbytes + cfg.dim * 2  # the embedding: one row a token
+    max_context = 256 if smoke else 4608
+    contexts = [16, 128] if smoke else [128, 4096]
+    LOG["model"] = {"weight_bytes_per_token": w_bytes}
+
+    @functools.partial(jax.jit, static_argnames=("backend", "attn_len", "n"), donate_argnames=("cache",))
+    def decode_n(weights, cache, tok, pos, *, backend, attn_len, n):
+        def step(carry, _):
+            cache, tok, pos = carry
+            logits, cache = model.forward(
+                weights, cache, tok[None], pos[None], cfg=cfg, attn_len=attn_len, backend=backend
+            )
+            nxt = jnp.argmax(logits[0]).astype(jnp.int32)
+            return (cache, nxt, pos + 1), nxt
+
+        (cache, tok, pos), toks = lax.scan(step, (cache, tok, pos), None, length=n)
+        return cache, tok, pos, toks
+
+    toks_by = {}
+    for ctx in contexts:
+        for backend in ("pallas", "xla"):
+            if smoke and backend == "pallas":
+                continue  # the interpreter is too slow for a whole model; tests cover it
+            cache = random_cache(cfg, max_context, jax.random.key(4))
+            reps = 3
+            last = ctx + (reps + 1) * steps
+            attn_len = max_context if backend == "pallas" else min(max_context, max(256, 1 << (last - 1).bit_length()))
+            try:
+                t0 = time.perf_counter()
+                tok, pos = jnp.int32(1), jnp.int32(ctx)
+                cache, tok, pos, toks = decode_n(weights, cache, tok, pos, backend=backend, attn_len=attn_len, n=steps)
+                jax.block_until_ready(toks)
+                compile_s = time.perf_counter() - t0
+                toks_by[(ctx, backend)] = [int(t) for t in toks[:8]]
+                ts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    cache, tok, pos, toks = decode_n(
+                        weights, cache, tok, pos, backend=backend, attn_len=attn_len, n=steps
+                    )
+                    jax.block_until_ready(toks)
+                    ts.append(time.perf_counter() - t0)
+                t = statistics.median(ts) / steps
+                mid_ctx = ctx + 2.5 * steps
+                kv_bytes = 2 * cfg.n_layers * cfg.kv_dim * mid_ctx * 2
+                gbs = (w_bytes + kv_bytes) / t / 1e9
+                row(
+                    f"model ctx {ctx:5d} {backend:6s}: {1 / t:6.1f} tok/s  {t * 1e3:6.2f} ms/tok  {gbs:5.0f} GB/s "
+                    f"({gbs / roof:4.0%} of {roof:.0f})  first call {compile_s:.0f} s"
+                )
+                LOG["model"][f"{ctx}_{backend}"] = {"s_per_tok": t, "runs": ts, "gbs": gbs, "compile_s": compile_s}
+            except Exception as e:  # noqa: BLE001
+                row(f"model ctx {ctx} {backend}: FAILED {type(e).__name__}: {str(e)[:400]}")
+            del cache
+    for ctx in contexts:
+        a, b = toks_by.get((ctx, "pallas")), toks_by.get((ctx, "xla"))
+        if a and b:
+            row(f"model ctx {ctx}: first tokens pallas {a} xla {b} ({'same' if a == b else 'DIFFER'})")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phases", default="roof,sweep,attn,model")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--steps", type=int, default=64)
+    args = ap.parse_args()
+    phases = args.phases.split(",")
+    print(f"jax {jax.__version__} devices {jax.devices()}")
+    roof = 3026.0
+    t_all = time.time()
+    for ph in phases:
+        t = time.time()
+        try:
+            if ph == "roof":
+                roof = phase_roof(args.smoke)
+            elif ph == "sweep":
+                phase_sweep(args.smoke, roof)
+            elif ph == "attn":
+                phase_attn(args.smoke, roof)
+            elif ph == "model":
+                phase_model(args.smoke, roof, args.steps)
+        except Exception as e:  # noqa: BLE001
+            row(f"{ph}: FAILED {type(e).__name__}: {str(e)[:500]}")
+        print(f"[phase {ph}: {time.time() - t:.0f} s]")
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump(LOG, f, indent=1, default=str)
+    print(f"\n==== summary ({jax.devices()[0].device_kind}, {time.time() - t_all:.0f} s) ====")
+    print("\n".join(ROWS))
+    print(f"gemv CONFIGS = {gemv_mod.CONFIGS}")
+    print(f"attention DEFAULT_CONFIG = {attn_mod.DEFAULT_CONFIG}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
