@@ -45,7 +45,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     rope_scaling: RopeScaling | None = None
-    # Keys more than this many positions behind a query are masked (Mistral v0.1).
+    # A query at p sees keys at p - sliding_window + 1 .. p, as transformers masks
+    # Mistral (kv_idx > q_idx - sliding_window): the window counts the query itself.
     sliding_window: int | None = None
     dtype: str = "float32"
 
