@@ -7,8 +7,11 @@ jit or scan as they are:
   returns the logits of one row (the last real token);
 * `decode_step` feeds one token, samples the next and returns the new
   `DecodeState` (cache, newest token, its position, rng key);
-* `decode_chunk` runs `n_steps` decode steps in one `lax.scan`, so the host
-  sees a chunk of tokens per dispatch.
+* `decode_chunk` runs up to `n_steps` decode steps in one on-device loop, so
+  the host sees a chunk of tokens per dispatch. The loop is a `lax.while_loop`
+  that also ends at a stop token, so a reply that ends mid-chunk wastes no
+  steps (a `lax.scan` with a `lax.cond` per step does the same but copies the
+  cache each step on the CPU, about 35% slower).
 
 Both jitted functions donate the cache. Attention reads only `attn_len` cache
 slots, a power of two >= 256 (capped at the cache size) that covers the last
@@ -68,6 +71,7 @@ class DecodeState:
     token: jax.Array  # int32 (): the newest token, not yet written to the cache
     pos: jax.Array  # int32 (): the position of `token`
     key: jax.Array  # PRNG key for the next draws
+    done: jax.Array  # bool (): `token` is a stop token, so `decode_chunk` runs no further steps
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "backend"), donate_argnames=("cache",))
@@ -84,8 +88,9 @@ def prefill_chunk(
 ) -> tuple[jax.Array, KVCache]:
     """Writes `tokens` (C,) at `positions` (C,) into the cache; returns the f32 logits (V,) of row `last`.
 
-    Padding rows take position `cache.max_context`, so their cache writes are dropped.
-    Only the one row's logits are computed.
+    Positions are consecutive and end within the cache; padding rows continue
+    them, so their keys land in slots past the real tokens that nothing reads
+    before a real token overwrites them. Only the one row's logits are computed.
     """
     h, cache = model.forward_hidden(weights, cache, tokens, positions, cfg=cfg, attn_len=attn_len, backend=backend)
     row = lax.dynamic_slice_in_dim(h, last, 1, axis=0)
@@ -102,7 +107,7 @@ def decode_step(
     logits = model.logits_from_hidden(weights, h, backend=backend)[0]
     key, sub = jax.random.split(state.key)
     token = sample(logits, sub, params)
-    return DecodeState(cache=cache, token=token, pos=state.pos + 1, key=key), token
+    return dataclasses.replace(state, cache=cache, token=token, pos=state.pos + 1, key=key), token
 
 
 @functools.partial(
@@ -112,21 +117,34 @@ def decode_chunk(
     weights: Weights,
     state: DecodeState,
     params: SamplingParams,
+    stop_ids: jax.Array,
     *,
     cfg: ModelConfig,
     n_steps: int,
     attn_len: int,
     backend: str = "xla",
 ) -> tuple[jax.Array, DecodeState]:
-    """`n_steps` decode steps in one `lax.scan`: the sampled tokens (n_steps,) int32 and the new state.
+    """Up to `n_steps` decode steps on the device: the sampled tokens (n_steps,) int32 and the new state.
 
-    `attn_len` must exceed `state.pos + n_steps - 1`, the last position fed.
+    The loop ends early once a token in `stop_ids` (E,) is sampled, or when
+    the next position would be past the cache; the steps not run yield -1. `attn_len` must exceed `state.pos + n_steps - 1`, the last position fed.
     """
 
-    def step(s, _):
-        return decode_step(weights, s, params, cfg=cfg, attn_len=attn_len, backend=backend)
+    def run(s):
+        s, token = decode_step(weights, s, params, cfg=cfg, attn_len=attn_len, backend=backend)
+        return dataclasses.replace(s, done=jnp.any(token == stop_ids)), token
 
-    state, tokens = lax.scan(step, state, length=n_steps)
+    def body(carry):
+        i, s, tokens = carry
+        s, token = run(s)
+        return i + 1, s, tokens.at[i].set(token)
+
+    def cond(carry):
+        i, s, _ = carry
+        return (i < n_steps) & ~s.done & (s.pos < s.cache.max_context)
+
+    init = (jnp.int32(0), state, jnp.full((n_steps,), -1, jnp.int32))
+    _, state, tokens = lax.while_loop(cond, body, init)
     return tokens, state
 
 
@@ -166,21 +184,25 @@ class Programs:
         return self.get(fn, *args, **static)(*args)
 
 
-def _plan_prefill(start: int, end: int, chunk: int) -> list[tuple[int, int, int]]:
-    """(first position, real tokens, padded length) for each prefill call over positions [start, end)."""
+def _plan_prefill(start: int, end: int, chunk: int, max_context: int) -> list[tuple[int, int, int]]:
+    """(first position, real tokens, padded length) for each prefill call over positions [start, end).
+
+    A short last chunk is padded to a power of two, but never past the cache's end.
+    """
     plan = []
     while start < end:
         n = min(chunk, end - start)
-        plan.append((start, n, chunk if n == chunk else min(chunk, max(MIN_PREFILL_CHUNK, _next_pow2(n)))))
+        length = chunk if n == chunk else min(chunk, max(MIN_PREFILL_CHUNK, _next_pow2(n)), max_context - start)
+        plan.append((start, n, length))
         start += n
     return plan
 
 
-def _chunk_args(tokens: Sequence[int], start: int, n: int, length: int, max_context: int):
+def _chunk_args(tokens: Sequence[int], start: int, n: int, length: int):
+    """Token ids, positions and last-row index of one chunk; pads continue the positions (see model.forward)."""
     ids = np.zeros(length, np.int32)
     ids[:n] = tokens[start : start + n]
-    positions = np.full(length, max_context, np.int32)
-    positions[:n] = np.arange(start, start + n)
+    positions = np.arange(start, start + length, dtype=np.int32)
     return jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(n - 1, jnp.int32)
 
 
@@ -205,8 +227,8 @@ def prefill(
         raise ValueError(f"need 0 <= start_pos ({start_pos}) < len(tokens) ({len(tokens)}) <= {max_context}")
     run = programs or (lambda fn, *args, **static: fn(*args, **static))
     logits = None
-    for start, n, length in _plan_prefill(start_pos, len(tokens), chunk):
-        ids, positions, last = _chunk_args(tokens, start, n, length, max_context)
+    for start, n, length in _plan_prefill(start_pos, len(tokens), chunk, max_context):
+        ids, positions, last = _chunk_args(tokens, start, n, length)
         attn_len = attn_bucket(start + n, max_context)
         logits, cache = run(
             prefill_chunk, weights, cache, ids, positions, last, cfg=cfg, attn_len=attn_len, backend=backend
@@ -366,8 +388,9 @@ class Generator:
             self.cache = model.init_cache(self.cfg, self.max_context)
         cache, self.cache = self.cache, None  # donated below; a failure leaves the generator without a cache
         self.cached_ids = []
-        for start, n, length in _plan_prefill(reuse, n_prompt, self.prefill_chunk):  # compile before timing
-            args = _chunk_args(prompt_ids, start, n, length, self.max_context)
+        plan = _plan_prefill(reuse, n_prompt, self.prefill_chunk, self.max_context)
+        for start, n, length in plan:  # compile before timing
+            args = _chunk_args(prompt_ids, start, n, length)
             self.programs.get(
                 prefill_chunk, self.weights, cache, *args,
                 cfg=self.cfg, attn_len=attn_bucket(start + n, self.max_context), backend=self.backend,
@@ -388,7 +411,10 @@ class Generator:
         stream = _TextStream(self.tokenizer, stop, on_text)
         kept, reason = self._accept(all_ids[0], [], stream, eos, n_prompt, max_new_tokens)
         fed = 0  # sampled tokens written to the cache
-        state = DecodeState(cache=cache, token=token, pos=jnp.asarray(n_prompt, jnp.int32), key=self.key)
+        stop_ids = jnp.asarray(sorted(eos) or [-1], jnp.int32)
+        state = DecodeState(
+            cache=cache, token=token, pos=jnp.asarray(n_prompt, jnp.int32), key=self.key, done=jnp.asarray(False)
+        )
         t1 = time.perf_counter()
         compile_mid = self.programs.compile_s
         while reason is None:
@@ -396,11 +422,12 @@ class Generator:
             n_steps = min(self.decode_chunk, _next_pow2(room))
             attn_len = attn_bucket(n_prompt + fed + n_steps, self.max_context)
             tokens, state = self.programs(
-                decode_chunk, self.weights, state, sampling,
+                decode_chunk, self.weights, state, sampling, stop_ids,
                 cfg=self.cfg, n_steps=n_steps, attn_len=attn_len, backend=self.backend,
             )  # fmt: skip
-            fed += n_steps
-            for t in np.asarray(tokens).tolist():
+            tokens = np.asarray(tokens)
+            fed += int(np.count_nonzero(tokens >= 0))  # steps run; each wrote the token it was fed
+            for t in tokens.tolist():
                 all_ids.append(t)
                 kept, reason = self._accept(t, kept, stream, eos, n_prompt, max_new_tokens)
                 if reason is not None:
