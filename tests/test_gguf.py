@@ -308,6 +308,25 @@ def test_q_and_k_are_unpermuted_but_v_is_not(tmp_path):
     np.testing.assert_array_equal(source.get("model.layers.0.self_attn.v_proj.weight"), v)
 
 
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
+    from yalm_jax.config import ModelConfig, RopeScaling
+
+    scaling = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    base = ModelConfig(
+        arch="llama", vocab_size=8, dim=64, hidden_dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=64,
+        norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+    )
+    scaled = ModelConfig(**{**base.__dict__, "rope_scaling": scaling})
+    factors = (base.rope_inv_freq() / scaled.rope_inv_freq()).astype(np.float32)  # as convert_hf_to_gguf writes them
+    assert factors.min() == 1.0 and factors.max() > 30
+    hp = dict(dim=64, n_heads=1, n_kv_heads=1, head_dim=64, rope_theta=500000.0, ctx=131072)
+    cfg, _, _ = open_gguf(write_gguf(tmp_path / "r.gguf", {"rope_freqs.weight": factors}, hp=hp))
+    assert cfg.rope_scaling == scaling
+    odd = factors * np.random.default_rng().uniform(1.5, 2.0, factors.shape).astype(np.float32)
+    path = write_gguf(tmp_path / "odd.gguf", {"rope_freqs.weight": odd}, hp=hp)
+    _one_line_user_error(lambda: open_gguf(path), "rope")
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 
 
@@ -361,7 +380,7 @@ def test_garbage_after_magic_is_a_user_error(tmp_path):
 def test_unsupported_architecture_is_a_user_error(tmp_path):
     tensors = {"token_embd.weight": np.random.default_rng().standard_normal((300, 32)).astype(np.float32)}
     path = write_gguf(tmp_path / "falcon.gguf", tensors, arch="falcon")
-    _one_line_user_error(lambda: load_model(path), "falcon", "architecture")
+    _one_line_user_error(lambda: load_model(path), path, "falcon", "architecture")
 
 
 def test_unsupported_quant_type_is_a_user_error(tmp_path):

@@ -193,7 +193,7 @@ def _compile_template(source: str):
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable spelling of every byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -296,8 +296,12 @@ def sentencepiece_bpe(
 # -- GGUF -------------------------------------------------------------------------
 
 
-def tokenizer_from_gguf(meta: dict) -> Tokenizer:
-    """A tokenizer from GGUF metadata: a dict of key -> value (arrays as lists), as `loading.gguf` reads it."""
+def tokenizer_from_gguf(meta: dict | str | os.PathLike) -> Tokenizer:
+    """A tokenizer from a GGUF file's path, or from its metadata as `loading.gguf.read_metadata` returns it."""
+    if not isinstance(meta, dict):
+        from yalm_jax.loading.gguf import _open_reader, read_metadata
+
+        meta = read_metadata(_open_reader(os.fspath(meta)))
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
@@ -476,5 +480,10 @@ def tokenizer_from_hf_dir(model_dir: str) -> Tokenizer:
         add_bos=add_bos,
         chat_template=template,
         strip_leading_space=strip,
-        template_tokens={"bos_token": bos, "eos_token": eos, "unk_token": tok("unk_token"), "pad_token": tok("pad_token")},
+        template_tokens={
+            "bos_token": bos,
+            "eos_token": eos,
+            "unk_token": tok("unk_token"),
+            "pad_token": tok("pad_token"),
+        },
     )

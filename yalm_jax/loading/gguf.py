@@ -114,7 +114,9 @@ class GGUFSource:
             w = quants.dequantize(np.asarray(t.data), t.tensor_type)
             w = np.asarray(w, dtype=np.float32).reshape(shape)
         except (ValueError, TypeError, NotImplementedError) as e:
-            raise UserError(f"{self._path}: tensor {t.name} ({qtype}) cannot be read; the file may be corrupt ({e})") from None
+            raise UserError(
+                f"{self._path}: tensor {t.name} ({qtype}) cannot be read; the file may be corrupt ({e})"
+            ) from None
         if name in self._heads:
             if shape[0] % (2 * self._heads[name]):
                 raise UserError(f"{self._path}: tensor {t.name} has {shape[0]} rows, not a multiple of 2 x heads")
@@ -147,7 +149,9 @@ def _rope_scaling(meta: dict, arch: str, reader, head_dim: int, rope_theta: floa
     ctx = int(meta.get(f"{arch}.context_length", 8192))
     for original in dict.fromkeys((8192, 4096, 2048, 16384, 32768, ctx)):
         for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
-            s = RopeScaling(factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=original)
+            s = RopeScaling(
+                factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=original
+            )
             base = ModelConfig(
                 arch="llama", vocab_size=1, dim=head_dim, hidden_dim=1, n_layers=1, n_heads=1, n_kv_heads=1,
                 head_dim=head_dim, norm_eps=1e-5, rope_theta=rope_theta, max_position_embeddings=ctx,
@@ -225,6 +229,9 @@ def open_gguf(path: str, dtype: str = "float32") -> tuple[ModelConfig, GGUFSourc
     except Exception as e:
         raise UserError(f"{path}: GGUF metadata cannot be read; the file may be corrupt ({e})") from None
     names = {t.name for t in reader.tensors}
-    cfg = _config(meta, reader, dtype, names)
+    try:
+        cfg = _config(meta, reader, dtype, names)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     source = GGUFSource(path, reader, cfg.n_heads, cfg.n_kv_heads)
     return cfg, source, tokenizer_from_gguf(meta)
