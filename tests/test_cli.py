@@ -1,0 +1,158 @@
+"""scripts/generate.py end to end, as a subprocess on a tiny random model directory with a real tokenizer."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import hf_greedy  # noqa: E402
+
+from yalm_jax.tokenizer import tokenizer_from_hf_dir  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
+PROMPT = "Once upon a time there was a little model"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["YALM_JAX_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla_cache"))
+    e["JAX_PLATFORMS"] = "cpu"
+    return e
+
+
+def _run(env, *args, stdin=None):
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _eos(model_dir):
+    return sorted(tokenizer_from_hf_dir(model_dir).eos_ids)
+
+
+def test_completion_through_a_flagfile_matches_transformers_greedy(tiny_llama_chat_model, env, tmp_path):
+    stats_path = tmp_path / "stats.json"
+    flagfile = tmp_path / "greedy.flags"
+    flagfile.write_text(f"--model={tiny_llama_chat_model}\n--mode=completion\n--temperature=0\n--max_new_tokens=32\n")
+    proc = _ok(_run(env, f"--flagfile={flagfile}", f"--prompt={PROMPT}", f"--stats_json={stats_path}"))
+    stats = json.loads(stats_path.read_text())
+    tok = tokenizer_from_hf_dir(tiny_llama_chat_model)
+    assert stats["prompt_token_ids"] == tok.encode(PROMPT)
+    expected = hf_greedy(tiny_llama_chat_model, stats["prompt_token_ids"], 32, eos_ids=_eos(tiny_llama_chat_model))
+    assert stats["generated_token_ids"] == expected
+    assert proc.stdout == stats["text"] + "\n"
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "compile_s", "load_s"):
+        assert isinstance(stats[key], float) and stats[key] >= 0, key
+    assert stats["ttft_s"] > 0 and stats["load_s"] > 0
+    assert "tok/s" in proc.stderr and "TTFT" in proc.stderr and "compile" in proc.stderr
+    assert os.listdir(env["YALM_JAX_COMPILE_CACHE"])  # the persistent compile cache was written
+
+
+def test_chat_prompt_applies_the_template(tiny_llama_chat_model, env, tmp_path):
+    stats_path = tmp_path / "stats.json"
+    args = [f"--model={tiny_llama_chat_model}", "--mode=chat", "--temperature=0", "--max_new_tokens=12"]
+    _ok(_run(env, *args, "--prompt=Hello, how are you?", f"--stats_json={stats_path}"))
+    stats = json.loads(stats_path.read_text())
+    tok = tokenizer_from_hf_dir(tiny_llama_chat_model)
+    rendered = tok.render_chat([{"role": "user", "content": "Hello, how are you?"}])
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert stats["prompt_token_ids"] == tok.encode(rendered, add_special_tokens=False)
+    expected = hf_greedy(tiny_llama_chat_model, stats["prompt_token_ids"], 12, eos_ids=_eos(tiny_llama_chat_model))
+    assert stats["generated_token_ids"] == expected
+
+
+def test_interactive_chat_keeps_the_conversation_and_cache(tiny_llama_chat_model, env, tmp_path):
+    stats_path = tmp_path / "stats.json"
+    args = [f"--model={tiny_llama_chat_model}", "--mode=chat", "--temperature=0", "--max_new_tokens=8"]
+    proc = _ok(_run(env, *args, f"--stats_json={stats_path}", stdin="Hello there\nWhat is the sky?\n/exit\nignored\n"))
+    turns = json.loads(stats_path.read_text())["turns"]
+    assert len(turns) == 2
+    assert proc.stdout == "".join(t["text"] + "\n" for t in turns)
+    first, second = turns
+    assert second["prompt_token_ids"][: len(first["prompt_token_ids"])] == first["prompt_token_ids"]
+    assert second["prefilled_tokens"] < second["prompt_tokens"]  # the first turn stayed in the KV cache
+    tok = tokenizer_from_hf_dir(tiny_llama_chat_model)
+    conversation = [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": first["text"]},
+        {"role": "user", "content": "What is the sky?"},
+    ]
+    assert second["prompt_token_ids"] == tok.encode(tok.render_chat(conversation), add_special_tokens=False)
+    expected = hf_greedy(tiny_llama_chat_model, second["prompt_token_ids"], 8, eos_ids=_eos(tiny_llama_chat_model))
+    assert second["generated_token_ids"] == expected
+
+
+def _assert_usage_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "flag, needle",
+    [
+        ("--max_new_tokens=-1", "max_new_tokens"),
+        ("--top_p=0", "top_p"),
+        ("--top_p=1.5", "top_p"),
+        ("--temperature=-0.5", "temperature"),
+        ("--top_k=-3", "top_k"),
+        ("--min_p=1.5", "min_p"),
+        ("--min_p=-0.1", "min_p"),
+        ("--max_context=0", "max_context"),
+        ("--dtype=int4", "dtype"),
+        ("--mode=story", "mode"),
+        ("--no_such_flag", "no_such_flag"),
+        ("--flagfile=/nonexistent/x.flags", "flagfile"),
+    ],
+)
+def test_invalid_flags_exit_2_with_one_line(env, flag, needle):
+    _assert_usage_error(_run(env, flag, "--prompt=hi"), needle)
+
+
+def test_bad_models_and_prompts_exit_2_with_one_line(tiny_llama_chat_model, env, tmp_path):
+    _assert_usage_error(_run(env, f"--model={tmp_path}/missing", "--prompt=hi"), "missing")
+
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(2048))
+    _assert_usage_error(_run(env, f"--model={corrupt}", "--prompt=hi"), "corrupt.gguf")
+
+    bad_arch = tmp_path / "bad_arch"
+    shutil.copytree(tiny_llama_chat_model, bad_arch)
+    cfg = json.loads((bad_arch / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (bad_arch / "config.json").write_text(json.dumps(cfg))
+    _assert_usage_error(_run(env, f"--model={bad_arch}", "--prompt=hi"), "unsupported architecture")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_llama_chat_model, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _assert_usage_error(_run(env, f"--model={truncated}", "--prompt=hi"), "model.safetensors")
+
+    _assert_usage_error(
+        _run(env, f"--model={tiny_llama_chat_model}", "--max_context=8", f"--prompt={PROMPT} {PROMPT}"), "context"
+    )
+
+
+def test_unsupported_gguf_quant_exits_2(env, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import _small_valid_gguf
+
+    path = _small_valid_gguf(tmp_path, "q5_0.gguf", gguf.GGMLQuantizationType.Q5_0)
+    _assert_usage_error(_run(env, f"--model={path}", "--prompt=hi"), "Q5_0")
