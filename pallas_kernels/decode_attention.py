@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 # Measured on one H100 80GB HBM3 (see KERNEL_NOTES.md): (block_t, split_t, num_warps, num_stages).
-DEFAULT_CONFIG = (64, 256, 4, 2)
+DEFAULT_CONFIG = (128, 512, 4, 2)
 MIN_GROUP = 16  # rows of a tensor-core dot
 
 
@@ -40,12 +40,19 @@ def supported(t: int, hd: int) -> bool:
     return hd >= 16 and hd & (hd - 1) == 0 and t % 16 == 0
 
 
-def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, scale):
-    acc_ref, m_ref, l_ref = refs[-3:]  # any leading refs are poison buffers aliased to these
+def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, scale, has_new):
+    if has_new:
+        # The new token's key and value, and the caches again (aliased to two extra outputs).
+        kn_ref, vn_ref = refs[:2]
+        acc_ref, m_ref, l_ref, k_out, v_out = refs[-5:]
+    else:
+        acc_ref, m_ref, l_ref = refs[-3:]  # any leading refs are poison buffers aliased to these
     s = pl.program_id(1)
     length = len_ref[0]
+    # With a new token, the cache holds valid slots below length - 1 and the token itself is slot length - 1.
+    cached = length - 1 if has_new else length
     lo = s * split_t
-    hi = jnp.minimum(lo + split_t, length)
+    hi = jnp.minimum(lo + split_t, cached)
     if window is not None:
         lo = jnp.maximum(lo, length - window)
     blk_lo = lax.div(lo, bt)
@@ -60,7 +67,7 @@ def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, s
         m, l, acc = carry
         t0 = pl.multiple_of(b * bt, bt)
         pos = t0 + lax.broadcasted_iota(jnp.int32, (bt,), 0)
-        valid = pos < length
+        valid = pos < cached
         if window is not None:
             valid &= pos >= length - window
         k = k_ref[pl.ds(t0, bt), :]
@@ -77,19 +84,42 @@ def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, s
 
     init = (jnp.full((gp,), -jnp.inf, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, hd), f32))
     m, l, acc = lax.fori_loop(blk_lo, blk_hi, body, init)
+    if has_new:
+        # The split holding slot length - 1 adds the new token and writes it into the cache.
+        owner = s == lax.div(length - 1, split_t)
+        kn = kn_ref[...]
+        vn = vn_ref[...]
+        s_new = jnp.sum(q.astype(f32) * kn.astype(f32)[None, :], axis=1) * scale
+        m2 = jnp.maximum(m, s_new)
+        alpha = jnp.exp(m - m2)
+        p_new = jnp.exp(s_new - m2)
+        m = jnp.where(owner, m2, m)
+        l = jnp.where(owner, alpha * l + p_new, l)
+        acc = jnp.where(owner, alpha[:, None] * acc + p_new[:, None] * vn.astype(f32)[None, :], acc)
+
+        @pl.when(owner)
+        def _():
+            k_out[pl.ds(length - 1, 1), :] = kn[None, :].astype(k_out.dtype)
+            v_out[pl.ds(length - 1, 1), :] = vn[None, :].astype(v_out.dtype)
+
     acc_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
 
 
 def decode_attention_partials(
-    q, k_cache, v_cache, length, *, window=None, config=None, init=None, interpret=False
+    q, k_cache, v_cache, length, *, k_new=None, v_new=None, window=None, config=None, init=None, interpret=False
 ):
     """Per split: (acc (n_kv, S, Gp, hd), m (n_kv, S, Gp), l (n_kv, S, Gp)), all f32.
 
     acc is the unnormalised sum of exp(score - m) * v over the split's valid
     slots; a split with none has m = -inf, l = 0, acc = 0. `init`, if given, is a
     tuple of buffers of those shapes aliased to the outputs (tests poison them).
+
+    With `k_new`, `v_new` (n_kv, hd), the token at position length - 1 is not in
+    the cache yet: the kernel attends over slots < length - 1 plus the new token,
+    writes the token into slot length - 1 of the caches (aliased, in place), and
+    returns the two updated caches after the partials.
     """
     n_heads, hd = q.shape
     n_kv, t, _ = k_cache.shape
@@ -124,13 +154,23 @@ def decode_attention_partials(
         kv_spec,
         kv_spec,
     ]
+    has_new = k_new is not None
+    if has_new:
+        operands += [k_new, v_new]
+        in_specs += [pl.BlockSpec((None, hd), lambda h, s: (h, 0))] * 2
     aliases = {}
     if init is not None:
         aliases = {len(operands) + i: i for i in range(3)}
         operands += list(init)
         in_specs += list(out_specs)
+    if has_new:
+        aliases |= {2: 3, 3: 4}
+        out_shape += (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+        out_specs += (kv_spec, kv_spec)
 
-    kernel = functools.partial(_partials_kernel, bt=bt, split_t=split_t, window=window, scale=hd**-0.5)
+    kernel = functools.partial(
+        _partials_kernel, bt=bt, split_t=split_t, window=window, scale=hd**-0.5, has_new=has_new
+    )
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -159,6 +199,19 @@ def decode_attention(q, k_cache, v_cache, length, *, window=None, config=None, i
         q, k_cache, v_cache, length, window=window, config=config, interpret=interpret
     )
     return combine_partials(acc, m, l, q.shape[0], q.dtype)
+
+
+def decode_attention_update(q, k_new, v_new, k_cache, v_cache, pos, *, window=None, config=None, interpret=False):
+    """Attention of the token at position `pos` (q, k_new, v_new) over the cache, which it also enters.
+
+    Reads slots < pos of the caches and the new key/value, and writes them into
+    slot pos in the same kernel (the caches are updated in place when donated).
+    Returns (out (n_heads, hd), k_cache, v_cache).
+    """
+    acc, m, l, k_cache, v_cache = decode_attention_partials(
+        q, k_cache, v_cache, pos + 1, k_new=k_new, v_new=v_new, window=window, config=config, interpret=interpret
+    )
+    return combine_partials(acc, m, l, q.shape[0], q.dtype), k_cache, v_cache
 
 
 def decode_attention_reference(q, k_cache, v_cache, length, *, window=None):

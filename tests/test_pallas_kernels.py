@@ -191,9 +191,39 @@ def test_model_decode_pallas_matches_xla():
     weights = Weights(embed=rnd(cfg.vocab_size, cfg.dim, scale=1.0), layers=[layer], final_norm=1 + rnd(cfg.dim), lm_head=None)
     prompt = jax.random.randint(next(keys), (5,), 0, cfg.vocab_size)
     logits = {}
-    for backend in ("xla", "pallas"):
-        cache = model.init_cache(cfg, 32)
-        _, cache = model.forward(weights, cache, prompt, jnp.arange(5), cfg=cfg, backend="xla")
-        out, _ = model.forward(weights, cache, prompt[:1], jnp.array([5]), cfg=cfg, backend=backend)
-        logits[backend] = out
+    # The xla path's f32 dots may use TF32 on a GPU; ask for full f32 so both sides are exact.
+    with jax.default_matmul_precision("highest"):
+        for backend in ("xla", "pallas"):
+            cache = model.init_cache(cfg, 32)
+            _, cache = model.forward(weights, cache, prompt, jnp.arange(5), cfg=cfg, backend="xla")
+            out, _ = model.forward(weights, cache, prompt[:1], jnp.array([5]), cfg=cfg, backend=backend)
+            logits[backend] = out
     assert _rel_err(logits["pallas"], logits["xla"]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pos,window", [(0, None), (37, None), (127, None), (90, 30)], ids=["first", "mid", "last", "window"])
+def test_decode_attention_update_writes_the_token(dtype, pos, window):
+    """The fused form attends over slots < pos plus the new token, and writes it into slot pos."""
+    from pallas_kernels.decode_attention import decode_attention_update
+
+    n_heads, n_kv, t, hd = 8, 2, 128, 32
+    k1, k2, k3, k4, k5 = jax.random.split(_key(), 5)
+    q = jax.random.normal(k1, (n_heads, hd), dtype)
+    kc = jax.random.normal(k2, (n_kv, t, hd), dtype).at[:, pos:].set(jnp.nan)  # slots >= pos are stale
+    vc = jax.random.normal(k3, (n_kv, t, hd), dtype).at[:, pos:].set(jnp.nan)
+    kn = jax.random.normal(k4, (n_kv, hd), dtype)
+    vn = jax.random.normal(k5, (n_kv, hd), dtype)
+    f = jax.jit(
+        lambda *a: decode_attention_update(*a, window=window, config=SMALL_ATTN, interpret=INTERPRET),
+        donate_argnums=(3, 4),
+    )
+    k_ref = jnp.nan_to_num(kc).at[:, pos].set(kn)
+    v_ref = jnp.nan_to_num(vc).at[:, pos].set(vn)
+    out, kc2, vc2 = f(q, kn, vn, kc, vc, jnp.int32(pos))  # kc, vc are donated
+    ref = decode_attention_reference(q, k_ref, v_ref, pos + 1, window=window)
+    assert _rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(kc2[:, pos], np.float32), np.asarray(kn, np.float32))
+    np.testing.assert_array_equal(np.asarray(vc2[:, pos], np.float32), np.asarray(vn, np.float32))
+    np.testing.assert_array_equal(np.asarray(kc2[:, :pos], np.float32), np.asarray(k_ref[:, :pos], np.float32))
+    assert np.isnan(np.asarray(kc2[:, pos + 1 :], np.float32)).all()  # nothing else touched
