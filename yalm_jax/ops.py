@@ -110,9 +110,11 @@ def attention(
     s, n_heads, hd = q.shape
     n_kv, max_context, _ = k_cache.shape
     if _decode(q, backend) and _attn.supported(max_context, hd):
-        # The kernel reads only the blocks below q_pos + 1, so attn_len is not needed.
-        k_cache, v_cache = write_cache(k_cache, k, q_pos), write_cache(v_cache, v, q_pos)
-        out = _attn.decode_attention(q[0], k_cache, v_cache, q_pos[0] + 1, window=window, interpret=_interpret())
+        # One kernel reads the cache blocks below q_pos (so attn_len is not needed),
+        # adds the new token and writes it into slot q_pos in place.
+        out, k_cache, v_cache = _attn.decode_attention_update(
+            q[0], k[0], v[0], k_cache, v_cache, q_pos[0], window=window, interpret=_interpret()
+        )
         return out[None], k_cache, v_cache
     # Attend over the cache as it was plus the chunk itself, then write the chunk:
     # reading the cache after the write makes XLA fuse the write into the read
