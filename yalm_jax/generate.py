@@ -298,7 +298,9 @@ class _TextStream:
         self._send(len(self.text))
 
     def _check(self) -> bool:
-        hits = [i for i in (self.text.find(s) for s in self._stop) if i >= 0]
+        # A stop string can only start in the held-back tail or the new text.
+        start = max(0, self._sent - max((len(s) for s in self._stop), default=0))
+        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self._send(len(self.text))
