@@ -45,9 +45,9 @@ def init_cache(cfg: ModelConfig, max_context: int, dtype: str | None = None) -> 
     )
 
 
-def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Rotary embedding in transformers' half-split layout; x: (S, heads, head_dim)."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(cfg.rope_inv_freq())[None, :]
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig, layer: int | None = None) -> jax.Array:
+    """Rotary embedding of `layer` in transformers' half-split layout; x: (S, heads, head_dim)."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(cfg.rope_inv_freq(layer))[None, :]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
     half = x.shape[-1] // 2
@@ -55,23 +55,58 @@ def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention_block(x, layer: LayerWeights, k_cache, v_cache, positions, cfg: ModelConfig, attn_len, backend):
-    """x + attention(rms_norm(x)); the norm and the residual add fuse into the projections."""
+def attention_block(
+    x, layer: LayerWeights, k_cache, v_cache, positions, cfg: ModelConfig, attn_len, backend, i: int | None = None
+):
+    """x + attention(rms_norm(x)) for layer i; the norm and the residual add fuse into the projections.
+
+    With cfg.qk_norm each head's query and key are RMS-normed before rope; with
+    cfg.post_norms the attention output is RMS-normed before the residual add.
+    """
     s = x.shape[0]
     qkv = ops.linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, cfg.norm_eps), backend=backend)
     q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
-    q = rope(q.reshape(s, cfg.n_heads, cfg.head_dim), positions, cfg)
-    k = rope(k.reshape(s, cfg.n_kv_heads, cfg.head_dim), positions, cfg)
+    q = q.reshape(s, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(s, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q, k = ops.rms_norm(q, layer.q_norm, cfg.norm_eps), ops.rms_norm(k, layer.k_norm, cfg.norm_eps)
+    q, k = rope(q, positions, cfg, i), rope(k, positions, cfg, i)
     v = v.reshape(s, cfg.n_kv_heads, cfg.head_dim)
+    window = cfg.sliding_window if i is None else cfg.layer_window(i)
     out, k_cache, v_cache = ops.attention(
-        q, k, v, k_cache, v_cache, positions, attn_len=attn_len, window=cfg.sliding_window, backend=backend
+        q, k, v, k_cache, v_cache, positions, attn_len=attn_len, window=window,
+        scale=cfg.attn_scale, backend=backend,
     )
-    return ops.linear(out.reshape(s, cfg.q_dim), layer.wo, residual=x, backend=backend), k_cache, v_cache
+    out = out.reshape(s, cfg.q_dim)
+    if cfg.post_norms:
+        y = ops.rms_norm(ops.linear(out, layer.wo, backend=backend), layer.attn_post_norm, cfg.norm_eps)
+        return x + y, k_cache, v_cache
+    return ops.linear(out, layer.wo, residual=x, backend=backend), k_cache, v_cache
+
+
+def route(x: jax.Array, router: jax.Array, k: int, backend: str) -> tuple[jax.Array, jax.Array]:
+    """The k experts of each token and their weights, as transformers' Mixtral router picks them:
+    softmax over all experts in f32, the top k, renormalised to sum to 1. x: (S, dim), normed."""
+    probs = jax.nn.softmax(ops.linear(x, router, backend=backend).astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    return experts, weights / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 def ffn_block(x, layer: LayerWeights, cfg: ModelConfig, backend):
-    """x + w2 (silu(w1 rms_norm(x)) * w3 rms_norm(x))."""
-    h = ops.gated_ffn_up(x, layer.w13, norm=(layer.ffn_norm, cfg.norm_eps), backend=backend)
+    """x + w2 (act(w1 rms_norm(x)) * w3 rms_norm(x)), or the mixture of the routed experts' FFNs.
+
+    With cfg.post_norms the FFN output is RMS-normed before the residual add.
+    """
+    if cfg.is_moe:
+        xn = ops.rms_norm(x, layer.ffn_norm, cfg.norm_eps)
+        experts, weights = route(xn, layer.router, cfg.n_experts_per_tok, backend)
+        y = ops.moe_ffn(xn, layer.w13, layer.w2, experts, weights, activation=cfg.activation, backend=backend)
+        return x + y
+    h = ops.gated_ffn_up(
+        x, layer.w13, norm=(layer.ffn_norm, cfg.norm_eps), activation=cfg.activation, backend=backend
+    )
+    if cfg.post_norms:
+        return x + ops.rms_norm(ops.linear(h, layer.w2, backend=backend), layer.ffn_post_norm, cfg.norm_eps)
     return ops.linear(h, layer.w2, residual=x, backend=backend)
 
 
@@ -88,10 +123,12 @@ def forward_hidden(
     """Final-normed hidden states (S, dim) of `tokens` at `positions`, and the new cache."""
     attn_len = attn_len or cache.max_context
     x = weights.embed[tokens]
+    if cfg.embed_scale is not None:
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the compute dtype first, as transformers does
     new_k, new_v = [], []
-    for layer, k_cache, v_cache in zip(weights.layers, cache.k, cache.v):
+    for i, (layer, k_cache, v_cache) in enumerate(zip(weights.layers, cache.k, cache.v)):
         with jax.named_scope("attention"):
-            x, k_cache, v_cache = attention_block(x, layer, k_cache, v_cache, positions, cfg, attn_len, backend)
+            x, k_cache, v_cache = attention_block(x, layer, k_cache, v_cache, positions, cfg, attn_len, backend, i)
         with jax.named_scope("ffn"):
             x = ffn_block(x, layer, cfg, backend)
         new_k.append(k_cache)
@@ -99,8 +136,13 @@ def forward_hidden(
     return ops.rms_norm(x, weights.final_norm, cfg.norm_eps), KVCache(k=new_k, v=new_v)
 
 
-def logits_from_hidden(weights: Weights, h: jax.Array, *, backend: str = "xla") -> jax.Array:
-    return ops.linear(h, weights.output, backend=backend).astype(jnp.float32)
+def logits_from_hidden(
+    weights: Weights, h: jax.Array, *, cfg: ModelConfig | None = None, backend: str = "xla"
+) -> jax.Array:
+    """f32 logits of final-normed hidden states; soft-capped when cfg.final_softcap is set."""
+    logits = ops.linear(h, weights.output, backend=backend).astype(jnp.float32)
+    cap = cfg.final_softcap if cfg is not None else None
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "backend"), donate_argnames=("cache",))
@@ -124,4 +166,4 @@ def forward(
     many cache slots attention reads; it must be >= positions[0].
     """
     h, cache = forward_hidden(weights, cache, tokens, positions, cfg=cfg, attn_len=attn_len, backend=backend)
-    return logits_from_hidden(weights, h, backend=backend), cache
+    return logits_from_hidden(weights, h, cfg=cfg, backend=backend), cache

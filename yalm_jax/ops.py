@@ -65,14 +65,63 @@ def linear(
     return y if residual is None else residual + y
 
 
+def activate(x: jax.Array, activation: str) -> jax.Array:
+    """The gated FFN's activation: "silu", or "gelu_tanh" (GELU's tanh approximation, as Gemma uses)."""
+    if activation == "silu":
+        return jax.nn.silu(x)
+    if activation == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
 def gated_ffn_up(
-    x: jax.Array, w13: jax.Array, *, norm: tuple[jax.Array, float] | None = None, backend: str = "xla"
+    x: jax.Array,
+    w13: jax.Array,
+    *,
+    norm: tuple[jax.Array, float] | None = None,
+    activation: str = "silu",
+    backend: str = "xla",
 ) -> jax.Array:
-    """silu(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in)."""
-    if _decode(x, backend):
+    """act(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in)."""
+    if _decode(x, backend) and activation == "silu":  # the gated GEMV kernel has silu only
         return _gemv.gemv(w13, x[0], norm=norm, gated=True, interpret=_interpret())[None]
     gate, up = jnp.split(linear(x, w13, norm=norm), 2, axis=-1)
-    return jax.nn.silu(gate) * up
+    return activate(gate, activation) * up
+
+
+def moe_ffn(
+    x: jax.Array,
+    w13: jax.Array,
+    w2: jax.Array,
+    experts: jax.Array,
+    expert_weights: jax.Array,
+    *,
+    activation: str = "silu",
+    backend: str = "xla",
+) -> jax.Array:
+    """Each token's mixture sum_j expert_weights[s, j] * ffn_{experts[s, j]}(x[s]), for x of shape (S, dim).
+
+    w13: (n_experts, 2 * hidden, dim), each expert's gate rows then up rows; w2:
+    (n_experts, dim, hidden); experts: (S, k) int32, the chosen experts;
+    expert_weights: (S, k) f32. One token (decode) reads only its k experts'
+    weights, gathered by index: k / n_experts of the expert bytes. A chunk of
+    tokens runs every expert on every token and weights the outputs, zero for
+    the experts a token did not choose: matrix products instead of gathers.
+    """
+    del backend  # one jnp path for now; a Pallas kernel for decode would go here
+    f32 = jnp.float32
+    if x.shape[0] == 1:
+        w13_k = jnp.take(w13, experts[0], axis=0)  # (k, 2 * hidden, dim)
+        w2_k = jnp.take(w2, experts[0], axis=0)  # (k, dim, hidden)
+        h = jnp.einsum("sd,khd->skh", x, w13_k, preferred_element_type=f32).astype(x.dtype)
+        gate, up = jnp.split(h, 2, axis=-1)
+        y = jnp.einsum("skh,kdh->skd", activate(gate, activation) * up, w2_k, preferred_element_type=f32)
+        return jnp.einsum("skd,sk->sd", y, expert_weights.astype(f32)).astype(x.dtype)
+    h = jnp.einsum("sd,ehd->seh", x, w13, preferred_element_type=f32).astype(x.dtype)
+    gate, up = jnp.split(h, 2, axis=-1)
+    y = jnp.einsum("seh,edh->sed", activate(gate, activation) * up, w2, preferred_element_type=f32)
+    dense = jnp.sum(jax.nn.one_hot(experts, w13.shape[0], dtype=f32) * expert_weights[..., None].astype(f32), axis=1)
+    return jnp.einsum("sed,se->sd", y, dense).astype(x.dtype)
 
 
 def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
@@ -95,6 +144,7 @@ def attention(
     *,
     attn_len: int,
     window: int | None,
+    scale: float | None = None,
     backend: str = "xla",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal attention of a chunk of S consecutive tokens; writes the chunk into the cache.
@@ -104,10 +154,13 @@ def attention(
     position t in slot t. q_pos: (S,), ascending from q_pos[0], the chunk's
     start; cache slots from the start on are stale and never read. A query at
     position p sees keys at positions <= p (and > p - window with a sliding
-    window). The xla path reads only the first `attn_len` slots. Returns the
-    output (S, n_heads, head_dim) and the updated caches.
+    window). The xla path reads only the first `attn_len` slots. Scores are
+    q.k * scale (default head_dim ** -0.5). Returns the output
+    (S, n_heads, head_dim) and the updated caches.
     """
     s, n_heads, hd = q.shape
+    if scale not in (None, hd**-0.5):
+        backend = "xla"  # the decode kernel has head_dim ** -0.5 built in
     n_kv, max_context, _ = k_cache.shape
     if _decode(q, backend) and _attn.supported(max_context, hd):
         # One kernel reads the cache blocks below q_pos (so attn_len is not needed),
@@ -121,7 +174,7 @@ def attention(
     # and copy every layer's whole cache on every step to keep both alive.
     # In f32 throughout: XLA CPU has no bf16 x bf16 -> f32 dot, and the softmax wants f32 anyway.
     f32 = jnp.float32
-    qg = q.astype(f32).reshape(s, n_kv, n_heads // n_kv, hd) * (hd**-0.5)
+    qg = q.astype(f32).reshape(s, n_kv, n_heads // n_kv, hd) * (hd**-0.5 if scale is None else scale)
     k_all = jnp.concatenate([k_cache[:, :attn_len].astype(f32), k.swapaxes(0, 1).astype(f32)], axis=1)
     v_all = jnp.concatenate([v_cache[:, :attn_len].astype(f32), v.swapaxes(0, 1).astype(f32)], axis=1)
     slot = jnp.arange(attn_len)

@@ -28,9 +28,15 @@ class LayerWeights:
     wqkv: jax.Array  # (q_dim + 2 * kv_dim, dim): q, k and v rows stacked, read in one pass
     bqkv: jax.Array | None  # (q_dim + 2 * kv_dim,) for Qwen2, else None
     wo: jax.Array  # (dim, q_dim)
-    ffn_norm: jax.Array  # (dim,)
-    w13: jax.Array  # (2 * hidden_dim, dim): gate rows then up rows
-    w2: jax.Array  # (dim, hidden_dim)
+    ffn_norm: jax.Array  # (dim,), before the FFN
+    # (2 * hidden_dim, dim): gate rows then up rows; with experts (n_experts, 2 * hidden_dim, dim)
+    w13: jax.Array
+    w2: jax.Array  # (dim, hidden_dim); with experts (n_experts, dim, hidden_dim)
+    q_norm: jax.Array | None = None  # (head_dim,) with cfg.qk_norm
+    k_norm: jax.Array | None = None  # (head_dim,) with cfg.qk_norm
+    attn_post_norm: jax.Array | None = None  # (dim,) with cfg.post_norms, on the attention output
+    ffn_post_norm: jax.Array | None = None  # (dim,) with cfg.post_norms, on the FFN output
+    router: jax.Array | None = None  # (n_experts, dim) with experts
 
 
 @jax.tree_util.register_dataclass
@@ -57,23 +63,67 @@ class TensorSource(Protocol):
     def get(self, name: str) -> np.ndarray: ...
 
 
+def _layer_names(cfg: ModelConfig, i: int) -> dict[str, str | list[str] | None]:
+    """The transformers names behind each LayerWeights field of layer i (lists are stacked)."""
+    p = f"model.layers.{i}."
+    names = {
+        "attn_norm": p + "input_layernorm.weight",
+        "wqkv": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+        "bqkv": [p + f"self_attn.{x}_proj.bias" for x in "qkv"] if cfg.qkv_bias else None,
+        "wo": p + "self_attn.o_proj.weight",
+        # Gemma 3's post_attention_layernorm norms the attention output; Llama's is the FFN's input norm.
+        "ffn_norm": p + ("pre_feedforward_layernorm.weight" if cfg.post_norms else "post_attention_layernorm.weight"),
+        "q_norm": p + "self_attn.q_norm.weight" if cfg.qk_norm else None,
+        "k_norm": p + "self_attn.k_norm.weight" if cfg.qk_norm else None,
+        "attn_post_norm": p + "post_attention_layernorm.weight" if cfg.post_norms else None,
+        "ffn_post_norm": p + "post_feedforward_layernorm.weight" if cfg.post_norms else None,
+    }
+    if cfg.is_moe:
+        # The layout save_pretrained writes (transformers 4.x and 5.x alike): one tensor per expert.
+        moe = p + "block_sparse_moe."
+        experts = range(cfg.n_experts)
+        names["router"] = moe + "gate.weight"
+        names["w13"] = [moe + f"experts.{e}.{w}.weight" for e in experts for w in ("w1", "w3")]
+        names["w2"] = [moe + f"experts.{e}.w2.weight" for e in experts]
+    else:
+        names["w13"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        names["w2"] = p + "mlp.down_proj.weight"
+    return names
+
+
+_NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "attn_post_norm", "ffn_post_norm")
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor `build_weights` reads, by transformers' name."""
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.dim), "model.norm.weight": (cfg.dim,)}
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.dim)
+    field_shapes = {
+        "attn_norm": (cfg.dim,),
+        "wqkv": None,
+        "bqkv": None,
+        "wo": (cfg.dim, cfg.q_dim),
+        "ffn_norm": (cfg.dim,),
+        "q_norm": (cfg.head_dim,),
+        "k_norm": (cfg.head_dim,),
+        "attn_post_norm": (cfg.dim,),
+        "ffn_post_norm": (cfg.dim,),
+        "router": (cfg.n_experts, cfg.dim),
+        "w13": (cfg.hidden_dim, cfg.dim),
+        "w2": (cfg.dim, cfg.hidden_dim),
+    }
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (cfg.dim,)
-        shapes[p + "post_attention_layernorm.weight"] = (cfg.dim,)
-        for proj, rows in (("q", cfg.q_dim), ("k", cfg.kv_dim), ("v", cfg.kv_dim)):
-            shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, cfg.dim)
-            if cfg.qkv_bias:
-                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
-        shapes[p + "self_attn.o_proj.weight"] = (cfg.dim, cfg.q_dim)
-        shapes[p + "mlp.gate_proj.weight"] = (cfg.hidden_dim, cfg.dim)
-        shapes[p + "mlp.up_proj.weight"] = (cfg.hidden_dim, cfg.dim)
-        shapes[p + "mlp.down_proj.weight"] = (cfg.dim, cfg.hidden_dim)
+        for field, names in _layer_names(cfg, i).items():
+            if names is None:
+                continue
+            if field in ("wqkv", "bqkv"):
+                tail = (cfg.dim,) if field == "wqkv" else ()
+                for name, rows in zip(names, (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)):
+                    shapes[name] = (rows, *tail)
+                continue
+            for name in [names] if isinstance(names, str) else names:
+                shapes[name] = field_shapes[field]
     return shapes
 
 
@@ -91,7 +141,7 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
             raise UserError(f"tensor {name} has shape {tuple(arr.shape)}, expected {shapes[name]}")
         return arr
 
-    def put(*names: str) -> jax.Array:
+    def put(*names: str, shape: tuple[int, ...] | None = None) -> jax.Array:
         # One staging copy at a time: parts are cast straight into one fused
         # buffer, and jax.device_put (unlike jnp.asarray, which keeps an extra
         # host copy alive on CPU) leaves nothing behind once `host` goes.
@@ -105,31 +155,34 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
             host[start : start + part.shape[0]] = part
             start += part.shape[0]
             part = read(n) if (n := next(rest, None)) else None
-        return jax.device_put(host)
+        return jax.device_put(host if shape is None else host.reshape(shape))
+
+    def put_norm(name: str) -> jax.Array:
+        # Gemma's (1 + w) is added once here, in f32 as transformers does, so the model sees plain weights.
+        w = read(name).astype(np.float32) + np.float32(cfg.norm_weight_offset)
+        return jax.device_put(w.astype(dtype))
+
+    def put_field(field: str, names) -> jax.Array | None:
+        if names is None:
+            return None
+        if field in _NORMS:
+            return put_norm(names)
+        if field in ("w13", "w2") and cfg.is_moe:
+            rows = 2 * cfg.hidden_dim if field == "w13" else cfg.dim
+            return put(*names, shape=(cfg.n_experts, rows, shapes[names[0]][1]))
+        return put(*names) if isinstance(names, list) else put(names)
 
     bar = _progress(cfg.n_layers + 2, enabled=progress)
     embed = put("model.embed_tokens.weight")
     bar.update()
     layers = []
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        attn = [p + f"self_attn.{x}_proj" for x in "qkv"]
-        layers.append(
-            LayerWeights(
-                attn_norm=put(p + "input_layernorm.weight"),
-                wqkv=put(*(a + ".weight" for a in attn)),
-                bqkv=put(*(a + ".bias" for a in attn)) if cfg.qkv_bias else None,
-                wo=put(p + "self_attn.o_proj.weight"),
-                ffn_norm=put(p + "post_attention_layernorm.weight"),
-                w13=put(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                w2=put(p + "mlp.down_proj.weight"),
-            )
-        )
+        layers.append(LayerWeights(**{f: put_field(f, n) for f, n in _layer_names(cfg, i).items()}))
         bar.update()
     weights = Weights(
         embed=embed,
         layers=layers,
-        final_norm=put("model.norm.weight"),
+        final_norm=put_norm("model.norm.weight"),
         lm_head=None if cfg.tie_embeddings else put("lm_head.weight"),
     )
     bar.update()
