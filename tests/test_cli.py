@@ -152,7 +152,33 @@ def test_bad_models_and_prompts_exit_2_with_one_line(tiny_llama_chat_model, env,
 
 def test_unsupported_gguf_quant_exits_2(env, tmp_path):
     gguf = pytest.importorskip("gguf")
-    from test_gguf import _small_valid_gguf
+    import numpy as np
+    from test_gguf import spm_vocab, write_gguf
 
-    path = _small_valid_gguf(tmp_path, "q5_0.gguf", gguf.GGMLQuantizationType.Q5_0)
-    _assert_usage_error(_run(env, f"--model={path}", "--prompt=hi"), "Q5_0")
+    from yalm_jax.loading.gguf import SUPPORTED_QUANTS
+
+    candidates = ("Q2_K", "Q3_K", "IQ2_XXS", "IQ4_XS")
+    qname = next((q for q in candidates if q not in SUPPORTED_QUANTS), None)
+    if qname is None:
+        pytest.skip("every candidate quant type is supported now")
+    qtype = gguf.GGMLQuantizationType[qname]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    # A complete one-layer llama (dim 32, 2 heads of 16, 1 kv head, hidden 256) whose ffn_down is `qname`.
+    rng = np.random.default_rng(0)
+    shapes = {
+        "token_embd.weight": (len(spm_vocab()[0]), 32),
+        "output_norm.weight": (32,),
+        "blk.0.attn_norm.weight": (32,),
+        "blk.0.attn_q.weight": (32, 32),
+        "blk.0.attn_k.weight": (16, 32),
+        "blk.0.attn_v.weight": (16, 32),
+        "blk.0.attn_output.weight": (32, 32),
+        "blk.0.ffn_norm.weight": (32,),
+        "blk.0.ffn_gate.weight": (256, 32),
+        "blk.0.ffn_up.weight": (256, 32),
+    }
+    tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    raw = rng.integers(0, 256, (32, 256 // block * block_bytes), dtype=np.uint8)
+    tensors["blk.0.ffn_down.weight"] = (raw, qtype)
+    path = write_gguf(tmp_path / "unsupported.gguf", tensors, hp={"hidden": 256})
+    _assert_usage_error(_run(env, f"--model={path}", "--prompt=hi"), qname)
