@@ -108,3 +108,13 @@ def test_sampling_is_reproducible_per_seed(tiny_llama_chat_model):
         tok.eos_ids = frozenset()
         runs.append(g.generate(tok.encode(PROMPT), max_new_tokens=16, sampling=params).token_ids)
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_compile_cache_dir_and_off_switch(monkeypatch, tmp_path):
+    from yalm_jax import compile_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.default_dir() == str(tmp_path / "yalm_jax" / "xla")
+    for off in ("off", "0", ""):
+        monkeypatch.setenv(compile_cache.ENV_VAR, off)
+        assert compile_cache.enable() is None
