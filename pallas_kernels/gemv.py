@@ -30,7 +30,14 @@ from jax.experimental.pallas import triton as plt
 # (block_n, block_k, num_warps, num_stages), measured on one H100 80GB HBM3 (see KERNEL_NOTES.md).
 DEFAULT_CONFIG = (4, 1024, 4, 2)
 # Per shape (n_out, k, gated), where a sweep found a better one than the default.
-CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int]] = {}
+# Mistral-7B's shapes, from scripts/gpu_check.py on one H100 80GB HBM3, 2026-11-25.
+CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int]] = {
+    (6144, 4096, False): (4, 4096, 8, 2),  # wqkv
+    (4096, 4096, False): (1, 4096, 4, 2),  # wo
+    (14336, 4096, True): (4, 4096, 8, 2),  # w13, gated
+    (4096, 14336, False): (2, 2048, 4, 2),  # w2
+    (32000, 4096, False): (2, 2048, 4, 2),  # output
+}
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
