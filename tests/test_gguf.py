@@ -262,6 +262,7 @@ QUANT_BOUNDS = {
     QT.Q8_0: (1 / 127, 0.01),
     QT.Q4_0: (1 / 8 + 1e-3, 0.12),
     QT.Q4_1: (1 / 15 + 1e-3, 0.1),
+    QT.Q5_0: (1 / 16 + 1e-3, 0.06),
     QT.Q4_K: (2 / 15, 0.1),
     QT.Q5_K: (2 / 31, 0.05),
     QT.Q6_K: (1 / 31, 0.025),
@@ -282,7 +283,7 @@ def test_dequantized_tensor_has_transformers_layout(tmp_path, qtype):
     got = source.get("model.layers.0.mlp.up_proj.weight")
     assert got.shape == (out_f, in_f) and got.dtype == np.float32
     max_frac, rms_frac = QUANT_BOUNDS[qtype]
-    block = 32 if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1) else 256
+    block = 32 if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0) else 256
     blocks_amax = np.abs(x).reshape(out_f, -1, block).max(-1, keepdims=True)
     err = np.abs(got - x).reshape(out_f, -1, block)
     assert np.all(err <= max_frac * blocks_amax + 1e-6), (err / blocks_amax).max()
@@ -384,8 +385,8 @@ def test_unsupported_architecture_is_a_user_error(tmp_path):
 
 
 def test_unsupported_quant_type_is_a_user_error(tmp_path):
-    path = _small_valid_gguf(tmp_path, "q5_0.gguf", QT.Q5_0)
-    _one_line_user_error(lambda: open_gguf(path), "Q5_0", "blk.0.ffn_up.weight")
+    path = _small_valid_gguf(tmp_path, "q5_1.gguf", QT.Q5_1)
+    _one_line_user_error(lambda: open_gguf(path), "Q5_1", "blk.0.ffn_up.weight")
 
 
 def test_missing_tensor_is_a_user_error(tmp_path):

@@ -71,6 +71,10 @@ class ModelConfig:
     # Mixture of experts (Mixtral): n_experts FFNs, each token routed to the top n_experts_per_tok.
     n_experts: int = 0
     n_experts_per_tok: int = 0
+    # Tensor parallelism (see parallel.py): the weights are split over the first `tp` devices.
+    # tp_axis is set only on the per-device view, `shard()`, whose ops reduce over that mesh axis.
+    tp: int = 1
+    tp_axis: str | None = None
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -102,6 +106,16 @@ class ModelConfig:
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
         return dataclasses.replace(self, dtype=dtype)
+
+    def shard(self) -> "ModelConfig":
+        """The model each of the `tp` devices runs: its query heads, kv heads and FFN slice (see parallel.py)."""
+        return dataclasses.replace(
+            self,
+            n_heads=self.n_heads // self.tp,
+            n_kv_heads=max(1, self.n_kv_heads // self.tp),
+            hidden_dim=self.hidden_dim // self.tp,
+            tp_axis="tp",
+        )
 
     def is_sliding(self, layer: int) -> bool:
         """Whether `layer` attends through the sliding window."""
@@ -286,7 +300,7 @@ def config_from_hf(d: dict, dtype: str | None = "float32") -> ModelConfig:
         post_norms=gemma,
         norm_weight_offset=1.0 if gemma else 0.0,
         embed_scale=dim**0.5 if gemma else None,
-        attn_scale=float(d.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+        attn_scale=_attn_scale(d, head_dim) if gemma else None,
         final_softcap=_float_or_none(d.get("final_logit_softcapping")) if gemma else None,
         n_experts=n_experts,
         n_experts_per_tok=n_experts_per_tok,
@@ -295,3 +309,9 @@ def config_from_hf(d: dict, dtype: str | None = "float32") -> ModelConfig:
 
 def _float_or_none(x) -> float | None:
     return None if x is None else float(x)
+
+
+def _attn_scale(d: dict, head_dim: int) -> float | None:
+    """Gemma's query_pre_attn_scalar ** -0.5; None where that is the usual head_dim ** -0.5."""
+    scalar = float(d.get("query_pre_attn_scalar", 256))
+    return None if scalar == head_dim else scalar**-0.5

@@ -4,8 +4,10 @@
 `ModelConfig` from the metadata and the tokenizer from the vocabulary, and
 returns a `GGUFSource` that serves each tensor under its transformers name, in
 transformers' (out, in) layout, as float32: dequantized with
-`gguf.quants.dequantize` only when `build_weights` asks for it, and with the
-Q/K rows that llama.cpp's converter permuted put back in transformers' order.
+`gguf.quants.dequantize` only when `build_weights` asks for it, with the
+Q/K rows that llama.cpp's converter permuted (llama) put back in transformers'
+order, and Gemma's norm weights back to transformers' w (GGUF stores 1 + w).
+A stacked expert tensor (blk.N.ffn_*_exps) is served one expert at a time.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from yalm_jax.errors import UserError
 from yalm_jax.tokenizer import Tokenizer, tokenizer_from_gguf
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+# Mixtral is "llama" with experts (expert_count) in GGUF files.
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 # GGUF tensor name -> transformers name; {i} is the layer.
 _GLOBAL_NAMES = {
@@ -42,8 +45,23 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
 }
+# Gemma 3 norms both sides of the attention and of the FFN; ffn_norm is its pre_feedforward_layernorm.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_ARCH_LAYER_NAMES = {"llama": _LAYER_NAMES, "gemma3": _GEMMA3_LAYER_NAMES}
+# Experts: stacked (n_experts, rows, cols) tensors, or one tensor per expert in older files.
+_EXPERT_NAMES = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_EXPERTS_RE = re.compile(r"^(ffn_gate|ffn_up|ffn_down)_exps\.weight$")
+_EXPERT_RE = re.compile(r"^(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight$")
 
 
 def is_gguf(path: str) -> bool:
@@ -54,14 +72,29 @@ def is_gguf(path: str) -> bool:
         return False
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The transformers name of a GGUF tensor, or None for tensors the model does not read (e.g. rope_freqs)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if not m:
+        return None
+    layer, rest = m.groups()
+    names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
+    if rest in names:
+        return f"model.layers.{layer}.{names[rest]}"
+    if e := _EXPERT_RE.match(rest):
+        return f"model.layers.{layer}.block_sparse_moe.experts.{e.group(2)}.{_EXPERT_NAMES[e.group(1)]}.weight"
     return None
+
+
+def hf_expert_pattern(gguf_name: str) -> str | None:
+    """For a stacked expert tensor (blk.N.ffn_*_exps), its experts' transformers name with {e} for the expert."""
+    m = _LAYER_RE.match(gguf_name)
+    e = _EXPERTS_RE.match(m.group(2)) if m else None
+    if not e:
+        return None
+    return f"model.layers.{m.group(1)}.block_sparse_moe.experts.{{e}}.{_EXPERT_NAMES[e.group(1)]}.weight"
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -78,20 +111,32 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 class GGUFSource:
     """Tensors of a GGUF file under transformers' names, dequantized lazily to float32."""
 
-    def __init__(self, path: str, reader, n_heads: int, n_kv_heads: int):
+    def __init__(
+        self, path: str, reader, n_heads: int, n_kv_heads: int, arch: str = "llama", norm_offset: float = 0.0
+    ):
         self._path = path
-        self._tensors = {}
+        self._tensors = {}  # transformers name -> (GGUF tensor, expert index or None)
         self._heads = {}
+        self._norm_offset = norm_offset
         for t in reader.tensors:
-            name = hf_name(t.name)
-            if name is None:
+            name = hf_name(t.name, arch)
+            pattern = hf_expert_pattern(t.name)
+            if name is None and pattern is None:
                 continue
             if t.tensor_type.name not in SUPPORTED_QUANTS:
                 raise UserError(
                     f"{path}: tensor {t.name} has quantization type {t.tensor_type.name}, which is not supported; "
                     f"supported: {', '.join(SUPPORTED_QUANTS)}"
                 )
-            self._tensors[name] = t
+            if pattern is not None:
+                # GGUF dims run fastest-first, so the expert axis is the last one; t.data has it first.
+                for e in range(int(t.shape[-1])):
+                    self._tensors[pattern.format(e=e)] = (t, e)
+                continue
+            self._tensors[name] = (t, None)
+            # llama.cpp permutes Q and K rows only for its llama rope (adjacent pairs); Gemma uses neox rope.
+            if arch != "llama":
+                continue
             if ".q_proj." in name:
                 self._heads[name] = n_heads
             elif ".k_proj." in name:
@@ -101,17 +146,20 @@ class GGUFSource:
         return name in self._tensors
 
     def quant_type(self, name: str) -> str:
-        return self._tensors[name].tensor_type.name
+        return self._tensors[name][0].tensor_type.name
 
     def get(self, name: str) -> np.ndarray:
         from gguf import quants
 
-        t = self._tensors[name]
+        t, expert = self._tensors[name]
         qtype = t.tensor_type.name
         # GGUF lists dimensions fastest-first: (in, out) for a matrix, i.e. numpy's (out, in) reversed.
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = np.asarray(t.data)
+        if expert is not None:  # one expert's rows of a stacked tensor: only its bytes are read
+            shape, data = shape[1:], data.reshape(shape[0], -1)[expert]
         try:
-            w = quants.dequantize(np.asarray(t.data), t.tensor_type)
+            w = quants.dequantize(data, t.tensor_type)
             w = np.asarray(w, dtype=np.float32).reshape(shape)
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(
@@ -121,6 +169,8 @@ class GGUFSource:
             if shape[0] % (2 * self._heads[name]):
                 raise UserError(f"{self._path}: tensor {t.name} has {shape[0]} rows, not a multiple of 2 x heads")
             w = unpermute_rows(w, self._heads[name])
+        if self._norm_offset and name.endswith("norm.weight"):
+            w = w - np.float32(self._norm_offset)
         return w
 
 
@@ -186,12 +236,13 @@ def _config(meta: dict, reader, dtype: str, tensor_names: set[str]) -> ModelConf
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = meta.get(f"{arch}.vocab_size") or (int(embd.shape[1]) if embd is not None else None)
     vocab = vocab or len(meta.get("tokenizer.ggml.tokens") or ())
+    n_layers = int(need("block_count"))
     return ModelConfig(
         arch=arch,
         vocab_size=int(vocab),
         dim=dim,
         hidden_dim=int(need("feed_forward_length")),
-        n_layers=int(need("block_count")),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=int(n_kv or n_heads),
         head_dim=head_dim,
@@ -202,6 +253,33 @@ def _config(meta: dict, reader, dtype: str, tensor_names: set[str]) -> ModelConf
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         rope_scaling=_rope_scaling(meta, arch, reader, head_dim, rope_theta),
         dtype=dtype,
+        n_experts=int(meta.get(f"{arch}.expert_count") or 0),
+        n_experts_per_tok=int(meta.get(f"{arch}.expert_used_count") or 0),
+        **(_gemma3(meta, n_layers, dim, n_heads, head_dim) if arch == "gemma3" else {}),
+    )
+
+
+def _gemma3(meta: dict, n_layers: int, dim: int, n_heads: int, head_dim: int) -> dict:
+    """Gemma 3's fields, with llama.cpp's defaults for what older files leave out."""
+    window = meta.get("gemma3.attention.sliding_window")
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # per layer: true where the layer slides
+        sliding = tuple(bool(x) for x in pattern)
+    else:  # every pattern-th layer is global
+        sliding = tuple((i + 1) % int(pattern) != 0 for i in range(n_layers))
+    softcap = meta.get("gemma3.final_logit_softcapping")
+    return dict(
+        activation="gelu_tanh",
+        qk_norm=True,
+        post_norms=True,
+        norm_weight_offset=1.0,
+        embed_scale=dim**0.5,
+        # llama.cpp: query_pre_attn_scalar is head_dim, except for the 27B model (62 layers): dim / n_heads.
+        attn_scale=(dim / n_heads) ** -0.5 if n_layers == 62 else None,
+        sliding_window=int(window) if window else None,
+        sliding_layers=sliding if window and not all(sliding) else None,
+        rope_local_theta=float(meta.get("gemma3.rope.freq_base_swa", 10000.0)),
+        final_softcap=float(softcap) if softcap else None,
     )
 
 
@@ -233,5 +311,5 @@ def open_gguf(path: str, dtype: str = "float32") -> tuple[ModelConfig, GGUFSourc
         cfg = _config(meta, reader, dtype, names)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    source = GGUFSource(path, reader, cfg.n_heads, cfg.n_kv_heads)
+    source = GGUFSource(path, reader, cfg.n_heads, cfg.n_kv_heads, cfg.arch, cfg.norm_weight_offset)
     return cfg, source, tokenizer_from_gguf(meta)
