@@ -87,6 +87,14 @@ def test_eos_stops_and_is_kept_in_ids_not_text(tiny_llama_chat_model):
     assert out.token_ids == ids[:cut]
     assert out.text == tok.decode(ids[: cut - 1])
 
+    # The decode loop ended on the device at the EOS; the cache it left must serve the next call exactly.
+    follow = prompt + out.token_ids + tok.encode(" and then")
+    again = g.generate(follow, max_new_tokens=8)
+    assert again.prefilled == len(follow) - len(prompt) - cut + 1  # prompt and reply (bar the EOS) were cached
+    fresh, fresh_tok = _generator(tiny_llama_chat_model)
+    fresh_tok.eos_ids = frozenset({eos})
+    assert fresh.generate(follow, max_new_tokens=8).token_ids == again.token_ids
+
 
 def test_full_context_stops_and_long_prompt_is_a_user_error(tiny_llama_chat_model):
     g, tok = _generator(tiny_llama_chat_model, max_context=40)
