@@ -1,7 +1,7 @@
 """Generation: chunked prefill, on-device decode chunks, and chat sessions that keep their cache.
 
-The device side is three jitted, pure functions that other JAX code can call,
-jit or scan as they are:
+The device side is pure functions that other JAX code can call, jit or scan
+as they are (`decode_step` is the unjitted step; the others are jitted):
 
 * `prefill_chunk` runs a fixed-size chunk of prompt tokens into the cache and
   returns the logits of one row (the last real token);
@@ -13,7 +13,8 @@ jit or scan as they are:
   steps (a `lax.scan` with a `lax.cond` per step does the same but copies the
   cache each step on the CPU, about 35% slower).
 
-Both jitted functions donate the cache. Attention reads only `attn_len` cache
+`prefill_chunk` and `decode_chunk` donate the cache, and `first_token`
+samples from the prefill logits. Attention reads only `attn_len` cache
 slots, a power of two >= 256 (capped at the cache size) that covers the last
 position of the call, so a short conversation does not read all of an
 8192-slot cache per token, and the number of compiled programs grows with the
@@ -94,7 +95,7 @@ def prefill_chunk(
     """
     h, cache = model.forward_hidden(weights, cache, tokens, positions, cfg=cfg, attn_len=attn_len, backend=backend)
     row = lax.dynamic_slice_in_dim(h, last, 1, axis=0)
-    return model.logits_from_hidden(weights, row, backend=backend)[0], cache
+    return model.logits_from_hidden(weights, row, cfg=cfg, backend=backend)[0], cache
 
 
 def decode_step(
@@ -104,7 +105,7 @@ def decode_step(
     h, cache = model.forward_hidden(
         weights, state.cache, state.token[None], state.pos[None], cfg=cfg, attn_len=attn_len, backend=backend
     )
-    logits = model.logits_from_hidden(weights, h, backend=backend)[0]
+    logits = model.logits_from_hidden(weights, h, cfg=cfg, backend=backend)[0]
     key, sub = jax.random.split(state.key)
     token = sample(logits, sub, params)
     return dataclasses.replace(state, cache=cache, token=token, pos=state.pos + 1, key=key), token
@@ -171,7 +172,7 @@ class Programs:
 
     def get(self, fn, *args, **static):
         leaves, tree = jax.tree_util.tree_flatten(args)
-        sig = (fn, tree, tuple((x.shape, x.dtype) for x in leaves), tuple(sorted(static.items())))
+        sig = (fn, tree, tuple((x.shape, x.dtype, _placement(x)) for x in leaves), tuple(sorted(static.items())))
         exe = self._exe.get(sig)
         if exe is None:
             t = time.perf_counter()
@@ -182,6 +183,12 @@ class Programs:
 
     def __call__(self, fn, *args, **static):
         return self.get(fn, *args, **static)(*args)
+
+
+def _placement(x):
+    """How a multi-device (tensor-parallel) array is split; None on one device, where it never matters."""
+    sharding = getattr(x, "sharding", None)
+    return sharding if sharding is not None and len(sharding.device_set) > 1 else None
 
 
 def _plan_prefill(start: int, end: int, chunk: int, max_context: int) -> list[tuple[int, int, int]]:
@@ -393,11 +400,12 @@ class Generator:
         plan = _plan_prefill(reuse, n_prompt, self.prefill_chunk, self.max_context)
         for start, n, length in plan:  # compile before timing
             args = _chunk_args(prompt_ids, start, n, length)
-            self.programs.get(
+            exe = self.programs.get(
                 prefill_chunk, self.weights, cache, *args,
                 cfg=self.cfg, attn_len=attn_bucket(start + n, self.max_context), backend=self.backend,
             )  # fmt: skip
-        self.programs.get(first_token, jnp.zeros(self.cfg.vocab_size, jnp.float32), self.key, sampling)
+        logits = jnp.zeros(self.cfg.vocab_size, jnp.float32, device=exe.output_shardings[0])
+        self.programs.get(first_token, logits, self.key, sampling)
 
         t0 = time.perf_counter()
         logits, cache = prefill(
