@@ -7,11 +7,9 @@ as they are (`decode_step` is the unjitted step; the others are jitted):
   returns the logits of one row (the last real token);
 * `decode_step` feeds one token, samples the next and returns the new
   `DecodeState` (cache, newest token, its position, rng key);
-* `decode_chunk` runs up to `n_steps` decode steps in one on-device loop, so
-  the host sees a chunk of tokens per dispatch. The loop is a `lax.while_loop`
-  that also ends at a stop token, so a reply that ends mid-chunk wastes no
-  steps (a `lax.scan` with a `lax.cond` per step does the same but copies the
-  cache each step on the CPU, about 35% slower).
+* `decode_chunk` runs `n_steps` decode steps in one `lax.scan` on the device,
+  so the host sees a chunk of tokens per dispatch; steps after a stop token
+  yield -1 and change nothing.
 
 `prefill_chunk` and `decode_chunk` donate the cache, and `first_token`
 samples from the prefill logits. Attention reads only `attn_len` cache
@@ -125,27 +123,29 @@ def decode_chunk(
     attn_len: int,
     backend: str = "xla",
 ) -> tuple[jax.Array, DecodeState]:
-    """Up to `n_steps` decode steps on the device: the sampled tokens (n_steps,) int32 and the new state.
+    """`n_steps` decode steps in one `lax.scan` on the device: the sampled tokens (n_steps,) int32 and the new state.
 
-    The loop ends early once a token in `stop_ids` (E,) is sampled, or when
-    the next position would be past the cache; the steps not run yield -1. `attn_len` must exceed `state.pos + n_steps - 1`, the last position fed.
+    Once a token in `stop_ids` (E,) is sampled, the remaining steps yield -1
+    and leave the state as it was: they feed the stop token again at the same
+    position, rewriting its cache slot with the same values. Every position
+    fed, up to `state.pos + n_steps - 1`, must lie within the cache and below
+    `attn_len`.
     """
 
-    def run(s):
-        s, token = decode_step(weights, s, params, cfg=cfg, attn_len=attn_len, backend=backend)
-        return dataclasses.replace(s, done=jnp.any(token == stop_ids)), token
+    def step(s: DecodeState, _):
+        new, token = decode_step(weights, s, params, cfg=cfg, attn_len=attn_len, backend=backend)
+        token = jnp.where(s.done, -1, token)
+        keep = lambda old, fresh: jnp.where(s.done, old, fresh)  # noqa: E731
+        s = DecodeState(
+            cache=new.cache,
+            token=keep(s.token, new.token),
+            pos=keep(s.pos, new.pos),
+            key=new.key,
+            done=s.done | jnp.any(token == stop_ids),
+        )
+        return s, token
 
-    def body(carry):
-        i, s, tokens = carry
-        s, token = run(s)
-        return i + 1, s, tokens.at[i].set(token)
-
-    def cond(carry):
-        i, s, _ = carry
-        return (i < n_steps) & ~s.done & (s.pos < s.cache.max_context)
-
-    init = (jnp.int32(0), state, jnp.full((n_steps,), -1, jnp.int32))
-    _, state, tokens = lax.while_loop(cond, body, init)
+    state, tokens = lax.scan(step, state, None, length=n_steps)
     return tokens, state
 
 
@@ -429,7 +429,10 @@ class Generator:
         compile_mid = self.programs.compile_s
         while reason is None:
             room = min(max_new_tokens, self.max_context - n_prompt) - len(kept)
+            # A power of two keeps the number of compiled chunk sizes small, unless it would run past the cache.
             n_steps = min(self.decode_chunk, _next_pow2(room))
+            if n_prompt + fed + n_steps > self.max_context:
+                n_steps = room
             attn_len = attn_bucket(n_prompt + fed + n_steps, self.max_context)
             tokens, state = self.programs(
                 decode_chunk, self.weights, state, sampling, stop_ids,
