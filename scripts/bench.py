@@ -1,7 +1,8 @@
 """Benchmarks: yalm_jax beside llama.cpp and the memory-bandwidth roofline, in one run.
 
   python scripts/bench.py                  # CPU: SmolLM2-135M in f32 (+ llama.cpp if installed)
-  python scripts/bench.py --device=gpu     # GPU: see scripts/gpu_check.py for the kernel suite
+  python scripts/bench.py --device=gpu     # GPU: scripts/bench_gpu.py (roofline, Mistral-7B and
+                                           # SmolLM2 shapes, pallas vs xla, prefill); kernels: gpu_check.py
 
 CPU figures, each from this one run:
 * the read bandwidth of an f32 matrix-vector product through XLA, and the
@@ -31,6 +32,8 @@ flags.DEFINE_integer("decode_tokens", 128, "Tokens generated per decode timing."
 flags.DEFINE_integer("prefill_tokens", 512, "Prompt length for the prefill timing.")
 flags.DEFINE_bool("llama_cpp", True, "Time llama.cpp too, when llama-cpp-python is installed.")
 flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
+flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,cmdbuf", "GPU suite: which parts to run.")
+flags.DEFINE_bool("gpu_smoke", False, "GPU suite at toy shapes on any device (checks the script only).")
 flags.DEFINE_string("_worker", None, "Internal: run one timed generation in this process, print JSON.")
 
 PROMPT = "The history of the printing press begins"
@@ -198,7 +201,17 @@ def main(argv):
         print(json.dumps(worker(FLAGS._worker)))
         return
     if FLAGS.device == "gpu":
-        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "gpu_check.py")])
+        sys.path.insert(0, HERE)
+        import bench_gpu
+
+        out_dir = os.path.dirname(os.path.abspath(FLAGS.json_out)) if FLAGS.json_out else os.environ.get("OUT", "/tmp")
+        os.makedirs(out_dir, exist_ok=True)
+        res = bench_gpu.gpu_suite(out_dir, tuple(FLAGS.gpu_parts.split(",")), smoke=FLAGS.gpu_smoke)
+        if FLAGS.json_out:
+            with open(FLAGS.json_out, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+        bench_gpu.print_table(res)
+        return
     res = cpu_suite()
     print_cpu(res)
     if FLAGS.json_out:

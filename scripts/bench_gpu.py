@@ -1,0 +1,556 @@
+"""The GPU benchmark suite: `python scripts/bench.py --device=gpu` runs `gpu_suite` here.
+
+    PYTHONUNBUFFERED=1 python scripts/bench.py --device=gpu --json_out=$OUT/bench_gpu.json
+    python scripts/bench_gpu.py --smoke          # toy shapes on the CPU: checks the script only
+
+One run measures, on one GPU, with random normal weights built on the device:
+
+* roof: the read bandwidth of the card, jnp.sum over an 8 GiB bf16 array (median);
+* mistral: Mistral-7B-shaped bf16 decode at context 128 and 4096 through
+  `generate.decode_chunk` (the on-device `lax.while_loop` the CLI runs), pallas
+  and xla; bytes per token = the weights read (the embedding: one row) + the KV
+  cache read (slots < position, at the mean position of the timed steps);
+* prefill: 512 tokens through `generate.prefill`, chunk 128 and chunk 512;
+* smollm2: SmolLM2-135M-shaped decode in f32 and bf16 through `decode_chunk`
+  with 16 and 256 steps per dispatch, and through `Generator.generate`
+  (the CLI's host loop, 16 steps per dispatch);
+* diagnostics of what bounds the small model: kernels per decode step (counted
+  in the compiled HLO), the same step in a fixed-trip loop with a plain argmax
+  (no data-dependent loop exit, no `lax.cond` for greedy-vs-sampled: XLA:GPU
+  reads each such predicate back to the host, which drains the GPU every
+  step), and `decode_chunk` with XLA's command buffers (CUDA graphs) extended
+  to while loops and conditionals (a subprocess, since XLA_FLAGS are read at
+  start-up).
+
+Compile time is excluded from every figure (programs are compiled ahead, and
+reported separately). The table is printed last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+from yalm_jax import generate as gen  # noqa: E402
+from yalm_jax import model  # noqa: E402
+from yalm_jax.config import ModelConfig  # noqa: E402
+from yalm_jax.sampling import SamplingParams  # noqa: E402
+from yalm_jax.weights import LayerWeights, Weights  # noqa: E402
+
+SHAPES = {
+    "mistral7b": dict(vocab_size=32000, dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8,
+                      head_dim=128, rope_theta=1e6, max_position_embeddings=32768, tie_embeddings=False),
+    "smollm2": dict(vocab_size=49152, dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3,
+                    head_dim=64, rope_theta=1e5, max_position_embeddings=8192, tie_embeddings=True),
+    # --smoke: the same code paths at toy sizes, on the CPU.
+    "toy": dict(vocab_size=256, dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                head_dim=16, rope_theta=1e4, max_position_embeddings=512, tie_embeddings=False),
+    "toy_tied": dict(vocab_size=256, dim=48, hidden_dim=96, n_layers=2, n_heads=3, n_kv_heads=1,
+                     head_dim=16, rope_theta=1e4, max_position_embeddings=512, tie_embeddings=True),
+}  # fmt: skip
+# The CLI's default cache: the model's context, at most 8192 (Mistral's xla path reads a power-of-two bucket of it).
+MAX_CONTEXT = 8192
+CMDBUF_FLAGS = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+
+ROWS: list[tuple] = []  # (workload, backend, tok/s, ms/tok, GB/s, % roof, note)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def add_row(workload, backend, tok_s=None, ms=None, gbs=None, roof=None, note=""):
+    pct = f"{100 * gbs / roof:.0f}%" if gbs and roof else ""
+    ROWS.append((
+        workload, backend, f"{tok_s:,.0f}" if tok_s else "", f"{ms:.3f}" if ms else "",
+        f"{gbs:,.0f}" if gbs else "", pct, note,
+    ))  # fmt: skip
+    log(f"  -> {' | '.join(ROWS[-1])}")
+
+
+# -- models with random weights ------------------------------------------------------
+
+
+def make_cfg(shape: str, dtype: str) -> ModelConfig:
+    return ModelConfig(arch="llama", norm_eps=1e-5, dtype=dtype, **SHAPES[shape])
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
+    """Normal weights scaled 1/sqrt(fan_in) (activations stay O(1)), norms 1 + 0.1 N(0, 1); never zeros."""
+    dt = jnp.dtype(cfg.dtype)
+    keys = iter(jax.random.split(jax.random.key(seed), 8 * cfg.n_layers + 8))
+
+    def w(*shape, scale=None):
+        scale = shape[-1] ** -0.5 if scale is None else scale
+        return (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dt)
+
+    def norm(n):
+        return (1.0 + 0.1 * jax.random.normal(next(keys), (n,), jnp.float32)).astype(dt)
+
+    layers = [
+        LayerWeights(
+            attn_norm=norm(cfg.dim), wqkv=w(cfg.q_dim + 2 * cfg.kv_dim, cfg.dim), bqkv=None,
+            wo=w(cfg.dim, cfg.q_dim), ffn_norm=norm(cfg.dim), w13=w(2 * cfg.hidden_dim, cfg.dim),
+            w2=w(cfg.dim, cfg.hidden_dim),
+        )  # fmt: skip
+        for _ in range(cfg.n_layers)
+    ]
+    embed = w(cfg.vocab_size, cfg.dim, scale=1.0)
+    lm_head = None if cfg.tie_embeddings else w(cfg.vocab_size, cfg.dim)
+    weights = Weights(embed=embed, layers=layers, final_norm=norm(cfg.dim), lm_head=lm_head)
+    return jax.block_until_ready(weights)
+
+
+def random_cache(cfg: ModelConfig, max_context: int, seed: int = 1) -> model.KVCache:
+    """A cache full of normal values: a decode step at position p reads slots < p as if a prompt had filled them."""
+    dt = jnp.dtype(cfg.dtype)
+    shape = (cfg.n_kv_heads, max_context, cfg.head_dim)
+    keys = jax.random.split(jax.random.key(seed), 2 * cfg.n_layers)
+    arrs = [jax.random.normal(k, shape, jnp.float32).astype(dt) for k in keys]
+    return jax.block_until_ready(model.KVCache(k=arrs[: cfg.n_layers], v=arrs[cfg.n_layers :]))
+
+
+def weight_bytes_per_token(weights: Weights, cfg: ModelConfig) -> int:
+    """Every weight but the embedding table, of which one row (a tied table is read whole as the output matrix)."""
+    total = weights.nbytes()
+    if not cfg.tie_embeddings:
+        total -= weights.embed.nbytes - weights.embed.nbytes // cfg.vocab_size
+    return total
+
+
+def kv_bytes_per_token(cfg: ModelConfig, mean_pos: float) -> float:
+    return 2 * cfg.n_layers * cfg.kv_dim * mean_pos * jnp.dtype(cfg.dtype).itemsize
+
+
+# -- what a step consists of ---------------------------------------------------------
+
+
+def count_kernels(hlo_text: str) -> int:
+    """Kernel-like instructions a decode step runs, from optimised HLO: those of the body of the entry's
+    outermost while loop (fusions, custom calls such as Pallas kernels or cuBLAS, copies...), following
+    calls; a conditional counts 1 (its predicate is read back) plus its smallest branch. Parameters,
+    tuples, bitcasts and constants are free."""
+    free = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "partition-id",
+            "replica-id", "opt-barrier", "domain", "add-dependency"}  # fmt: skip
+    comps: dict[str, list[str]] = {}
+    entry, name = None, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name = head.group(2)
+            comps[name] = []
+            entry = name if head.group(1) else entry
+        elif name is not None and line.startswith("  "):
+            comps[name].append(line)
+    op_re = re.compile(r"^\s+(?:ROOT )?%?[\w.\-]+ = .*?\s([a-z][a-z0-9\-]*)\(")
+
+    def count(comp: str, depth: int = 0) -> int:
+        n = 0
+        for line in comps.get(comp, []):
+            m = op_re.match(line)
+            if not m or m.group(1) in free:
+                continue
+            op = m.group(1)
+            if op == "call" and depth < 8:
+                n += count(re.search(r"to_apply=%?([\w.\-]+)", line).group(1), depth + 1)
+            elif op == "conditional" and depth < 8:
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                names = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else []
+                names += re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
+                n += 1 + min((count(b, depth + 1) for b in names), default=0)
+            elif op == "while" and depth < 8:
+                n += 1 + count(re.search(r"body=%?([\w.\-]+)", line).group(1), depth + 1)
+            else:
+                n += 1
+        return n
+
+    for line in comps.get(entry, []):
+        if op_re.match(line) and op_re.match(line).group(1) == "while":
+            return count(re.search(r"body=%?([\w.\-]+)", line).group(1))
+    return count(entry)
+
+
+# -- timing ------------------------------------------------------------------------
+
+
+def _decode_state(cache, ctx: int) -> gen.DecodeState:
+    return gen.DecodeState(
+        cache=cache, token=jnp.asarray(1, jnp.int32), pos=jnp.asarray(ctx, jnp.int32),
+        key=jax.random.key(0), done=jnp.asarray(False),
+    )  # fmt: skip
+
+
+def time_decode(weights, cfg, cache, *, backend, ctx, n_steps, reps, count=False):
+    """Seconds per token of `decode_chunk` (n_steps greedy steps from position ctx, no stop token), median of reps.
+
+    Returns (result dict, cache). Every rep restarts at position ctx, so each runs the same program.
+    """
+    params = SamplingParams.greedy()
+    stop_ids = jnp.asarray([-1], jnp.int32)
+    max_context = cache.max_context
+    attn_len = gen.attn_bucket(ctx + n_steps, max_context)
+    state = _decode_state(cache, ctx)
+    progs = gen.Programs()
+    exe = progs.get(gen.decode_chunk, weights, state, params, stop_ids,
+                    cfg=cfg, n_steps=n_steps, attn_len=attn_len, backend=backend)  # fmt: skip
+    res = {"compile_s": progs.compile_s, "attn_len": attn_len}
+    if count:
+        try:
+            res["kernels"] = count_kernels(exe.as_text())
+        except Exception as e:  # noqa: BLE001
+            res["kernels_error"] = repr(e)
+    tokens, state = exe(weights, state, params, stop_ids)  # warm-up
+    jax.block_until_ready(tokens)
+    times = []
+    for _ in range(reps):
+        state = dataclasses.replace(state, pos=jnp.asarray(ctx, jnp.int32), done=jnp.asarray(False))
+        t = time.perf_counter()
+        tokens, state = exe(weights, state, params, stop_ids)
+        tokens = jax.device_get(tokens)
+        times.append(time.perf_counter() - t)
+    if (tokens < 0).any():
+        raise RuntimeError(f"decode_chunk ran fewer than {n_steps} steps: {tokens}")
+    res.update(s_per_tok=statistics.median(times) / n_steps, runs=times, first_tokens=tokens[:8].tolist())
+    return res, state.cache
+
+
+def greedy_fixed_loop(weights, cfg, cache, *, backend, ctx, n_steps, reps):
+    """The same decode step in `lax.fori_loop` with a static trip count and a plain argmax: no predicate
+    goes back to the host, so XLA can enqueue step after step. A diagnostic, not an engine path."""
+    import functools
+
+    max_context = cache.max_context
+    attn_len = gen.attn_bucket(ctx + n_steps, max_context)
+
+    @functools.partial(jax.jit, donate_argnames=("cache",))
+    def run(weights, cache, tok, pos):
+        def body(i, carry):
+            cache, tok, toks = carry
+            h, cache = model.forward_hidden(weights, cache, tok[None], (pos + i)[None], cfg=cfg,
+                                            attn_len=attn_len, backend=backend)  # fmt: skip
+            nxt = jnp.argmax(model.logits_from_hidden(weights, h, cfg=cfg, backend=backend)[0]).astype(jnp.int32)
+            return cache, nxt, toks.at[i].set(nxt)
+
+        return lax.fori_loop(0, n_steps, body, (cache, tok, jnp.zeros((n_steps,), jnp.int32)))
+
+    tok, pos = jnp.asarray(1, jnp.int32), jnp.asarray(ctx, jnp.int32)
+    t = time.perf_counter()
+    exe = run.lower(weights, cache, tok, pos).compile()
+    res = {"compile_s": time.perf_counter() - t}
+    cache, _, toks = exe(weights, cache, tok, pos)
+    jax.block_until_ready(toks)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        cache, _, toks = exe(weights, cache, tok, pos)
+        jax.device_get(toks)
+        times.append(time.perf_counter() - t)
+    res.update(s_per_tok=statistics.median(times) / n_steps, runs=times)
+    return res, cache
+
+
+def time_prefill(weights, cfg, cache, *, n_tokens, chunk, backend, reps):
+    """Tokens per second of `generate.prefill` over n_tokens random ids from position 0 (median of reps)."""
+    ids = jax.random.randint(jax.random.key(7), (n_tokens,), 0, cfg.vocab_size).tolist()
+    progs = gen.Programs()
+    logits, cache = gen.prefill(weights, cache, ids, 0, cfg, chunk=chunk, backend=backend, programs=progs)
+    jax.block_until_ready(logits)  # compiles every chunk's program
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        logits, cache = gen.prefill(weights, cache, ids, 0, cfg, chunk=chunk, backend=backend, programs=progs)
+        jax.block_until_ready(logits)
+        times.append(time.perf_counter() - t)
+    if not bool(jnp.isfinite(logits).all()):
+        raise RuntimeError("prefill logits are not finite")
+    t = statistics.median(times)
+    return {"tok_s": n_tokens / t, "s": t, "runs": times, "compile_s": progs.compile_s}, cache
+
+
+class _NullTokenizer:
+    """What Generator needs of a tokenizer, with no EOS, so every call runs its full length."""
+
+    eos_ids = frozenset()
+
+    class _Dec:
+        def push(self, ids):
+            return ""
+
+        def flush(self):
+            return ""
+
+    def stream_decoder(self):
+        return self._Dec()
+
+
+def time_generator(weights, cfg, *, backend, n_prompt, n_new, max_context):
+    """Decode tok/s of `Generator.generate`, the CLI's path: a host loop over decode_chunk calls of 16 steps."""
+    g = gen.Generator(weights, cfg, _NullTokenizer(), max_context=max_context, backend=backend)
+    ids = jax.random.randint(jax.random.key(8), (n_prompt,), 0, cfg.vocab_size).tolist()
+    g.generate(ids, max_new_tokens=n_new)  # compiles
+    runs = []
+    for _ in range(2):
+        g.reset()
+        out = g.generate(ids, max_new_tokens=n_new)
+        runs.append(out.decode_tok_s)
+    del g
+    return {"tok_s": max(runs), "runs": runs, "compile_s": out.compile_s, "decode_chunk": gen.DECODE_CHUNK}
+
+
+# -- the parts ---------------------------------------------------------------------
+
+
+def part_roof(res, smoke):
+    n = (1 << 20) if smoke else (4 << 30)  # bf16 elements: 8 GiB
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(3 if smoke else 15):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t)
+    gbs = x.nbytes / statistics.median(times) / 1e9
+    del x
+    res["roof"] = {"gb_s": gbs, "bytes": n * 2, "runs": times}
+    add_row(f"read roofline: jnp.sum, {n * 2 / 2**30:.0f} GiB bf16", "xla", gbs=gbs, roof=gbs, note="median of 15")
+    return gbs
+
+
+def part_mistral(res, roof, smoke):
+    shape = "toy" if smoke else "mistral7b"
+    cfg = make_cfg(shape, "bfloat16")
+    weights = random_weights(cfg, seed=3)
+    wb = weight_bytes_per_token(weights, cfg)
+    max_context = 512 if smoke else MAX_CONTEXT
+    n_steps, reps = (4, 2) if smoke else (64, 5)
+    contexts = [16, 128] if smoke else [128, 4096]
+    out = res.setdefault("mistral", {"weight_bytes_per_token": wb, "max_context": max_context, "n_steps": n_steps})
+    cache = random_cache(cfg, max_context)
+    for ctx in contexts:
+        mean_pos = ctx + (n_steps - 1) / 2
+        nbytes = wb + kv_bytes_per_token(cfg, mean_pos)
+        for backend in ("pallas", "xla"):
+            key = f"ctx{ctx}_{backend}"
+            try:
+                r, cache = time_decode(weights, cfg, cache, backend=backend, ctx=ctx, n_steps=n_steps, reps=reps,
+                                       count=ctx == contexts[0])  # fmt: skip
+                t = r["s_per_tok"]
+                r |= {"tok_s": 1 / t, "bytes_per_token": nbytes, "gb_s": nbytes / t / 1e9}
+                out[key] = r
+                note = f"attn_len {r['attn_len']}, compile {r['compile_s']:.0f} s"
+                if "kernels" in r:
+                    note += f", ~{r['kernels']} kernels/step"
+                add_row(f"{shape} bf16 decode, ctx {ctx}", backend, 1 / t, t * 1e3, nbytes / t / 1e9, roof, note)
+            except Exception as e:  # noqa: BLE001
+                out[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+                add_row(f"{shape} bf16 decode, ctx {ctx}", backend, note=f"FAILED {type(e).__name__}")
+    # Prefill (XLA matrix products on either backend; the backend flag only changes decode).
+    n_tok = 64 if smoke else 512
+    pre = res.setdefault("prefill", {"n_tokens": n_tok})
+    for chunk in ((16, 64) if smoke else (128, 512)):
+        try:
+            r, cache = time_prefill(weights, cfg, cache, n_tokens=n_tok, chunk=chunk, backend="pallas", reps=reps)
+            pre[f"chunk{chunk}"] = r
+            add_row(f"{shape} bf16 prefill {n_tok} tokens, chunk {chunk}", "pallas", r["tok_s"], r["s"] * 1e3 / n_tok,
+                    note=f"{r['s'] * 1e3:.1f} ms for {n_tok}, compile {r['compile_s']:.0f} s")  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            pre[f"chunk{chunk}"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            add_row(f"{shape} bf16 prefill {n_tok}, chunk {chunk}", "pallas", note=f"FAILED {type(e).__name__}")
+    del weights, cache
+
+
+def part_smollm2(res, roof, smoke):
+    shape = "toy_tied" if smoke else "smollm2"
+    ctx = 16  # a short prompt
+    out = res.setdefault("smollm2", {"ctx": ctx})
+    for dtype in ("float32", "bfloat16"):
+        cfg = make_cfg(shape, dtype)
+        weights = random_weights(cfg, seed=5)
+        wb = weight_bytes_per_token(weights, cfg)
+        out[f"{dtype}_weight_bytes_per_token"] = wb
+        cache = model.init_cache(cfg, 256 if smoke else MAX_CONTEXT)
+        runs = [("pallas", 256), ("xla", 256)]
+        if dtype == "float32":
+            runs = [("pallas", 16)] + runs
+        for backend, n_steps in runs:
+            if smoke:
+                n_steps = min(n_steps, 8)
+            key = f"{dtype}_{backend}_steps{n_steps}"
+            label = f"{shape} {dtype} decode, decode_chunk {n_steps} steps"
+            try:
+                r, cache = time_decode(weights, cfg, cache, backend=backend, ctx=ctx, n_steps=n_steps,
+                                       reps=2 if smoke else 5, count=n_steps == (8 if smoke else 256))  # fmt: skip
+                t = r["s_per_tok"]
+                nbytes = wb + kv_bytes_per_token(cfg, ctx + (n_steps - 1) / 2)
+                r |= {"tok_s": 1 / t, "gb_s": nbytes / t / 1e9}
+                out[key] = r
+                note = f"compile {r['compile_s']:.0f} s"
+                if "kernels" in r:
+                    note += f", ~{r['kernels']} kernels/step = {t * 1e6 / max(r['kernels'], 1):.1f} us each"
+                add_row(label, backend, 1 / t, t * 1e3, nbytes / t / 1e9, roof, note)
+            except Exception as e:  # noqa: BLE001
+                out[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+                add_row(label, backend, note=f"FAILED {type(e).__name__}")
+        # Diagnostic: the fixed-trip argmax loop, and the CLI's Generator path.
+        for backend in ("pallas", "xla") if dtype == "float32" else ("pallas",):
+            try:
+                n_steps = 8 if smoke else 256
+                r, cache = greedy_fixed_loop(weights, cfg, cache, backend=backend, ctx=ctx, n_steps=n_steps,
+                                             reps=2 if smoke else 5)  # fmt: skip
+                t = r["s_per_tok"]
+                nbytes = wb + kv_bytes_per_token(cfg, ctx + (n_steps - 1) / 2)
+                out[f"{dtype}_{backend}_fixed_loop"] = r | {"tok_s": 1 / t}
+                add_row(f"{shape} {dtype} decode, fixed-trip argmax loop (diagnostic)", backend, 1 / t, t * 1e3,
+                        nbytes / t / 1e9, roof, f"{n_steps} steps, no host-read predicates")  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                out[f"{dtype}_{backend}_fixed_loop"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        del cache
+        if dtype == "float32":
+            for backend in ("pallas",):
+                try:
+                    r = time_generator(weights, cfg, backend=backend, n_prompt=ctx, n_new=33 if smoke else 257,
+                                       max_context=256 if smoke else MAX_CONTEXT)  # fmt: skip
+                    out[f"{dtype}_{backend}_generator"] = r
+                    add_row(f"{shape} {dtype} decode, Generator.generate (CLI path)", backend, r["tok_s"],
+                            1e3 / r["tok_s"], note=f"host loop, {r['decode_chunk']} steps a call")  # fmt: skip
+                except Exception as e:  # noqa: BLE001
+                    out[f"{dtype}_{backend}_generator"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        del weights
+
+
+def part_cmdbuf_child(res, smoke):
+    """Run inside the subprocess that has CMDBUF_FLAGS in XLA_FLAGS: decode_chunk as in the main run."""
+    jobs = [("smollm2", "float32", "pallas", 256),
+            ("smollm2", "float32", "xla", 256), ("smollm2", "bfloat16", "pallas", 256),
+            ("mistral7b", "bfloat16", "pallas", 64)]  # fmt: skip
+    for shape, dtype, backend, n_steps in jobs:
+        if smoke:
+            shape, n_steps = ("toy_tied" if shape == "smollm2" else "toy"), min(n_steps, 8)
+        key = f"{shape}_{dtype}_{backend}_steps{n_steps}"
+        try:
+            cfg = make_cfg(shape, dtype)
+            weights = random_weights(cfg, seed=5)
+            cache = model.init_cache(cfg, 256 if smoke else MAX_CONTEXT)
+            ctx = 128 if shape == "mistral7b" else 16
+            r, cache = time_decode(weights, cfg, cache, backend=backend, ctx=ctx, n_steps=n_steps,
+                                   reps=2 if smoke else 5)  # fmt: skip
+            nbytes = weight_bytes_per_token(weights, cfg) + kv_bytes_per_token(cfg, ctx + (n_steps - 1) / 2)
+            res[key] = r | {"tok_s": 1 / r["s_per_tok"], "gb_s": nbytes / r["s_per_tok"] / 1e9, "ctx": ctx}
+            del weights, cache
+        except Exception as e:  # noqa: BLE001
+            res[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        log(f"cmdbuf {key}: {res[key].get('tok_s', res[key].get('error'))}")
+
+
+def part_cmdbuf(res, roof, smoke, out_dir):
+    """decode_chunk with while loops and conditionals inside CUDA graphs (device-side predicates)."""
+    path = os.path.join(out_dir, "bench_gpu_cmdbuf.json")
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + CMDBUF_FLAGS).strip())
+    cmd = [sys.executable, os.path.abspath(__file__), "--child_cmdbuf", f"--json_out={path}"] + (["--smoke"] if smoke else [])
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, check=False)
+    res["cmdbuf"] = {"flags": CMDBUF_FLAGS, "rc": p.returncode, "wall_s": time.perf_counter() - t}
+    if p.returncode or not os.path.exists(path):
+        res["cmdbuf"]["stderr"] = p.stderr[-2000:]
+        add_row(f"decode with XLA_FLAGS={CMDBUF_FLAGS}", "", note=f"FAILED rc {p.returncode}: {p.stderr[-200:]!r}")
+        return
+    with open(path) as f:
+        child = json.load(f)
+    res["cmdbuf"]["runs"] = child
+    for key, r in child.items():
+        shape, dtype, backend, steps = key.rsplit("_", 3)
+        if "error" in r:
+            add_row(f"{shape} {dtype} decode_chunk {steps[5:]} steps + CUDA-graph loops", backend, note="FAILED")
+            continue
+        t = r["s_per_tok"]
+        add_row(f"{shape} {dtype} decode_chunk {steps[5:]} steps + CUDA-graph loops (ctx {r['ctx']})", backend,
+                1 / t, t * 1e3, r["gb_s"], roof, "XLA_FLAGS command buffers +WHILE,+CONDITIONAL")  # fmt: skip
+
+
+PARTS = ("roof", "mistral", "smollm2", "cmdbuf")
+
+
+def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
+    dev = jax.devices()[0]
+    res = {
+        "device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"), "max_context": MAX_CONTEXT,
+        "default_decode_chunk": gen.DECODE_CHUNK, "default_prefill_chunk": gen.PREFILL_CHUNK,
+    }  # fmt: skip
+    if dev.platform != "gpu" and not smoke:
+        raise SystemExit(f"no GPU: jax's default device is {dev} (use --smoke to check the script on the CPU)")
+    log(f"jax {jax.__version__} on {dev.device_kind}; parts {','.join(parts)}")
+    roof = None
+    t_all = time.perf_counter()
+    for part in parts:
+        t = time.perf_counter()
+        try:
+            if part == "roof":
+                roof = part_roof(res, smoke)
+            elif part == "mistral":
+                part_mistral(res, roof, smoke)
+            elif part == "smollm2":
+                part_smollm2(res, roof, smoke)
+            elif part == "cmdbuf":
+                part_cmdbuf(res, roof, smoke, out_dir)
+        except Exception as e:  # noqa: BLE001
+            res[f"{part}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
+            add_row(part, "", note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
+        res.setdefault("part_s", {})[part] = time.perf_counter() - t
+        log(f"[{part}: {time.perf_counter() - t:.0f} s]")
+    res["total_s"] = time.perf_counter() - t_all
+    res["rows"] = ROWS
+    return res
+
+
+def print_table(res: dict) -> None:
+    print(f"\n==== {res['device']}, jax {res['jax']}, {res['date']} ({res['total_s']:.0f} s) ====")
+    head = ("workload", "backend", "tok/s", "ms/tok", "GB/s", "% roof", "note")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in res["rows"]:
+        print("| " + " | ".join(r) + " |")
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--json_out", default=None)
+    ap.add_argument("--child_cmdbuf", action="store_true")
+    args = ap.parse_args(argv)
+    if args.child_cmdbuf:
+        res: dict = {}
+        part_cmdbuf_child(res, args.smoke)
+        with open(args.json_out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        return
+    out_dir = os.path.dirname(os.path.abspath(args.json_out)) if args.json_out else os.environ.get("OUT", "/tmp")
+    os.makedirs(out_dir, exist_ok=True)
+    res = gpu_suite(out_dir, tuple(args.parts.split(",")), smoke=args.smoke)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    print_table(res)
+
+
+if __name__ == "__main__":
+    main()
