@@ -363,3 +363,27 @@ def test_gemma3_gguf_tokenizer_matches_transformers(gemma3_gguf, gemma3_ours):
         assert tok.decode(ids[1:]) == text
     chat = "<start_of_turn>user\nhi<end_of_turn>\n"
     assert tok.encode(chat) == ref(chat).input_ids and tok.encode(chat)[1] == 105  # the control token, whole
+
+
+def test_mixtral_fused_expert_layout(checkpoints, tokens, tmp_path):
+    """A checkpoint stored in transformers 5.x's in-memory layout (mlp.experts.gate_up_proj, down_proj) loads too."""
+    from safetensors.numpy import save_file
+
+    model_dir, ref, _ = checkpoints["mixtral"]
+    cfg = hf.load_hf_config(str(model_dir), "float32")
+    src = hf.SafetensorsSource(str(model_dir))
+    fused = {}
+    for name in src.keys():
+        if ".block_sparse_moe." not in name:
+            fused[name] = src.get(name)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        e = [p + f"block_sparse_moe.experts.{j}." for j in range(cfg.n_experts)]
+        fused[p + "mlp.gate.weight"] = src.get(p + "block_sparse_moe.gate.weight")
+        fused[p + "mlp.experts.gate_up_proj"] = np.stack(
+            [np.concatenate([src.get(x + "w1.weight"), src.get(x + "w3.weight")]) for x in e]
+        )
+        fused[p + "mlp.experts.down_proj"] = np.stack([src.get(x + "w2.weight") for x in e])
+    save_file(fused, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
+    assert rel_err(our_logits(tmp_path, tokens), ref) <= TOL_F32

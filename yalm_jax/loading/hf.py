@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -116,6 +117,7 @@ class SafetensorsSource:
                 raise UserError(f"{path}: shard listed in {INDEX} is missing")
             for key, info in _read_header(path).items():
                 self._where[key] = (path, info)
+        _alias_fused_experts(self._where)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -142,6 +144,30 @@ class SafetensorsSource:
                     raise UserError(f"{path}: truncated while reading tensor {name}")
                 done += got
         return buf.view(dtype).reshape(info.shape)
+
+
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _alias_fused_experts(where: dict) -> None:
+    """Names transformers 5.x's fused expert tensors the way save_pretrained writes them (one tensor per
+    expert): mlp.experts.gate_up_proj (E, 2H, D) holds each expert's w1 then w3 rows, mlp.experts.down_proj
+    (E, D, H) each expert's w2, and mlp.gate is block_sparse_moe.gate. Each alias is a byte range of the file."""
+    for key, (path, info) in list(where.items()):
+        m = _FUSED_EXPERTS.match(key)
+        if not m or len(info.shape) != 3 or info.kind not in _DTYPES:
+            continue
+        prefix, which = m.groups()
+        n_experts, rows, cols = info.shape
+        per_expert = info.nbytes // n_experts
+        parts = [("w1", 0, rows // 2), ("w3", per_expert // 2, rows // 2)] if which == "gate_up_proj" else [("w2", 0, rows)]
+        for e in range(n_experts):
+            for w, offset, n in parts:
+                alias = _TensorInfo(info.kind, (n, cols), info.start + e * per_expert + offset, per_expert * n // rows)
+                where.setdefault(f"{prefix}block_sparse_moe.experts.{e}.{w}.weight", (path, alias))
+        gate = prefix + "mlp.gate.weight"
+        if gate in where:
+            where.setdefault(prefix + "block_sparse_moe.gate.weight", where[gate])
 
 
 def open_hf_dir(model_dir: str, dtype: str = "float32"):
