@@ -7,7 +7,7 @@ One run measures, on one GPU, with random normal weights built on the device:
 
 * roof: the read bandwidth of the card, jnp.sum over an 8 GiB bf16 array (median);
 * mistral: Mistral-7B-shaped bf16 decode at context 128 and 4096 through
-  `generate.decode_chunk` (the on-device `lax.while_loop` the CLI runs), pallas
+  `generate.decode_chunk` (the on-device loop the CLI runs), pallas
   and xla; bytes per token = the weights read (the embedding: one row) + the KV
   cache read (slots < position, at the mean position of the timed steps);
 * prefill: 512 tokens through `generate.prefill`, chunk 128 and chunk 512;
@@ -16,7 +16,7 @@ One run measures, on one GPU, with random normal weights built on the device:
   (the CLI's host loop, 16 steps per dispatch);
 * diagnostics of what bounds the small model: kernels per decode step (counted
   in the compiled HLO), the same step in a fixed-trip loop with a plain argmax
-  (no data-dependent loop exit, no `lax.cond` for greedy-vs-sampled: XLA:GPU
+  (no `lax.cond` for greedy-vs-sampled, no stop-token bookkeeping: XLA:GPU
   reads each such predicate back to the host, which drains the GPU every
   step), and `decode_chunk` with XLA's command buffers (CUDA graphs) extended
   to while loops and conditionals (a subprocess, since XLA_FLAGS are read at
