@@ -71,6 +71,10 @@ class ModelConfig:
     # Mixture of experts (Mixtral): n_experts FFNs, each token routed to the top n_experts_per_tok.
     n_experts: int = 0
     n_experts_per_tok: int = 0
+    # Tensor parallelism (see parallel.py): the weights are split over the first `tp` devices.
+    # tp_axis is set only on the per-device view, `shard()`, whose ops reduce over that mesh axis.
+    tp: int = 1
+    tp_axis: str | None = None
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -102,6 +106,16 @@ class ModelConfig:
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
         return dataclasses.replace(self, dtype=dtype)
+
+    def shard(self) -> "ModelConfig":
+        """The model each of the `tp` devices runs: its query heads, kv heads and FFN slice (see parallel.py)."""
+        return dataclasses.replace(
+            self,
+            n_heads=self.n_heads // self.tp,
+            n_kv_heads=max(1, self.n_kv_heads // self.tp),
+            hidden_dim=self.hidden_dim // self.tp,
+            tp_axis="tp",
+        )
 
     def is_sliding(self, layer: int) -> bool:
         """Whether `layer` attends through the sliding window."""

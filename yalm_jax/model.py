@@ -14,34 +14,49 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from yalm_jax import ops
+from jax.sharding import PartitionSpec as P
+
+from yalm_jax import ops, parallel
 from yalm_jax.config import ModelConfig
 from yalm_jax.weights import LayerWeights, Weights
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=["ring_sinks"])
 @dataclasses.dataclass
 class KVCache:
     """Per layer, keys and values of shape (n_kv_heads, max_context, head_dim).
 
-    Slot t holds position t. Slots that no token has written yet are never read,
-    because a query at position p attends only to slots <= p.
+    The layout is static (part of the pytree's structure, so jit specialises on it):
+    with `ring_sinks` None, slot t holds position t, and slots that no token has
+    written yet are never read, because a query at position p attends only to
+    slots <= p. With `ring_sinks` an int, the cache is a ring with that many
+    attention sinks (StreamingLLM; ops.ring_attention): positions run past
+    max_context, which is then the attention window in tokens.
     """
 
     k: list[jax.Array]
     v: list[jax.Array]
+    ring_sinks: int | None = None
 
     @property
     def max_context(self) -> int:
         return self.k[0].shape[1]
 
 
-def init_cache(cfg: ModelConfig, max_context: int, dtype: str | None = None) -> KVCache:
-    shape = (cfg.n_kv_heads, max_context, cfg.head_dim)
+def init_cache(cfg: ModelConfig, max_context: int, dtype: str | None = None, ring_sinks: int | None = None) -> KVCache:
+    """Zeroed caches; with cfg.tp > 1 each layer's is split by kv head over the devices (parallel.py).
+
+    `ring_sinks` (an int) makes it a ring of max_context slots with that many attention sinks.
+    """
+    if ring_sinks is not None and not 0 <= ring_sinks < max_context:
+        raise ValueError(f"ring_sinks={ring_sinks} must be in [0, max_context={max_context})")
+    shape = (parallel.cache_heads(cfg), max_context, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.dtype)
+    device = parallel.cache_sharding(cfg) if cfg.tp > 1 else None
     return KVCache(
-        k=[jnp.zeros(shape, dt) for _ in range(cfg.n_layers)],
-        v=[jnp.zeros(shape, dt) for _ in range(cfg.n_layers)],
+        k=[jnp.zeros(shape, dt, device=device) for _ in range(cfg.n_layers)],
+        v=[jnp.zeros(shape, dt, device=device) for _ in range(cfg.n_layers)],
+        ring_sinks=ring_sinks,
     )
 
 
@@ -56,12 +71,15 @@ def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig, layer: int | None
 
 
 def attention_block(
-    x, layer: LayerWeights, k_cache, v_cache, positions, cfg: ModelConfig, attn_len, backend, i: int | None = None
-):
+    x, layer: LayerWeights, k_cache, v_cache, positions, cfg: ModelConfig, attn_len, backend, i: int | None = None,
+    ring_sinks: int | None = None,
+):  # fmt: skip
     """x + attention(rms_norm(x)) for layer i; the norm and the residual add fuse into the projections.
 
     With cfg.qk_norm each head's query and key are RMS-normed before rope; with
     cfg.post_norms the attention output is RMS-normed before the residual add.
+    With `ring_sinks` (a ring cache, see KVCache) the sink slots are scored
+    against the query rotated at its position within the cache.
     """
     s = x.shape[0]
     qkv = ops.linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, cfg.norm_eps), backend=backend)
@@ -70,18 +88,21 @@ def attention_block(
     k = k.reshape(s, cfg.n_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q, k = ops.rms_norm(q, layer.q_norm, cfg.norm_eps), ops.rms_norm(k, layer.k_norm, cfg.norm_eps)
+    q_sink = None
+    if ring_sinks:
+        q_sink = rope(q, jnp.minimum(positions, k_cache.shape[1] - 1), cfg, i)
     q, k = rope(q, positions, cfg, i), rope(k, positions, cfg, i)
     v = v.reshape(s, cfg.n_kv_heads, cfg.head_dim)
     window = cfg.sliding_window if i is None else cfg.layer_window(i)
     out, k_cache, v_cache = ops.attention(
         q, k, v, k_cache, v_cache, positions, attn_len=attn_len, window=window,
-        scale=cfg.attn_scale, backend=backend,
+        scale=cfg.attn_scale, ring_sinks=ring_sinks, q_sink=q_sink, backend=backend,
     )
     out = out.reshape(s, cfg.q_dim)
     if cfg.post_norms:
-        y = ops.rms_norm(ops.linear(out, layer.wo, backend=backend), layer.attn_post_norm, cfg.norm_eps)
-        return x + y, k_cache, v_cache
-    return ops.linear(out, layer.wo, residual=x, backend=backend), k_cache, v_cache
+        y = ops.linear(out, layer.wo, reduce_axis=cfg.tp_axis, backend=backend)
+        return x + ops.rms_norm(y, layer.attn_post_norm, cfg.norm_eps), k_cache, v_cache
+    return ops.linear(out, layer.wo, residual=x, reduce_axis=cfg.tp_axis, backend=backend), k_cache, v_cache
 
 
 def route(x: jax.Array, router: jax.Array, k: int, backend: str) -> tuple[jax.Array, jax.Array]:
@@ -100,14 +121,18 @@ def ffn_block(x, layer: LayerWeights, cfg: ModelConfig, backend):
     if cfg.is_moe:
         xn = ops.rms_norm(x, layer.ffn_norm, cfg.norm_eps)
         experts, weights = route(xn, layer.router, cfg.n_experts_per_tok, backend)
-        y = ops.moe_ffn(xn, layer.w13, layer.w2, experts, weights, activation=cfg.activation, backend=backend)
+        y = ops.moe_ffn(
+            xn, layer.w13, layer.w2, experts, weights,
+            activation=cfg.activation, reduce_axis=cfg.tp_axis, backend=backend,
+        )  # fmt: skip
         return x + y
     h = ops.gated_ffn_up(
         x, layer.w13, norm=(layer.ffn_norm, cfg.norm_eps), activation=cfg.activation, backend=backend
     )
     if cfg.post_norms:
-        return x + ops.rms_norm(ops.linear(h, layer.w2, backend=backend), layer.ffn_post_norm, cfg.norm_eps)
-    return ops.linear(h, layer.w2, residual=x, backend=backend)
+        y = ops.linear(h, layer.w2, reduce_axis=cfg.tp_axis, backend=backend)
+        return x + ops.rms_norm(y, layer.ffn_post_norm, cfg.norm_eps)
+    return ops.linear(h, layer.w2, residual=x, reduce_axis=cfg.tp_axis, backend=backend)
 
 
 def forward_hidden(
@@ -122,27 +147,51 @@ def forward_hidden(
 ) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states (S, dim) of `tokens` at `positions`, and the new cache."""
     attn_len = attn_len or cache.max_context
-    x = weights.embed[tokens]
+    if cfg.tp > 1 and cfg.tp_axis is None:  # tensor parallel: each device runs its shard (parallel.py)
+        cache_specs = KVCache(k=[parallel.cache_spec()] * cfg.n_layers, v=[parallel.cache_spec()] * cfg.n_layers)
+        return jax.shard_map(
+            functools.partial(forward_hidden, cfg=cfg.shard(), attn_len=attn_len, backend=backend),
+            mesh=parallel.mesh(cfg.tp),
+            in_specs=(parallel.weight_specs(cfg, weights), cache_specs, P(), P()),
+            out_specs=(P(), cache_specs),
+            check_vma=False,  # pallas_call outputs carry no varying-axes type (its spelling differs across jax versions)
+        )(weights, cache, tokens, positions)
+    x = ops.embed(weights.embed, tokens, reduce_axis=cfg.tp_axis if parallel.vocab_sharded(cfg) else None)
     if cfg.embed_scale is not None:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the compute dtype first, as transformers does
     new_k, new_v = [], []
     for i, (layer, k_cache, v_cache) in enumerate(zip(weights.layers, cache.k, cache.v)):
         with jax.named_scope("attention"):
-            x, k_cache, v_cache = attention_block(x, layer, k_cache, v_cache, positions, cfg, attn_len, backend, i)
+            x, k_cache, v_cache = attention_block(
+                x, layer, k_cache, v_cache, positions, cfg, attn_len, backend, i, cache.ring_sinks
+            )
         with jax.named_scope("ffn"):
             x = ffn_block(x, layer, cfg, backend)
         new_k.append(k_cache)
         new_v.append(v_cache)
-    return ops.rms_norm(x, weights.final_norm, cfg.norm_eps), KVCache(k=new_k, v=new_v)
+    return ops.rms_norm(x, weights.final_norm, cfg.norm_eps), KVCache(k=new_k, v=new_v, ring_sinks=cache.ring_sinks)
 
 
 def logits_from_hidden(
     weights: Weights, h: jax.Array, *, cfg: ModelConfig | None = None, backend: str = "xla"
 ) -> jax.Array:
-    """f32 logits of final-normed hidden states; soft-capped when cfg.final_softcap is set."""
-    logits = ops.linear(h, weights.output, backend=backend).astype(jnp.float32)
+    """f32 logits of final-normed hidden states; soft-capped when cfg.final_softcap is set.
+
+    With cfg.tp > 1 the logits come out split over the vocabulary (when tp divides it).
+    """
     cap = cfg.final_softcap if cfg is not None else None
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+    def logits(w, h):
+        y = ops.linear(h, w, backend=backend).astype(jnp.float32)
+        return y if cap is None else cap * jnp.tanh(y / cap)
+
+    if cfg is None or cfg.tp == 1 or cfg.tp_axis is not None:
+        return logits(weights.output, h)
+    field = "embed" if weights.lm_head is None else "lm_head"
+    w_spec = parallel.spec(cfg, field, 2)
+    return jax.shard_map(
+        logits, mesh=parallel.mesh(cfg.tp), in_specs=(w_spec, P()), out_specs=P(None, *w_spec[:1]), check_vma=False
+    )(weights.output, h)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "backend"), donate_argnames=("cache",))
@@ -163,7 +212,9 @@ def forward(
     cache's max_context; pad a short chunk by continuing the positions: a pad
     token's key lands in a slot past the real tokens, which attention never
     reads before a real token overwrites it. `attn_len` (static) bounds how
-    many cache slots attention reads; it must be >= positions[0].
+    many cache slots attention reads; it must be >= positions[0]. A ring cache
+    (KVCache.ring_sinks) takes any positions, but a chunk must not wrap the
+    ring and must not be padded (ops.ring_attention).
     """
     h, cache = forward_hidden(weights, cache, tokens, positions, cfg=cfg, attn_len=attn_len, backend=backend)
     return logits_from_hidden(weights, h, cfg=cfg, backend=backend), cache

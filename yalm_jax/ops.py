@@ -48,13 +48,26 @@ def linear(
     *,
     residual: jax.Array | None = None,
     norm: tuple[jax.Array, float] | None = None,
+    reduce_axis: str | None = None,
     backend: str = "xla",
 ) -> jax.Array:
     """x @ w.T (+ b) (+ residual) for x of shape (S, in) and w of shape (out, in).
 
     With `norm=(weight, eps)`, x is replaced by rms_norm(x, weight, eps) first;
     the Pallas GEMV fuses that norm, the bias and the residual add into one pass.
+    With `reduce_axis` (inside shard_map, tensor parallelism), x and w hold this
+    device's slice of the input features: the partial products are summed over
+    that mesh axis, in f32, before b and the residual are added.
     """
+    if reduce_axis is not None:
+        if _decode(x, backend):
+            part = _gemv.gemv(w, x[0], norm=norm, interpret=_interpret())[None]
+        else:
+            xn = x if norm is None else rms_norm(x, *norm)
+            part = jnp.einsum("si,oi->so", xn, w, preferred_element_type=jnp.float32)
+        y = jax.lax.psum(part.astype(jnp.float32), reduce_axis)
+        y = y if b is None else y + b
+        return (y if residual is None else residual + y).astype(x.dtype)
     if _decode(x, backend):
         r = None if residual is None else residual[0]
         return _gemv.gemv(w, x[0], bias=b, residual=r, norm=norm, interpret=_interpret())[None]
@@ -63,6 +76,22 @@ def linear(
     y = jnp.einsum("si,oi->so", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     y = y if b is None else y + b
     return y if residual is None else residual + y
+
+
+def embed(table: jax.Array, tokens: jax.Array, *, reduce_axis: str | None = None) -> jax.Array:
+    """The rows of `table` for `tokens` (S,).
+
+    With `reduce_axis` (inside shard_map), `table` is this device's contiguous
+    slice of the vocabulary: it looks up the tokens it holds, zeros the rest,
+    and the psum over the axis assembles every row (exactly: one term is nonzero).
+    """
+    if reduce_axis is None:
+        return table[tokens]
+    rows = table.shape[0]
+    local = tokens - jax.lax.axis_index(reduce_axis) * rows
+    mine = (local >= 0) & (local < rows)
+    x = jnp.where(mine[:, None], table[jnp.clip(local, 0, rows - 1)], jnp.zeros((), table.dtype))
+    return jax.lax.psum(x, reduce_axis)
 
 
 def activate(x: jax.Array, activation: str) -> jax.Array:
@@ -97,6 +126,7 @@ def moe_ffn(
     expert_weights: jax.Array,
     *,
     activation: str = "silu",
+    reduce_axis: str | None = None,
     backend: str = "xla",
 ) -> jax.Array:
     """Each token's mixture sum_j expert_weights[s, j] * ffn_{experts[s, j]}(x[s]), for x of shape (S, dim).
@@ -107,6 +137,9 @@ def moe_ffn(
     weights, gathered by index: k / n_experts of the expert bytes. A chunk of
     tokens runs every expert on every token and weights the outputs, zero for
     the experts a token did not choose: matrix products instead of gathers.
+    With `reduce_axis` (inside shard_map), w13 and w2 hold this device's slice
+    of every expert's hidden dim; the partial mixtures are summed over that
+    mesh axis in f32.
     """
     del backend  # one jnp path for now; a Pallas kernel for decode would go here
     f32 = jnp.float32
@@ -116,12 +149,16 @@ def moe_ffn(
         h = jnp.einsum("sd,khd->skh", x, w13_k, preferred_element_type=f32).astype(x.dtype)
         gate, up = jnp.split(h, 2, axis=-1)
         y = jnp.einsum("skh,kdh->skd", activate(gate, activation) * up, w2_k, preferred_element_type=f32)
-        return jnp.einsum("skd,sk->sd", y, expert_weights.astype(f32)).astype(x.dtype)
+        return _psum(jnp.einsum("skd,sk->sd", y, expert_weights.astype(f32)), reduce_axis).astype(x.dtype)
     h = jnp.einsum("sd,ehd->seh", x, w13, preferred_element_type=f32).astype(x.dtype)
     gate, up = jnp.split(h, 2, axis=-1)
     y = jnp.einsum("seh,edh->sed", activate(gate, activation) * up, w2, preferred_element_type=f32)
     dense = jnp.sum(jax.nn.one_hot(experts, w13.shape[0], dtype=f32) * expert_weights[..., None].astype(f32), axis=1)
-    return jnp.einsum("sed,se->sd", y, dense).astype(x.dtype)
+    return _psum(jnp.einsum("sed,se->sd", y, dense), reduce_axis).astype(x.dtype)
+
+
+def _psum(x: jax.Array, axis: str | None) -> jax.Array:
+    return x if axis is None else jax.lax.psum(x, axis)
 
 
 def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
@@ -145,6 +182,8 @@ def attention(
     attn_len: int,
     window: int | None,
     scale: float | None = None,
+    ring_sinks: int | None = None,
+    q_sink: jax.Array | None = None,
     backend: str = "xla",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal attention of a chunk of S consecutive tokens; writes the chunk into the cache.
@@ -157,8 +196,15 @@ def attention(
     window). The xla path reads only the first `attn_len` slots. Scores are
     q.k * scale (default head_dim ** -0.5). Returns the output
     (S, n_heads, head_dim) and the updated caches.
+
+    With `ring_sinks` set, the cache is a ring with that many attention sinks
+    instead (see `ring_attention`); `q_sink` holds the queries for the sink slots.
     """
     s, n_heads, hd = q.shape
+    if ring_sinks is not None:
+        return ring_attention(
+            q, q_sink, k, v, k_cache, v_cache, q_pos, sinks=ring_sinks, attn_len=attn_len, window=window, scale=scale
+        )
     if scale not in (None, hd**-0.5):
         backend = "xla"  # the decode kernel has head_dim ** -0.5 built in
     n_kv, max_context, _ = k_cache.shape
@@ -191,3 +237,71 @@ def attention(
     # the output (0 * x is not folded away: it is NaN for x = inf).
     after_read = jnp.zeros((), k.dtype) * out[0, 0, 0].astype(k.dtype)
     return out, write_cache(k_cache, k + after_read, q_pos), write_cache(v_cache, v + after_read, q_pos)
+
+
+def ring_slot(pos: jax.Array, n_slots: int, sinks: int) -> jax.Array:
+    """The slot of position `pos` in a ring cache: positions below `sinks` keep their own slots
+    forever; the rest cycle through slots [sinks, n_slots)."""
+    return jnp.where(pos < sinks, pos, sinks + jnp.mod(pos - sinks, n_slots - sinks))
+
+
+def ring_attention(
+    q: jax.Array,
+    q_sink: jax.Array | None,
+    k: jax.Array,
+    v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    q_pos: jax.Array,
+    *,
+    sinks: int,
+    attn_len: int,
+    window: int | None,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`attention` over a ring cache with attention sinks (StreamingLLM): positions are unbounded.
+
+    The T cache slots hold positions 0 .. sinks - 1 in slots 0 .. sinks - 1 forever
+    and the last R = T - sinks other positions in a ring (`ring_slot`), so a
+    query at p sees the sinks and positions p - R + 1 .. p. Keys are stored
+    rotated at their own positions, so for a ring key the query's rope distance
+    is the true one (at most R). A sink would drift ever further away; as in
+    StreamingLLM, which numbers positions within the cache, it is scored against
+    `q_sink`, the query rotated at its position within the cache, min(p, T - 1),
+    which puts the sinks just before the oldest ring key. (Rope depends on
+    position differences only, so this equals re-rotating every key at its
+    cache position, without rewriting the cache.) `q_sink` may be None when sinks is 0.
+
+    The chunk's S positions must map to consecutive slots (it never wraps the
+    ring, so S <= R) and the chunk holds no padding rows: every row is written.
+    The first `attn_len` slots are read; once the ring has wrapped that must be T.
+    """
+    s, n_heads, hd = q.shape
+    n_kv, n_slots, _ = k_cache.shape
+    ring = n_slots - sinks
+    f32, big = jnp.float32, jnp.iinfo(jnp.int32).max
+    q0 = q_pos[0]
+    # The position each slot holds before this chunk is written (`big` where none).
+    slot = jnp.arange(attn_len)
+    newest = ring_slot(q0 - 1, n_slots, sinks)
+    held = jnp.where(slot < sinks, slot, (q0 - 1) - jnp.mod(newest - slot, ring))
+    written = jnp.where(slot < sinks, slot < q0, held >= sinks)
+    k_pos = jnp.concatenate([jnp.where(written, held, big), q_pos])
+    visible = (k_pos[None, :] <= q_pos[:, None]) & ((k_pos[None, :] < sinks) | (k_pos[None, :] > q_pos[:, None] - ring))
+    if window is not None:
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    scale = hd**-0.5 if scale is None else scale
+    qg = q.astype(f32).reshape(s, n_kv, n_heads // n_kv, hd) * scale
+    k_all = jnp.concatenate([k_cache[:, :attn_len].astype(f32), k.swapaxes(0, 1).astype(f32)], axis=1)
+    v_all = jnp.concatenate([v_cache[:, :attn_len].astype(f32), v.swapaxes(0, 1).astype(f32)], axis=1)
+    scores = jnp.einsum("skgd,ktd->kgst", qg, k_all)
+    if sinks:
+        qs = q_sink.astype(f32).reshape(s, n_kv, n_heads // n_kv, hd) * scale
+        sink_scores = jnp.einsum("skgd,ktd->kgst", qs, k_all[:, :sinks])
+        scores = jnp.concatenate([sink_scores, scores[..., sinks:]], axis=-1)
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("kgst,ktd->skgd", probs, v_all).reshape(s, n_heads, hd).astype(q.dtype)
+    # Written after the read, at the chunk's first slot, as `attention` does.
+    after_read = jnp.zeros((), k.dtype) * out[0, 0, 0].astype(k.dtype)
+    start = ring_slot(q0, n_slots, sinks)[None]
+    return out, write_cache(k_cache, k + after_read, start), write_cache(v_cache, v + after_read, start)

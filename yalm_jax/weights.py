@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from yalm_jax import parallel
+from yalm_jax import quant as _quant
 from yalm_jax.config import ModelConfig
 from yalm_jax.errors import UserError
 
@@ -127,7 +129,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False) -> Weights:
+def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False, quant: str | None = None) -> Weights:
+    """With cfg.tp > 1 each tensor goes to the devices piece by piece, in parallel.py's layout."""
+    parallel.check(cfg, cfg.tp)
     shapes = expected_shapes(cfg)
     missing = [n for n in shapes if not source.has(n)]
     if missing:
@@ -141,39 +145,47 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
             raise UserError(f"tensor {name} has shape {tuple(arr.shape)}, expected {shapes[name]}")
         return arr
 
-    def put(*names: str, shape: tuple[int, ...] | None = None) -> jax.Array:
+    def place(field: str, host: np.ndarray) -> jax.Array:
+        return jax.device_put(host) if cfg.tp == 1 else parallel.place(cfg, field, host)
+
+    def put(field: str, *names: str, shape: tuple[int, ...] | None = None) -> jax.Array:
         # One staging copy at a time: parts are cast straight into one fused
         # buffer, and jax.device_put (unlike jnp.asarray, which keeps an extra
         # host copy alive on CPU) leaves nothing behind once `host` goes.
         rest = iter(names[1:])
         part = read(names[0])
         if len(names) == 1 and part.dtype == dtype:
-            return jax.device_put(part)
+            return place(field, part)
         host = _host_empty((sum(shapes[n][0] for n in names), *shapes[names[0]][1:]), dtype)
         start = 0
         while part is not None:
             host[start : start + part.shape[0]] = part
             start += part.shape[0]
             part = read(n) if (n := next(rest, None)) else None
-        return jax.device_put(host if shape is None else host.reshape(shape))
+        return place(field, host if shape is None else host.reshape(shape))
 
-    def put_norm(name: str) -> jax.Array:
+    def put_norm(field: str, name: str) -> jax.Array:
         # Gemma's (1 + w) is added once here, in f32 as transformers does, so the model sees plain weights.
         w = read(name).astype(np.float32) + np.float32(cfg.norm_weight_offset)
-        return jax.device_put(w.astype(dtype))
+        return place(field, w.astype(dtype))
 
     def put_field(field: str, names) -> jax.Array | None:
         if names is None:
             return None
+        if quant not in (None, "none"):  # a quant.QuantizedMatrix in place of the dense matrix (quant.py)
+            parts = [names] if isinstance(names, str) else names
+            qm = _quant.load_field(quant, field, parts, source, read, cfg.dtype, is_moe=cfg.is_moe)
+            if qm is not None:
+                return jax.device_put(qm)
         if field in _NORMS:
-            return put_norm(names)
+            return put_norm(field, names)
         if field in ("w13", "w2") and cfg.is_moe:
             rows = 2 * cfg.hidden_dim if field == "w13" else cfg.dim
-            return put(*names, shape=(cfg.n_experts, rows, shapes[names[0]][1]))
-        return put(*names) if isinstance(names, list) else put(names)
+            return put(field, *names, shape=(cfg.n_experts, rows, shapes[names[0]][1]))
+        return put(field, *names) if isinstance(names, list) else put(field, names)
 
     bar = _progress(cfg.n_layers + 2, enabled=progress)
-    embed = put("model.embed_tokens.weight")
+    embed = put_field("embed", "model.embed_tokens.weight")
     bar.update()
     layers = []
     for i in range(cfg.n_layers):
@@ -182,8 +194,8 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
     weights = Weights(
         embed=embed,
         layers=layers,
-        final_norm=put_norm("model.norm.weight"),
-        lm_head=None if cfg.tie_embeddings else put("lm_head.weight"),
+        final_norm=put_norm("final_norm", "model.norm.weight"),
+        lm_head=None if cfg.tie_embeddings else put_field("lm_head", "lm_head.weight"),
     )
     bar.update()
     bar.close()

@@ -39,7 +39,9 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def load_model(path: str, dtype: str = "float32", progress: bool = False) -> LoadedModel:
+def load_model(path: str, dtype: str = "float32", progress: bool = False, tp: int = 1) -> LoadedModel:
+    """`tp` > 1 splits the model over the first tp devices (tensor parallelism, see yalm_jax/parallel.py)."""
+    from yalm_jax import parallel
     from yalm_jax.loading import gguf, hf
 
     if not os.path.exists(path):
@@ -50,4 +52,7 @@ def load_model(path: str, dtype: str = "float32", progress: bool = False) -> Loa
         cfg, source, tokenizer = gguf.open_gguf(path, dtype)
     else:
         raise UserError(f"{path}: expected a transformers model directory or a .gguf file")
+    cfg = dataclasses.replace(cfg, tp=tp)
+    parallel.check(cfg, tp)
+    parallel.check_fits(cfg)
     return LoadedModel(cfg=cfg, weights=build_weights(cfg, source, progress=progress), tokenizer=tokenizer)

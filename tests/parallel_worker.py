@@ -1,0 +1,155 @@
+"""Runs the tensor-parallel checks on 4 virtual CPU devices and prints their results as JSON.
+
+Started by test_parallel.py in a subprocess, so that XLA_FLAGS
+(--xla_force_host_platform_device_count=4) is set before jax is imported and
+the rest of the suite keeps one device. Not collected by pytest (no test_ prefix).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_prefill import random_weights  # noqa: E402
+
+from yalm_jax import generate, model, parallel  # noqa: E402
+from yalm_jax.config import ModelConfig  # noqa: E402
+from yalm_jax.errors import UserError  # noqa: E402
+from yalm_jax.sampling import SamplingParams  # noqa: E402
+
+_BASE = dict(
+    vocab_size=96, dim=64, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=16,
+    norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64,
+)  # fmt: skip
+CONFIGS = {
+    "llama_gqa": ModelConfig(arch="llama", **_BASE),
+    # 2 kv heads: at tp=4 each kv head is replicated on 2 devices; q/k/v biases.
+    "qwen2_kv2": ModelConfig(arch="qwen2", qkv_bias=True, **{**_BASE, "n_kv_heads": 2}),
+    "mixtral": ModelConfig(arch="mixtral", n_experts=4, n_experts_per_tok=2, **_BASE),
+    # Tied embeddings, a vocabulary 4 does not divide (replicated at tp=4), qk norms, post norms, windows, softcap.
+    "gemma3": ModelConfig(
+        arch="gemma3", qk_norm=True, post_norms=True, tie_embeddings=True, final_softcap=3.0, embed_scale=8.0,
+        sliding_window=4, sliding_layers=(True, False), activation="gelu_tanh", attn_scale=0.2,
+        **{**_BASE, "vocab_size": 98},
+    ),  # fmt: skip
+}
+PROMPT = [3, 17, 5, 90, 44, 1, 2, 8, 60, 61, 11, 12, 13]
+CACHE = 64
+STEPS = 32
+
+
+def logits_and_decode(w, cfg, backend):
+    cache = model.init_cache(cfg, CACHE)
+    n = len(PROMPT)
+    prefill, cache = model.forward(w, cache, jnp.asarray(PROMPT, jnp.int32), jnp.arange(n, dtype=jnp.int32), cfg=cfg)
+    step, cache = model.forward(
+        w, cache, jnp.asarray([7], jnp.int32), jnp.asarray([n], jnp.int32), cfg=cfg, backend=backend
+    )
+    return np.asarray(prefill), np.asarray(step), cache
+
+
+def greedy(w, cfg, backend):
+    """STEPS greedy tokens through the library's prefill and on-device decode loop."""
+    cache = model.init_cache(cfg, CACHE)
+    logits, cache = generate.prefill(w, cache, PROMPT, 0, cfg, chunk=8, backend=backend)
+    token = jnp.argmax(logits).astype(jnp.int32)
+    state = generate.DecodeState(
+        cache=cache, token=token, pos=jnp.asarray(len(PROMPT), jnp.int32), key=jax.random.key(0),
+        done=jnp.asarray(False),
+    )  # fmt: skip
+    out = [int(token)]
+    while len(out) < STEPS:
+        tokens, state = generate.decode_chunk(
+            w, state, SamplingParams.greedy(), jnp.asarray([-1], jnp.int32),
+            cfg=cfg, n_steps=16, attn_len=CACHE, backend=backend,
+        )  # fmt: skip
+        out += np.asarray(tokens).tolist()
+    return out[:STEPS]
+
+
+def bytes_check(w, cfg):
+    """Per device: what it holds, and 1/tp of the split tensors plus all of the replicated ones."""
+    specs = jax.tree_util.tree_leaves(parallel.weight_specs(cfg, w), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    leaves = jax.tree_util.tree_leaves(w)
+    expected = sum(x.nbytes // cfg.tp if any(s) else x.nbytes for x, s in zip(leaves, specs, strict=True))
+    held = parallel.per_device_bytes(w)
+    cache = model.init_cache(cfg, CACHE)
+    return {
+        "held": sorted(held.values()),
+        "expected": expected,
+        "devices": len(held),
+        "cache_shard_shape": list(cache.k[0].addressable_shards[0].data.shape),
+    }
+
+
+def main():
+    results = {}
+    for name, cfg in CONFIGS.items():
+        w1 = random_weights(cfg)
+        ref = {b: logits_and_decode(w1, cfg, b) for b in ("xla", "pallas")}
+        ref_tokens = greedy(w1, cfg, "xla")
+        for tp in (2, 4):
+            c = dataclasses.replace(cfg, tp=tp)
+            w = random_weights(c)
+            r = {"bytes": bytes_check(w, c), "single_bytes": w1.nbytes()}
+            for b in ("xla", "pallas") if tp == 2 else ("xla",):  # pallas (interpreted here) once, to keep it quick
+                prefill, step, cache = logits_and_decode(w, c, b)
+                r[b] = {
+                    "prefill_err": float(np.abs(prefill - ref[b][0]).max()),
+                    "decode_err": float(np.abs(step - ref[b][1]).max()),
+                    "scale": float(np.abs(ref[b][0]).max()),
+                }
+            r["tokens"] = greedy(w, c, "xla")
+            r["ref_tokens"] = ref_tokens
+            results[f"{name}/tp{tp}"] = r
+    errors = {}
+    for label, cfg, tp in [
+        ("heads", dataclasses.replace(CONFIGS["llama_gqa"], n_heads=6, n_kv_heads=3), 4),
+        ("kv_heads", dataclasses.replace(CONFIGS["llama_gqa"], n_heads=12, n_kv_heads=6), 4),
+        ("devices", CONFIGS["llama_gqa"], 8),
+    ]:
+        try:
+            random_weights(dataclasses.replace(cfg, tp=tp))
+            errors[label] = None
+        except UserError as e:
+            errors[label] = str(e)
+    try:
+        parallel.check_fits(CONFIGS["llama_gqa"], limit=1000)
+        errors["fits"] = None
+    except UserError as e:
+        errors["fits"] = str(e)
+    print(json.dumps({"cases": results, "errors": errors, "generator": generator_runs(sys.argv[1])}))
+
+
+def generator_runs(tmp_dir: str) -> dict:
+    """Generator on a tiny HF checkpoint loaded with load_model(tp=...): two turns, the second reusing the cache."""
+    from conftest import make_tiny_chat_model
+
+    from yalm_jax.generate import Generator
+    from yalm_jax.loading import load_model
+
+    path = make_tiny_chat_model(tmp_dir, "llama")
+    out = {}
+    for tp in (1, 2):
+        lm = load_model(path, tp=tp)
+        g = Generator(lm.weights, lm.cfg, lm.tokenizer, max_context=128, decode_chunk=8)
+        ids = lm.tokenizer.encode("Once upon a time")
+        first = g.generate(ids, max_new_tokens=20)
+        second = g.generate(ids + first.token_ids + ids, max_new_tokens=12)
+        out[tp] = {"ids": [first.token_ids, second.token_ids], "reused": second.prefilled < len(second.prompt_ids)}
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Tensor parallelism (yalm_jax/parallel.py) on 4 virtual CPU devices equals the single-device model.
+
+The checks run in one subprocess (tests/parallel_worker.py), which sets
+--xla_force_host_platform_device_count=4 before importing jax; this module
+only reads its results, so the rest of the suite keeps one device. Tiny random
+models: Llama with GQA, Qwen2 with 2 kv heads (replicated over devices at
+tp=4), Mixtral (every expert split across the devices), Gemma 3 (tied
+embeddings, a vocabulary 4 does not divide).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
+CASES = [f"{m}/tp{tp}" for m in ("llama_gqa", "qwen2_kv2", "mixtral", "gemma3") for tp in (2, 4)]
+TOL = 2e-5  # f32; the sums over devices only reorder additions
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, WORKER, str(tmp_path_factory.mktemp("tp_tiny"))],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_logits_equal_single_device(results, case):
+    r = results["cases"][case]
+    for backend in ("xla", "pallas"):
+        if backend in r:
+            assert r[backend]["prefill_err"] <= TOL * r[backend]["scale"], (backend, r[backend])
+            assert r[backend]["decode_err"] <= TOL * r[backend]["scale"], (backend, r[backend])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_tokens_identical_for_32_steps(results, case):
+    r = results["cases"][case]
+    assert len(r["tokens"]) == 32
+    assert r["tokens"] == r["ref_tokens"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_device_holds_its_share(results, case):
+    """1/tp of every split tensor plus the replicated ones (norms, router); the cache split by kv head."""
+    b = results["cases"][case]["bytes"]
+    tp = int(case.rsplit("tp", 1)[1])
+    assert b["devices"] == tp
+    assert b["held"] == [b["expected"]] * tp
+    if case.split("/")[0] in ("llama_gqa", "mixtral"):  # nothing but the norms and router replicated
+        assert b["expected"] < results["cases"][case]["single_bytes"] / tp * 1.1
+    assert b["cache_shard_shape"][0] == max(1, {"qwen2_kv2": 2}.get(case.split("/")[0], 4) // tp)
+
+
+def test_generator_with_load_model_tp(results):
+    g = results["generator"]
+    assert g["1"]["ids"] == g["2"]["ids"]
+    assert g["2"]["reused"]
+
+
+def test_clear_errors(results):
+    e = results["errors"]
+    assert "must divide the 6 attention heads" in e["heads"]
+    assert "6 kv heads" in e["kv_heads"]
+    assert "needs 8 devices" in e["devices"]
+    assert "--tp" in e["fits"]

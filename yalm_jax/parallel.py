@@ -1,0 +1,211 @@
+"""Tensor parallelism: one model spread over the `tp` devices of a 1-D mesh.
+
+Every device runs the same model code, through `jax.shard_map`, on its own
+shard: a model with n_heads / tp query heads, n_kv_heads / tp kv heads (or one
+kv head shared by tp / n_kv_heads devices when tp > n_kv_heads, as vLLM does)
+and hidden_dim / tp FFN rows. `ModelConfig.shard()` describes that per-device
+model, so the Pallas kernels run per shard unchanged. Two all-reduces per
+layer (`lax.psum` over "tp", after the output and the down projections, in
+`ops.linear(..., reduce_axis=...)`) make the sum of the shards' partial
+products, before the residual add.
+
+Layout, per device i (the row order each shard's fused kernels expect):
+  * wqkv / bqkv rows: [q rows of its heads, k rows of its kv heads, v rows of its kv heads];
+  * wo columns: its heads' columns;
+  * w13 rows: [gate rows of its hidden slice, up rows of its slice]; w2 columns: its slice.
+    Mixtral experts split the same way, every expert's hidden dim across the devices:
+    each device holds 1/tp of every expert, so a token's top-k experts cost every
+    device the same bytes (with whole experts per device, the device that holds
+    both chosen experts reads twice its share while the other idles);
+  * embed and lm_head rows: a contiguous 1/tp of the vocabulary when tp divides
+    it (the embedding lookup masks and psums; the logits come out vocab-sharded),
+    else replicated;
+  * norms and the router: replicated.
+Each weight is one global `jax.Array` whose NamedSharding splits the shard-major
+row (or column) axis, placed piece by piece from the host: no device ever holds
+the whole tensor. The KV cache is (tp * n_kv_heads_per_shard, T, head_dim) per
+layer, split on its head axis.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from yalm_jax.config import ModelConfig
+from yalm_jax.errors import UserError
+
+AXIS = "tp"
+
+# Which axis of each LayerWeights field is split across the devices (None: replicated).
+_ROWS = ("wqkv", "bqkv", "w13")  # axis 0, or 1 for experts' w13
+_COLS = ("wo", "w2")  # axis 1, or 2 for experts' w2
+
+
+@functools.cache
+def mesh(tp: int) -> Mesh:
+    """The 1-D mesh of the first `tp` devices, axis "tp"."""
+    devices = jax.devices()
+    if tp > len(devices):
+        raise UserError(f"tp={tp} needs {tp} devices but jax sees {len(devices)} ({devices[0].platform})")
+    return Mesh(np.array(devices[:tp]), (AXIS,))
+
+
+def check(cfg: ModelConfig, tp: int) -> None:
+    """Raises a UserError when `cfg` cannot be split over `tp` devices."""
+    if tp < 1:
+        raise UserError(f"tp must be >= 1, got {tp}")
+    if tp == 1:
+        return
+    if cfg.n_heads % tp:
+        raise UserError(f"tp={tp} must divide the {cfg.n_heads} attention heads")
+    if cfg.n_kv_heads % tp and tp % cfg.n_kv_heads:
+        raise UserError(f"tp={tp} must divide the {cfg.n_kv_heads} kv heads, or be a multiple of them")
+    if cfg.hidden_dim % tp:
+        raise UserError(f"tp={tp} must divide the FFN hidden size {cfg.hidden_dim}")
+    mesh(tp)
+
+
+def vocab_sharded(cfg: ModelConfig) -> bool:
+    return cfg.tp > 1 and cfg.vocab_size % cfg.tp == 0
+
+
+def _axis(cfg: ModelConfig, field: str) -> int | None:
+    if field in _ROWS:
+        return 1 if cfg.is_moe and field == "w13" else 0
+    if field in _COLS:
+        return 2 if cfg.is_moe and field == "w2" else 1
+    if field in ("embed", "lm_head") and vocab_sharded(cfg):
+        return 0
+    return None
+
+
+def spec(cfg: ModelConfig, field: str, ndim: int) -> P:
+    axis = _axis(cfg, field)
+    return P() if axis is None else P(*[AXIS if a == axis else None for a in range(ndim)])
+
+
+def weight_specs(cfg: ModelConfig, weights):
+    """The PartitionSpec of every leaf of `weights`, as a pytree of the same structure."""
+    from yalm_jax.weights import LayerWeights, Weights
+
+    def of(obj, cls):
+        return cls(**{
+            f: None if (x := getattr(obj, f)) is None else spec(cfg, f, x.ndim)
+            for f in cls.__dataclass_fields__ if f != "layers"
+        }, **({"layers": [of(l, LayerWeights) for l in obj.layers]} if cls is Weights else {}))  # fmt: skip
+
+    return of(weights, Weights)
+
+
+def cache_spec() -> P:
+    return P(AXIS, None, None)
+
+
+def _kv_heads(cfg: ModelConfig, i: int) -> range:
+    """The kv heads of shard i: n_kv_heads / tp of them, or the one it shares when tp > n_kv_heads."""
+    if cfg.n_kv_heads >= cfg.tp:
+        n = cfg.n_kv_heads // cfg.tp
+        return range(i * n, (i + 1) * n)
+    h = i * cfg.n_kv_heads // cfg.tp
+    return range(h, h + 1)
+
+
+def _piece(cfg: ModelConfig, field: str, host: np.ndarray, i: int) -> np.ndarray:
+    """Shard i's part of `host`, a whole tensor in the single-device layout (see weights.LayerWeights)."""
+    tp = cfg.tp
+    if field in ("wqkv", "bqkv"):
+        hd, qs = cfg.head_dim, cfg.q_dim // tp
+        kv = _kv_heads(cfg, i)
+        k0, k1 = cfg.q_dim + kv.start * hd, cfg.q_dim + kv.stop * hd
+        return np.concatenate([
+            host[i * qs : (i + 1) * qs], host[k0:k1], host[k0 + cfg.kv_dim : k1 + cfg.kv_dim]
+        ])  # fmt: skip
+    axis = _axis(cfg, field)
+    n = host.shape[axis]
+    if field == "w13":  # gate rows then up rows, each split
+        h, hs = n // 2, n // 2 // tp
+        gate = np.take(host, np.arange(i * hs, (i + 1) * hs), axis=axis)
+        up = np.take(host, np.arange(h + i * hs, h + (i + 1) * hs), axis=axis)
+        return np.concatenate([gate, up], axis=axis)
+    s = n // tp
+    return np.take(host, np.arange(i * s, (i + 1) * s), axis=axis)
+
+
+def place(cfg: ModelConfig, field: str, host: np.ndarray) -> jax.Array:
+    """Puts a whole host tensor on the mesh: each device gets only its piece (or a copy, if replicated)."""
+    m = mesh(cfg.tp)
+    sharding = NamedSharding(m, spec(cfg, field, host.ndim))
+    axis = _axis(cfg, field)
+    if axis is None:
+        return jax.device_put(host, sharding)
+    devices = list(m.devices.flat)
+    pieces = [jax.device_put(_piece(cfg, field, host, i), d) for i, d in enumerate(devices)]
+    shape = list(pieces[0].shape)
+    shape[axis] *= cfg.tp
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, pieces)
+
+
+def cache_heads(cfg: ModelConfig) -> int:
+    """Heads of each layer's global KV cache: n_kv_heads, or tp when the kv heads are replicated."""
+    return max(cfg.n_kv_heads, cfg.tp)
+
+
+def cache_sharding(cfg: ModelConfig) -> NamedSharding:
+    return NamedSharding(mesh(cfg.tp), cache_spec())
+
+
+def per_device_bytes(tree) -> dict:
+    """Bytes each device holds of the arrays in `tree`, by device."""
+    out: dict = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        for s in x.addressable_shards:
+            out[s.device] = out.get(s.device, 0) + s.data.nbytes
+    return out
+
+
+def weight_bytes_per_device(cfg: ModelConfig) -> int:
+    """About how many bytes of weights each device holds once `cfg` is loaded (replicated tensors in full)."""
+    from yalm_jax.weights import expected_shapes
+
+    itemsize = np.dtype(cfg.dtype).itemsize
+    total = 0
+    for name, shape in expected_shapes(cfg).items():
+        n = int(np.prod(shape)) * itemsize
+        split = len(shape) > 1 and not name.endswith(("gate.weight",))  # matrices; the router is replicated
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            split = vocab_sharded(cfg)
+        total += n // cfg.tp if split else n
+    return total
+
+
+def check_fits(cfg: ModelConfig, limit: int | None = None) -> None:
+    """A UserError, suggesting --tp, when the weights alone exceed what the device lets XLA allocate
+    (`limit`, by default the device's memory_stats()["bytes_limit"]; jax reports none on the CPU)."""
+    device = mesh(cfg.tp).devices.flat[0]
+    if limit is None:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        limit = (stats or {}).get("bytes_limit")
+    need = weight_bytes_per_device(cfg)
+    if not limit or need <= limit:
+        return
+    n = len(jax.devices())
+    fit = next((t for t in range(cfg.tp + 1, n + 1) if not _check_quiet(cfg, t) and need * cfg.tp / t <= limit), None)
+    hint = f"try --tp={fit}" if fit else f"--tp=N spreads it over N devices (this host has {n})"
+    raise UserError(
+        f"the weights need {need / 1e9:.1f} GB per device{f' at tp={cfg.tp}' if cfg.tp > 1 else ''}, "
+        f"but {device.device_kind} lets XLA allocate {limit / 1e9:.1f} GB; {hint}"
+    )
+
+
+def _check_quiet(cfg: ModelConfig, tp: int) -> str | None:
+    import dataclasses
+
+    try:
+        check(dataclasses.replace(cfg, tp=tp), tp)
+    except UserError as e:
+        return str(e)
+    return None
