@@ -148,7 +148,8 @@ def forward_hidden(
     """Final-normed hidden states (S, dim) of `tokens` at `positions`, and the new cache."""
     attn_len = attn_len or cache.max_context
     if cfg.tp > 1 and cfg.tp_axis is None:  # tensor parallel: each device runs its shard (parallel.py)
-        cache_specs = KVCache(k=[parallel.cache_spec()] * cfg.n_layers, v=[parallel.cache_spec()] * cfg.n_layers)
+        spec = [parallel.cache_spec()] * cfg.n_layers
+        cache_specs = KVCache(k=spec, v=spec, ring_sinks=cache.ring_sinks)
         return jax.shard_map(
             functools.partial(forward_hidden, cfg=cfg.shard(), attn_len=attn_len, backend=backend),
             mesh=parallel.mesh(cfg.tp),
