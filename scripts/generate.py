@@ -39,6 +39,7 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 turns it of
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability, in [0, 1]; 0 turns it off.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype of the weights and the KV cache.")
+flags.DEFINE_integer("tp", 1, "Tensor parallelism: split the model over this many GPUs (devices) of this host.", lower_bound=1)
 flags.DEFINE_integer("max_context", None, "KV cache size in tokens (default: the model's maximum, at most 8192).", lower_bound=1)
 flags.DEFINE_multi_string("stop", [], "Stop when the output contains this string (repeatable); the text ends before it.")
 flags.DEFINE_string("stats_json", None, "Write the prompt and output ids, the text and the timings to this JSON file.")
@@ -101,7 +102,7 @@ def run(argv: list[str]) -> int:
     sampling = SamplingParams.make(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p)
     path = FLAGS.model or default_model_path()
     t = time.perf_counter()
-    lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty())
+    lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty(), tp=FLAGS.tp)
     load_s = time.perf_counter() - t
     max_context = FLAGS.max_context or min(lm.cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     generator = Generator(
