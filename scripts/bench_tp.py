@@ -1,0 +1,149 @@
+"""Batch-1 decode speed at tensor parallelism tp=N against tp=1, on random weights of a real model's shape.
+
+  python scripts/bench_tp.py --shape=mistral7b --tp=1,2            # Mistral-7B-shaped bf16
+  python scripts/bench_tp.py --shape=mixtral8x7b --tp=2            # Mixtral-8x7B-shaped bf16 (93 GB)
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_tp.py --shape=toy --tp=1,2  # CPU smoke
+
+Each device generates only its own shards of the weights (jit with out_shardings),
+so a model larger than one device never exists whole anywhere. Prints tok/s and
+the bytes each device reads per token (its shard of the weights, the top-k
+experts' share for Mixtral, plus its part of the KV cache) as GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from yalm_jax import generate as gen
+from yalm_jax import model, parallel
+from yalm_jax.config import ModelConfig
+from yalm_jax.sampling import SamplingParams
+from yalm_jax.weights import LayerWeights, Weights
+
+SHAPES = {
+    "mistral7b": dict(arch="mistral", vocab_size=32000, dim=4096, hidden_dim=14336, n_layers=32, n_heads=32,
+                      n_kv_heads=8, head_dim=128),
+    "mixtral8x7b": dict(arch="mixtral", vocab_size=32000, dim=4096, hidden_dim=14336, n_layers=32, n_heads=32,
+                        n_kv_heads=8, head_dim=128, n_experts=8, n_experts_per_tok=2),
+    "toy": dict(arch="mistral", vocab_size=256, dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                head_dim=16),
+    "toy_moe": dict(arch="mixtral", vocab_size=256, dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                    head_dim=16, n_experts=4, n_experts_per_tok=2),
+}  # fmt: skip
+
+
+def make_cfg(shape: str, dtype: str, tp: int) -> ModelConfig:
+    return ModelConfig(
+        norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, dtype=dtype, tp=tp, **SHAPES[shape]
+    )
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
+    """Random weights in cfg's layout, each device drawing only its shards."""
+    dt = jnp.dtype(cfg.dtype)
+    key = iter(jax.random.split(jax.random.key(seed), 16 * cfg.n_layers + 8))
+    kv_rows = 2 * parallel.cache_heads(cfg) * cfg.head_dim  # k and v rows, with any replicated kv heads
+
+    def w(field, *shape, norm=False):
+        def draw(k):
+            x = jax.random.normal(k, shape, jnp.float32)
+            return (1.0 + 0.1 * x if norm else x * shape[-1] ** -0.5).astype(dt)
+
+        out = NamedSharding(parallel.mesh(cfg.tp), parallel.spec(cfg, field, len(shape)))
+        return jax.jit(draw, out_shardings=out)(next(key))
+
+    e = (cfg.n_experts,) if cfg.is_moe else ()
+    layers = [
+        LayerWeights(
+            attn_norm=w("attn_norm", cfg.dim, norm=True), wqkv=w("wqkv", cfg.q_dim + kv_rows, cfg.dim), bqkv=None,
+            wo=w("wo", cfg.dim, cfg.q_dim), ffn_norm=w("ffn_norm", cfg.dim, norm=True),
+            w13=w("w13", *e, 2 * cfg.hidden_dim, cfg.dim), w2=w("w2", *e, cfg.dim, cfg.hidden_dim),
+            router=w("router", cfg.n_experts, cfg.dim) if cfg.is_moe else None,
+        )  # fmt: skip
+        for _ in range(cfg.n_layers)
+    ]
+    return jax.block_until_ready(
+        Weights(embed=w("embed", cfg.vocab_size, cfg.dim), layers=layers, final_norm=w("final_norm", cfg.dim, norm=True),
+                lm_head=w("lm_head", cfg.vocab_size, cfg.dim))
+    )  # fmt: skip
+
+
+def bytes_read_per_device(weights: Weights, cfg: ModelConfig, pos: int) -> float:
+    """Bytes one device reads per decode token: its weights (the chosen experts only) and its KV cache slots."""
+    per_dev = max(parallel.per_device_bytes(weights).values())
+    embed = weights.embed.addressable_shards[0].data.nbytes
+    total = per_dev - embed  # one embedding row: nothing
+    if cfg.is_moe:
+        expert = sum(l.w13.addressable_shards[0].data.nbytes + l.w2.addressable_shards[0].data.nbytes for l in weights.layers)
+        total -= expert * (1 - cfg.n_experts_per_tok / cfg.n_experts)
+    kv = 2 * cfg.n_layers * parallel.cache_heads(cfg) // cfg.tp * cfg.head_dim * pos * jnp.dtype(cfg.dtype).itemsize
+    return total + kv
+
+
+def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int, reps: int) -> dict:
+    cfg = make_cfg(shape, dtype, tp)
+    parallel.check(cfg, tp)
+    weights = random_weights(cfg)
+    cache = model.init_cache(cfg, ctx + n_steps * (reps + 1) + 1)
+    state = gen.DecodeState(
+        cache=cache, token=jnp.asarray(1, jnp.int32), pos=jnp.asarray(ctx, jnp.int32), key=jax.random.key(0),
+        done=jnp.asarray(False),
+    )  # fmt: skip
+    stop = jnp.asarray([-1], jnp.int32)
+    attn_len = gen.attn_bucket(ctx + n_steps * (reps + 1), cache.max_context)
+    run = gen.decode_chunk  # jitted, the state donated
+    kw = dict(cfg=cfg, n_steps=n_steps, attn_len=attn_len, backend=backend)
+    tokens, state = run(weights, state, SamplingParams.greedy(), stop, **kw)  # compile + warm up
+    jax.block_until_ready(tokens)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        tokens, state = run(weights, state, SamplingParams.greedy(), stop, **kw)
+        jax.block_until_ready(tokens)
+        times.append(time.perf_counter() - t)
+    s = statistics.median(times) / n_steps
+    read = bytes_read_per_device(weights, cfg, ctx + n_steps * reps // 2)
+    return {"shape": shape, "dtype": dtype, "tp": tp, "backend": backend, "ctx": ctx, "tok_s": 1 / s,
+            "ms_per_tok": s * 1e3, "gb_per_device_per_tok": read / 1e9, "gb_s_per_device": read / s / 1e9,
+            "device": jax.devices()[0].device_kind}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="mistral7b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tp", default="1,2", help="comma-separated tp values, run in turn")
+    ap.add_argument("--backend", default=None, choices=["xla", "pallas"])
+    ap.add_argument("--ctx", type=int, default=128, help="position of the first decoded token")
+    ap.add_argument("--n_steps", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json_out", default=None)
+    args = ap.parse_args()
+    from yalm_jax import ops
+
+    rows = []
+    for tp in [int(t) for t in args.tp.split(",")]:
+        r = bench(args.shape, args.dtype, tp, args.backend or ops.default_backend(), args.ctx, args.n_steps, args.reps)
+        rows.append(r)
+        print(f"{r['shape']} {r['dtype']} tp={tp} {r['backend']}: {r['tok_s']:.1f} tok/s, {r['ms_per_tok']:.2f} ms/tok, "
+              f"{r['gb_s_per_device']:.0f} GB/s per device ({r['gb_per_device_per_tok']:.2f} GB/tok each) on {r['device']}",
+              flush=True)  # fmt: skip
+        jax.clear_caches()
+    if len(rows) > 1:
+        print(f"speed-up tp={rows[-1]['tp']} vs tp={rows[0]['tp']}: {rows[-1]['tok_s'] / rows[0]['tok_s']:.2f}x")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
