@@ -191,15 +191,25 @@ def _placement(x):
     return sharding if sharding is not None and len(sharding.device_set) > 1 else None
 
 
-def _plan_prefill(start: int, end: int, chunk: int, max_context: int) -> list[tuple[int, int, int]]:
+def _plan_prefill(
+    start: int, end: int, chunk: int, max_context: int, ring_sinks: int | None = None
+) -> list[tuple[int, int, int]]:
     """(first position, real tokens, padded length) for each prefill call over positions [start, end).
 
     A short last chunk is padded to a power of two, but never past the cache's end.
+    In a ring cache (`ring_sinks` set) a chunk that would reach past the ring's
+    first lap is neither padded (padding would overwrite live slots) nor wraps:
+    it is cut to the largest power of two that fits before the ring's end.
     """
     plan = []
     while start < end:
         n = min(chunk, end - start)
-        length = chunk if n == chunk else min(chunk, max(MIN_PREFILL_CHUNK, _next_pow2(n)), max_context - start)
+        length = chunk if n == chunk else min(chunk, max(MIN_PREFILL_CHUNK, _next_pow2(n)))
+        if ring_sinks is not None and start + length > max_context:
+            slot = start if start < ring_sinks else ring_sinks + (start - ring_sinks) % (max_context - ring_sinks)
+            n = length = 1 << (min(n, max_context - slot).bit_length() - 1)
+        else:
+            length = min(length, max_context - start)
         plan.append((start, n, length))
         start += n
     return plan
@@ -230,11 +240,11 @@ def prefill(
     `tokens[:start_pos]`. The cache is consumed (donated).
     """
     max_context = cache.max_context
-    if not 0 <= start_pos < len(tokens) <= max_context:
+    if not 0 <= start_pos < len(tokens) <= (max_context if cache.ring_sinks is None else len(tokens)):
         raise ValueError(f"need 0 <= start_pos ({start_pos}) < len(tokens) ({len(tokens)}) <= {max_context}")
     run = programs or (lambda fn, *args, **static: fn(*args, **static))
     logits = None
-    for start, n, length in _plan_prefill(start_pos, len(tokens), chunk, max_context):
+    for start, n, length in _plan_prefill(start_pos, len(tokens), chunk, max_context, cache.ring_sinks):
         ids, positions, last = _chunk_args(tokens, start, n, length)
         attn_len = attn_bucket(start + n, max_context)
         logits, cache = run(
@@ -323,7 +333,12 @@ class _TextStream:
 
 
 class Generator:
-    """A model, one KV cache, and the token ids the cache holds (slot i holds `cached_ids[i]`)."""
+    """A model, one KV cache, and the token ids the cache holds (slot i holds `cached_ids[i]`).
+
+    With `window` below `max_context`, the cache is a ring of `window` slots with
+    `sinks` attention sinks (StreamingLLM, see model.KVCache): a sequence may run
+    to max_context positions while attention sees the sinks and the last tokens.
+    """
 
     def __init__(
         self,
@@ -336,18 +351,27 @@ class Generator:
         seed: int = 0,
         prefill_chunk: int = PREFILL_CHUNK,
         decode_chunk: int = DECODE_CHUNK,
+        window: int | None = None,
+        sinks: int = 2,
     ):
         if max_context < 1:
             raise UserError(f"max_context must be >= 1, got {max_context}")
         self.weights, self.cfg, self.tokenizer = weights, cfg, tokenizer
         self.max_context = max_context
+        self.slots = min(window or max_context, max_context)  # KV cache slots
+        self.ring_sinks = sinks if self.slots < max_context else None
+        if self.ring_sinks is not None and not 0 <= sinks < self.slots:
+            raise UserError(f"sinks must be in [0, window={self.slots}), got {sinks}")
         self.backend = backend
         self.prefill_chunk = prefill_chunk
         self.decode_chunk = decode_chunk
-        self.cache: KVCache | None = model.init_cache(cfg, max_context)
+        self.cache: KVCache | None = self._new_cache()
         self.cached_ids: list[int] = []
         self.key = jax.random.key(seed)
         self.programs = Programs()
+
+    def _new_cache(self) -> KVCache:
+        return model.init_cache(self.cfg, self.slots, ring_sinks=self.ring_sinks)
 
     def reset(self) -> None:
         self.cached_ids = []
@@ -393,16 +417,18 @@ class Generator:
             if a != b:
                 break
             reuse += 1
+        if len(self.cached_ids) > self.slots and reuse < len(self.cached_ids):
+            reuse = 0  # the ring has wrapped: only the slots' newest contents are left, none of them before `reuse`
         if self.cache is None:  # an earlier call failed after donating it
-            self.cache = model.init_cache(self.cfg, self.max_context)
+            self.cache = self._new_cache()
         cache, self.cache = self.cache, None  # donated below; a failure leaves the generator without a cache
         self.cached_ids = []
-        plan = _plan_prefill(reuse, n_prompt, self.prefill_chunk, self.max_context)
+        plan = _plan_prefill(reuse, n_prompt, self.prefill_chunk, self.slots, self.ring_sinks)
         for start, n, length in plan:  # compile before timing
             args = _chunk_args(prompt_ids, start, n, length)
             exe = self.programs.get(
                 prefill_chunk, self.weights, cache, *args,
-                cfg=self.cfg, attn_len=attn_bucket(start + n, self.max_context), backend=self.backend,
+                cfg=self.cfg, attn_len=attn_bucket(start + n, self.slots), backend=self.backend,
             )  # fmt: skip
         logits = jnp.zeros(self.cfg.vocab_size, jnp.float32, device=exe.output_shardings[0])
         self.programs.get(first_token, logits, self.key, sampling)
@@ -433,7 +459,7 @@ class Generator:
             n_steps = min(self.decode_chunk, _next_pow2(room))
             if n_prompt + fed + n_steps > self.max_context:
                 n_steps = room
-            attn_len = attn_bucket(n_prompt + fed + n_steps, self.max_context)
+            attn_len = attn_bucket(n_prompt + fed + n_steps, self.slots)
             tokens, state = self.programs(
                 decode_chunk, self.weights, state, sampling, stop_ids,
                 cfg=self.cfg, n_steps=n_steps, attn_len=attn_len, backend=self.backend,

@@ -1,0 +1,108 @@
+"""yalm_jax.evaluate: perplexity in sliding windows (vs transformers on SmolLM2), and the passkey test."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from yalm_jax import evaluate
+from yalm_jax.errors import UserError
+from yalm_jax.generate import Generator
+from yalm_jax.loading import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = os.path.join(ROOT, "data", "alice_ch1.txt")
+
+
+def test_eval_windows_walk_the_text_as_transformers_guide_does():
+    # begin, end, first scored token: each window scores what the last one did not, the text's first token never.
+    assert evaluate.eval_windows(600, 256, 128) == [(0, 256, 1), (128, 384, 256), (256, 512, 384), (384, 600, 512)]
+    assert evaluate.eval_windows(100, 256, 128) == [(0, 100, 1)]
+    # stride == context: no overlap, and each window's first token has no context, so it is not scored.
+    assert evaluate.eval_windows(10, 4, 4) == [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
+    with pytest.raises(UserError):
+        evaluate.eval_windows(10, 4, 5)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return load_model(smollm2_gguf, "float32")
+
+
+@pytest.fixture(scope="module")
+def alice_ids(smollm2):
+    return smollm2.tokenizer.encode(open(TEXT, encoding="utf-8").read())
+
+
+def test_shipped_text_is_a_few_thousand_tokens(alice_ids):
+    assert 2000 < len(alice_ids) and os.path.getsize(TEXT) < 100_000
+
+
+def _hf_perplexity(hf_model, ids, context, stride):
+    import torch
+
+    total, count = 0.0, 0
+    for begin, end, first in evaluate.eval_windows(len(ids), context, stride):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids[begin:end]])).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], -1)
+        nll = -logp.gather(1, torch.tensor(ids[begin + 1 : end])[:, None])[:, 0]
+        total += float(nll[first - begin - 1 :].sum())
+        count += end - first
+    return math.exp(total / count), count
+
+
+def test_smollm2_perplexity_matches_transformers(smollm2_gguf, smollm2, alice_ids):
+    """The same windows (256 tokens every 128) over the first 600 tokens of the shipped text, within 0.1%."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
+    ).eval()
+    ids = alice_ids[:600]
+    want, count = _hf_perplexity(hf, ids, 256, 128)
+    got = evaluate.perplexity(smollm2.weights, smollm2.cfg, ids, context=256, stride=128)
+    assert got.tokens == count == 599 and got.windows == 4
+    assert abs(got.perplexity / want - 1) < 1e-3, (got.perplexity, want)
+    assert 2 < got.perplexity < 50  # a real model on English prose
+
+
+def test_passkey_prompt_and_answer_parsing():
+    prompt = evaluate.passkey_prompt(4242, 2, 3)
+    filler = evaluate.PASSKEY_FILLER
+    assert prompt == " ".join(
+        [evaluate.PASSKEY_INTRO, filler, filler, "The pass key is 4242. Remember it. 4242 is the pass key.", filler,
+         "What is the pass key? The pass key is"]
+    )  # fmt: skip
+    assert evaluate.passkey_prompt(7, 3, 3).endswith("The pass key is 7. Remember it. 7 is the pass key. " + evaluate.PASSKEY_QUESTION)
+    assert evaluate.parse_answer(" 4242. Remember it.") == 4242
+    assert evaluate.parse_answer(" 42 is the key, not 4242") == 42
+    assert evaluate.parse_answer(" hidden in the text.") is None
+    with pytest.raises(UserError):
+        evaluate.passkey_prompt(1, 4, 3)
+
+
+def test_junk_lines_fill_the_context(smollm2):
+    n = evaluate.junk_lines_for(smollm2.tokenizer, 1024)
+    used = len(smollm2.tokenizer.encode(evaluate.passkey_prompt(49999, n // 2, n)))
+    assert 1024 - 64 <= used <= 1024 - 8, used
+
+
+def test_smollm2_finds_the_passkey_at_short_context(smollm2):
+    g = Generator(smollm2.weights, smollm2.cfg, smollm2.tokenizer, max_context=512)
+    lines = evaluate.junk_lines_for(smollm2.tokenizer, 512)
+    results = [evaluate.passkey(g, junk_lines=lines, seed=seed) for seed in (0, 1)]
+    for r in results:
+        assert r.prompt_tokens <= 512 - 8 and 0 <= r.pos <= lines and 0 < r.key < 50000
+        assert r.found and r.answer == r.key, r
+    # A planted answer that differs from the key is reported as not found.
+    assert results[0].key != results[1].key
+    miss = evaluate.PasskeyResult(**{**results[0].__dict__, "answer": results[1].key, "found": False})
+    assert not miss.found and 0 <= miss.depth <= 1
+    assert np.isclose(results[0].depth, results[0].key_token / results[0].prompt_tokens)
