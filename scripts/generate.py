@@ -4,6 +4,10 @@ Examples:
   python scripts/generate.py --flagfile=flags/chat.flags
   python scripts/generate.py --mode=completion --prompt="Once upon a time" --temperature=0
   python scripts/generate.py --model=path/to/hf_dir --mode=chat --prompt="Hi" --stats_json=stats.json
+  python scripts/generate.py --mode=perplexity --text_file=data/alice_ch1.txt --max_context=512
+  python scripts/generate.py --mode=passkey --max_context=8192 --seed=3
+  python scripts/generate.py --mode=perplexity --text_file=data/alice_ch1.txt --max_context=4096 --window=256
+    (a window below --max_context: a ring KV cache with --sinks attention sinks, StreamingLLM style)
 
 Bad input (a missing file, a corrupt model, a prompt longer than the context,
 an invalid flag value) prints one `error: ...` line to stderr and exits with
@@ -30,7 +34,11 @@ flags.DEFINE_string(
     "The prompt. Completion mode without it reads stdin; chat mode without it is an interactive chat "
     "(one message per line; /reset starts over, /exit or end of input leaves).",
 )  # fmt: skip
-flags.DEFINE_enum("mode", "completion", ["completion", "chat"], "completion: continue the prompt; chat: apply the model's chat template.")
+flags.DEFINE_enum(
+    "mode", "completion", ["completion", "chat", "perplexity", "passkey"],
+    "completion: continue the prompt; chat: apply the model's chat template; perplexity: of --text_file, "
+    "in sliding windows of --max_context tokens every --stride; passkey: hide a number in --junk_lines of filler and ask for it.",
+)  # fmt: skip
 flags.DEFINE_string("system", None, "A system message for chat mode.")
 flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate per reply.", lower_bound=0)
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.", lower_bound=0.0)
@@ -40,7 +48,13 @@ flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probabil
 flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype of the weights and the KV cache.")
 flags.DEFINE_integer("tp", 1, "Tensor parallelism: split the model over this many GPUs (devices) of this host.", lower_bound=1)
-flags.DEFINE_integer("max_context", None, "KV cache size in tokens (default: the model's maximum, at most 8192).", lower_bound=1)
+flags.DEFINE_integer("max_context", None, "Most positions a sequence reaches (default: the model's maximum, at most 8192); beyond --window the KV cache is a ring.", lower_bound=1)
+flags.DEFINE_integer("window", None, "KV cache slots (default: the model's trained context). A --max_context beyond it makes the cache a ring that keeps --sinks first tokens (StreamingLLM).", lower_bound=2)
+flags.DEFINE_integer("sinks", 2, "Attention sinks of a ring KV cache: the first tokens, which it never evicts.", lower_bound=0)
+flags.DEFINE_string("text_file", None, "perplexity mode: the text to score.")
+flags.DEFINE_integer("stride", None, "perplexity mode: tokens between the starts of evaluation windows (default: half of --max_context).", lower_bound=1)
+flags.DEFINE_integer("junk_lines", None, "passkey mode: lines of filler (default: as many as fill the context).", lower_bound=0)
+flags.DEFINE_integer("passkey_pos", None, "passkey mode: filler lines before the key (default: random from --seed).", lower_bound=0)
 flags.DEFINE_multi_string("stop", [], "Stop when the output contains this string (repeatable); the text ends before it.")
 flags.DEFINE_string("stats_json", None, "Write the prompt and output ids, the text and the timings to this JSON file.")
 flags.DEFINE_enum("backend", None, ["xla", "pallas"], "Kernel backend (default: pallas on a GPU, xla elsewhere).")
@@ -105,14 +119,22 @@ def run(argv: list[str]) -> int:
     lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty(), tp=FLAGS.tp)
     load_s = time.perf_counter() - t
     max_context = FLAGS.max_context or min(lm.cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    window = min(FLAGS.window or lm.cfg.max_position_embeddings, max_context)
+    if window < max_context and FLAGS.sinks >= window:
+        raise _UsageError(f"--sinks={FLAGS.sinks} must be below the window ({window})")
+    if FLAGS.mode == "perplexity":
+        return _perplexity(lm, path, load_s, max_context, window)
     generator = Generator(
         lm.weights, lm.cfg, lm.tokenizer,
         max_context=max_context, backend=FLAGS.backend or ops.default_backend(), seed=FLAGS.seed,
+        window=window, sinks=FLAGS.sinks,
     )  # fmt: skip
     options = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, stop=FLAGS.stop, on_text=_write)
     if FLAGS.verbose:
         _err(f"loaded {path} ({lm.cfg.arch}, {lm.cfg.n_layers} layers, {FLAGS.dtype}) in {load_s:.2f} s; context {max_context}")
 
+    if FLAGS.mode == "passkey":
+        return _passkey(generator, path, load_s, max_context, window)
     results = []
     if FLAGS.mode == "completion":
         prompt = FLAGS.prompt if FLAGS.prompt is not None else sys.stdin.read()
@@ -156,6 +178,56 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def _eval_stats(model_path: str, load_s: float, max_context: int, window: int, **fields) -> None:
+    if FLAGS.stats_json:
+        ring = {"window": window, "sinks": FLAGS.sinks if window < max_context else None}
+        _dump(FLAGS.stats_json, {"model": model_path, "mode": FLAGS.mode, "max_context": max_context, **ring, "load_s": load_s, **fields})
+
+
+def _perplexity(lm, model_path: str, load_s: float, max_context: int, window: int) -> int:
+    from yalm_jax import evaluate, ops
+
+    if not FLAGS.text_file:
+        raise _UsageError("--mode=perplexity needs --text_file")
+    try:
+        with open(FLAGS.text_file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _UsageError(f"cannot read --text_file {FLAGS.text_file}: {e}") from None
+    if FLAGS.stride is not None and FLAGS.stride > max_context:
+        raise _UsageError(f"--stride={FLAGS.stride} is longer than --max_context={max_context}")
+    ids = lm.tokenizer.encode(text)
+    r = evaluate.perplexity(
+        lm.weights, lm.cfg, ids, context=max_context, stride=FLAGS.stride, window=window, sinks=FLAGS.sinks,
+        backend=FLAGS.backend or ops.default_backend(),
+    )  # fmt: skip
+    _write(f"perplexity: {r.perplexity:.4f}\n")
+    _err(f"[{r.tokens} tokens scored in {r.windows} window(s) at {r.tokens / max(r.eval_s, 1e-9):.1f} tok/s, compile {r.compile_s:.2f} s, load {load_s:.2f} s]")
+    _eval_stats(model_path, load_s, max_context, window, text_tokens=len(ids), **r.stats())
+    return 0
+
+
+def _passkey(generator, model_path: str, load_s: float, max_context: int, window: int) -> int:
+    from yalm_jax import evaluate
+
+    lines = FLAGS.junk_lines if FLAGS.junk_lines is not None else evaluate.junk_lines_for(generator.tokenizer, max_context)
+    r = evaluate.passkey(generator, junk_lines=lines, pos=FLAGS.passkey_pos, seed=FLAGS.seed)
+    _write(
+        f"passkey: {'found' if r.found else 'not found'} (key {r.key} after filler line {r.pos} of {r.junk_lines}, "
+        f"token {r.key_token} of {r.prompt_tokens}, depth {r.depth:.2f}); answer: {r.text!r}\n"
+    )
+    _eval_stats(model_path, load_s, max_context, window, **r.stats())
+    return 0
+
+
+def _dump(path: str, stats: dict) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(stats, f)
+    except OSError as e:
+        raise _UsageError(f"cannot write --stats_json {path}: {e.strerror}") from None
+
+
 def _write_stats(path: str, results: list, load_s: float, model_path: str, max_context: int) -> None:
     last = results[-1] if results else None
     stats = {
@@ -170,11 +242,7 @@ def _write_stats(path: str, results: list, load_s: float, model_path: str, max_c
         **({k: v for k, v in last.stats().items() if k != "compile_s"} if last else {}),
         "turns": [{"prompt_token_ids": r.prompt_ids, "generated_token_ids": r.token_ids, "text": r.text, **r.stats()} for r in results],
     }
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(stats, f)
-    except OSError as e:
-        raise _UsageError(f"cannot write --stats_json {path}: {e.strerror}") from None
+    _dump(path, stats)
 
 
 def main(argv: list[str]) -> None:

@@ -106,3 +106,46 @@ def test_smollm2_finds_the_passkey_at_short_context(smollm2):
     miss = evaluate.PasskeyResult(**{**results[0].__dict__, "answer": results[1].key, "found": False})
     assert not miss.found and 0 <= miss.depth <= 1
     assert np.isclose(results[0].depth, results[0].key_token / results[0].prompt_tokens)
+
+
+# ---- the CLI modes (scripts/generate.py --mode=perplexity|passkey) ----------------------------
+
+SCRIPT = os.path.join(ROOT, "scripts", "generate.py")
+
+
+def _cli(tmp_path, *args):
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "YALM_JAX_COMPILE_CACHE": "off", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    stats = tmp_path / "stats.json"
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *args, f"--stats_json={stats}"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(stats.read_text())
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_cli_perplexity_writes_the_library_figure(tiny_llama_chat_model, tmp_path, ring):
+    text = tmp_path / "text.txt"
+    text.write_text(open(TEXT, encoding="utf-8").read()[:600])
+    flags = ["--max_context=512", "--window=64", "--sinks=2"] if ring else ["--max_context=64", "--stride=16"]
+    out, stats = _cli(tmp_path, f"--model={tiny_llama_chat_model}", "--mode=perplexity", f"--text_file={text}", *flags)
+    lm = load_model(tiny_llama_chat_model)
+    ids = lm.tokenizer.encode(text.read_text())
+    kw = dict(context=512, window=64, sinks=2) if ring else dict(context=64, stride=16)
+    want = evaluate.perplexity(lm.weights, lm.cfg, ids, **kw)
+    assert out == f"perplexity: {want.perplexity:.4f}\n"
+    assert np.isclose(stats["perplexity"], want.perplexity, rtol=1e-6) and stats["tokens"] == want.tokens
+    assert stats["tokens"] == len(ids) - 1 and stats["windows"] == (1 if ring else -(-(len(ids) - 64) // 16) + 1)
+    assert len(ids) > (4 * 64 if ring else 64)
+    assert (stats["window"], stats["sinks"]) == ((64, 2) if ring else (64, None))
+
+
+def test_cli_passkey_on_smollm2(smollm2_gguf, tmp_path):
+    out, stats = _cli(tmp_path, f"--model={smollm2_gguf}", "--mode=passkey", "--max_context=384", "--passkey_pos=5", "--seed=7")
+    assert out.startswith("passkey: found (key ") and f"key {stats['key']} after filler line 5 of " in out
+    assert stats["found"] and stats["answer"] == stats["key"] and stats["pos"] == 5
+    assert stats["prompt_tokens"] <= 384 and stats["junk_lines"] > 10
