@@ -5,7 +5,8 @@
 
 One run measures, on one GPU, with random normal weights built on the device:
 
-* roof: the read bandwidth of the card, jnp.sum over an 8 GiB bf16 array (median);
+* roof: the read bandwidth of the card: jnp.sum over an 8 GiB bf16 array (median; per call and back
+  to back) and torch.sum timed with CUDA events; percentages are of torch.sum's figure (the anchors');
 * mistral: Mistral-7B-shaped bf16 decode at context 128 and 4096 through
   `generate.decode_chunk` (the on-device loop the CLI runs), pallas
   and xla; bytes per token = the weights read (the embedding: one row) + the KV
@@ -20,7 +21,10 @@ One run measures, on one GPU, with random normal weights built on the device:
   reads each such predicate back to the host, which drains the GPU every
   step), and `decode_chunk` with XLA's command buffers (CUDA graphs) extended
   to while loops and conditionals (a subprocess, since XLA_FLAGS are read at
-  start-up).
+  start-up);
+* profile: the GPU's own kernel timings (jax.profiler, CUPTI) of a SmolLM2 step (f32, bf16), a
+  Mistral-7B step at context 128 and a 512-token prefill: kernels per step, busy time, the top kernels;
+  and the prefill at chunk 256.
 
 Compile time is excluded from every figure (programs are compiled ahead, and
 reported separately). The table is printed last.
@@ -316,20 +320,58 @@ def time_generator(weights, cfg, *, backend, n_prompt, n_new, max_context):
 
 
 def part_roof(res, smoke):
-    n = (1 << 20) if smoke else (4 << 30)  # bf16 elements: 8 GiB
+    """The read roofline: jnp.sum over 8 GiB of bf16 after 2 s of warm-up, per call (each synchronised:
+    the host round trip makes this ~10% low) and 10 calls back to back; and torch.sum timed with CUDA
+    events (the anchors' method) when torch sees the GPU. Returns the figure the percentages use:
+    torch.sum's, else the back-to-back one."""
+    n = (1 << 20) if smoke else (4 << 30)
     x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
     f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(3 if smoke else 15):
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < (0.2 if smoke else 2.0):
+        jax.block_until_ready(f(x))
+    per_call, batched = [], []
+    for _ in range(20):
         t = time.perf_counter()
         jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t)
-    gbs = x.nbytes / statistics.median(times) / 1e9
+        per_call.append(time.perf_counter() - t)
+    for _ in range(5):
+        t = time.perf_counter()
+        outs = [f(x) for _ in range(10)]
+        jax.block_until_ready(outs)
+        batched.append((time.perf_counter() - t) / 10)
     del x
-    res["roof"] = {"gb_s": gbs, "bytes": n * 2, "runs": times}
-    add_row(f"read roofline: jnp.sum, {n * 2 / 2**30:.0f} GiB bf16", "xla", gbs=gbs, roof=gbs, note="median of 15")
-    return gbs
+    r = {"per_call_gb_s": n * 2 / statistics.median(per_call) / 1e9, "batched_gb_s": n * 2 / statistics.median(batched) / 1e9,
+         "per_call": per_call, "batched": batched}  # fmt: skip
+    add_row("read roofline: jnp.sum 8 GiB, warmed, per call", "xla", gbs=r["per_call_gb_s"], roof=r["per_call_gb_s"],
+            note=f"median of 20, min {n * 2 / min(per_call) / 1e9:,.0f}")  # fmt: skip
+    add_row("read roofline: jnp.sum 8 GiB, warmed, 10 back to back", "xla", gbs=r["batched_gb_s"], roof=r["batched_gb_s"],
+            note="median of 5 batches")  # fmt: skip
+    try:
+        import torch
+
+        if torch.cuda.is_available() and not smoke:
+            xt = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+            for _ in range(20):
+                xt.sum()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(20):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                xt.sum()
+                b.record()
+                torch.cuda.synchronize()
+                ts.append(a.elapsed_time(b) / 1e3)
+            del xt
+            torch.cuda.empty_cache()
+            r["torch_gb_s"] = n * 2 / statistics.median(ts) / 1e9
+            add_row("read roofline: torch.sum 8 GiB (anchors' method)", "torch", gbs=r["torch_gb_s"], roof=r["torch_gb_s"],
+                    note="CUDA events, median of 20")  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        r["torch_error"] = repr(e)
+    res["roof"] = r
+    return r.get("torch_gb_s", r["batched_gb_s"])
 
 
 def part_mistral(res, roof, smoke):
@@ -483,7 +525,155 @@ def part_cmdbuf(res, roof, smoke, out_dir):
                 1 / t, t * 1e3, r["gb_s"], roof, "XLA_FLAGS command buffers +WHILE,+CONDITIONAL")  # fmt: skip
 
 
-PARTS = ("roof", "mistral", "smollm2", "cmdbuf")
+def gpu_kernel_profile(fn, n_steps: int, label: str, trace_dir: str) -> dict:
+    """Runs fn() once under jax.profiler and sums the GPU's kernel events (CUPTI) per step.
+
+    busy: the union of kernel intervals; span: first kernel start to last kernel end; both per step.
+    span - busy is the time the GPU sat idle between kernels (launch gaps, host waits).
+    """
+    import glob
+    import gzip
+    import shutil
+
+    d = os.path.join(trace_dir, f"trace_{label}")
+    shutil.rmtree(d, ignore_errors=True)
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        jax.block_until_ready(fn())
+    paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(paths[0]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
+    gpu_pids = {p for p, n in procs.items() if "GPU" in n or "gpu" in n}
+    lines = {k: v for k, v in threads.items() if k[0] in gpu_pids}
+    streams = {k for k, v in lines.items() if v.startswith("Stream")} or {
+        k for k, v in lines.items() if not re.search(r"XLA|Framework|Steps|Source|TraceMe|Launch|Stats", v)
+    }
+    kern = [e for e in events if e.get("ph") == "X" and e["pid"] in gpu_pids and (e["pid"], e.get("tid")) in streams
+            and "memcpy" not in e["name"].lower() and "memset" not in e["name"].lower()]  # fmt: skip
+    if not kern:
+        return {"error": "no GPU kernel events", "processes": list(procs.values()), "lines": sorted(set(lines.values()))}
+    iv = sorted((e["ts"], e["ts"] + e["dur"]) for e in kern)
+    busy, cur_s, cur_e = 0.0, *iv[0]
+    for s_, e_ in iv[1:]:
+        if s_ > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s_, e_
+        else:
+            cur_e = max(cur_e, e_)
+    busy += cur_e - cur_s
+    span = iv[-1][1] - iv[0][0]
+    by_name: dict[str, list[float]] = {}
+    for e in kern:
+        by_name.setdefault(e["name"], []).append(e["dur"])
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    return {
+        "kernels_per_step": len(kern) / n_steps,
+        "busy_us_per_step": busy / n_steps,
+        "span_us_per_step": span / n_steps,
+        "kernel_sum_us_per_step": sum(e["dur"] for e in kern) / n_steps,
+        "lines": sorted(set(lines.values())),
+        "top": [
+            {"name": n[:90], "per_step": len(v) / n_steps, "mean_us": sum(v) / len(v), "us_per_step": sum(v) / n_steps}
+            for n, v in top
+        ],
+    }
+
+
+def _profile_rows(label: str, prof: dict) -> None:
+    if "error" in prof:
+        add_row(f"profile {label}", "", note=f"FAILED: {prof['error']}")
+        return
+    add_row(f"profile {label}: GPU per step", "", note=(
+        f"{prof['kernels_per_step']:.0f} kernels, busy {prof['busy_us_per_step']:.0f} us, "
+        f"span {prof['span_us_per_step']:.0f} us (idle between kernels {prof['span_us_per_step'] - prof['busy_us_per_step']:.0f} us)"))
+    for t in prof["top"][:6]:
+        add_row(f"  {label}: {t['name'][:60]}", "", note=f"{t['per_step']:.1f}/step x {t['mean_us']:.1f} us = {t['us_per_step']:.0f} us/step")
+
+
+def part_profile(res, roof, smoke, out_dir):
+    """Where the time of a decode step and of a prefill goes, from the GPU's own kernel timings."""
+    out = res.setdefault("profile", {})
+    params, stop_ids = SamplingParams.greedy(), jnp.asarray([-1], jnp.int32)
+
+    def decode_profile(shape, dtype, ctx, n_steps, label):
+        cfg = make_cfg(shape, dtype)
+        weights = random_weights(cfg, seed=5)
+        cache = model.init_cache(cfg, 256 if smoke else MAX_CONTEXT)
+        attn_len = gen.attn_bucket(ctx + n_steps, cache.max_context)
+        state = _decode_state(cache, ctx)
+        exe = gen.Programs().get(gen.decode_chunk, weights, state, params, stop_ids,
+                                 cfg=cfg, n_steps=n_steps, attn_len=attn_len, backend="pallas")  # fmt: skip
+        holder = {"state": state}
+
+        def run():
+            st = dataclasses.replace(holder["state"], pos=jnp.asarray(ctx, jnp.int32))
+            toks, holder["state"] = exe(weights, st, params, stop_ids)
+            return toks
+
+        jax.block_until_ready(run())
+        t = time.perf_counter()
+        jax.block_until_ready(run())
+        wall = (time.perf_counter() - t) / n_steps * 1e6
+        prof = gpu_kernel_profile(run, n_steps, label, out_dir)
+        prof["wall_us_per_step"] = wall
+        out[label] = prof
+        _profile_rows(label + f" (wall {wall:.0f} us/step)", prof)
+        return weights, cfg, holder["state"].cache
+
+    small = "toy_tied" if smoke else "smollm2"
+    big = "toy" if smoke else "mistral7b"
+    for label, args in (("smollm2_f32_pallas", (small, "float32", 16, 8 if smoke else 64)),
+                        ("smollm2_bf16_pallas", (small, "bfloat16", 16, 8 if smoke else 64))):  # fmt: skip
+        try:
+            w, _, _ = decode_profile(*args, label)
+            del w
+        except Exception as e:  # noqa: BLE001
+            out[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            add_row(f"profile {label}", "", note=f"FAILED {type(e).__name__}: {str(e)[:150]}")
+    try:
+        weights, cfg, cache = decode_profile(big, "bfloat16", 128, 4 if smoke else 16, "mistral_bf16_pallas_ctx128")
+    except Exception as e:  # noqa: BLE001
+        out["mistral"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        add_row("profile mistral", "", note=f"FAILED {type(e).__name__}: {str(e)[:150]}")
+        return
+    n_tok = 64 if smoke else 512
+    for chunk in ((32,) if smoke else (256,)):
+        try:
+            r, cache = time_prefill(weights, cfg, cache, n_tokens=n_tok, chunk=chunk, backend="pallas", reps=5)
+            out[f"prefill_chunk{chunk}"] = r
+            add_row(f"{big} bf16 prefill {n_tok} tokens, chunk {chunk}", "pallas", r["tok_s"], r["s"] * 1e3 / n_tok,
+                    note=f"{r['s'] * 1e3:.1f} ms for {n_tok}")  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            add_row(f"prefill chunk {chunk}", "", note=f"FAILED {type(e).__name__}: {str(e)[:150]}")
+    try:
+        ids = jax.random.randint(jax.random.key(7), (n_tok,), 0, cfg.vocab_size).tolist()
+        progs = gen.Programs()
+        holder = {"cache": cache}
+
+        def run():
+            logits, holder["cache"] = gen.prefill(weights, holder["cache"], ids, 0, cfg, chunk=n_tok,
+                                                  backend="pallas", programs=progs)  # fmt: skip
+            return logits
+
+        jax.block_until_ready(run())
+        prof = gpu_kernel_profile(run, 1, "prefill", out_dir)
+        out[f"prefill_{n_tok}"] = prof
+        _profile_rows(f"{big} prefill {n_tok} in one chunk", prof)
+        if "top" in prof:
+            gemm = sum(t["us_per_step"] for t in prof["top"] if re.search(r"gemm|nvjet|cutlass|sm90|xmma", t["name"], re.I))
+            add_row(f"  {big} prefill {n_tok}: matmul kernels among the top 12", "", note=f"{gemm / 1e3:.1f} ms of {prof['busy_us_per_step'] / 1e3:.1f} ms busy")
+    except Exception as e:  # noqa: BLE001
+        out["prefill_profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        add_row("profile prefill", "", note=f"FAILED {type(e).__name__}: {str(e)[:150]}")
+
+
+PARTS = ("roof", "mistral", "smollm2", "cmdbuf", "profile")
 
 
 def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
@@ -501,7 +691,7 @@ def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
     for part in parts:
         t = time.perf_counter()
         try:
-            if part == "roof":
+            if part in ("roof", "roof2"):
                 roof = part_roof(res, smoke)
             elif part == "mistral":
                 part_mistral(res, roof, smoke)
@@ -509,6 +699,8 @@ def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
                 part_smollm2(res, roof, smoke)
             elif part == "cmdbuf":
                 part_cmdbuf(res, roof, smoke, out_dir)
+            elif part == "profile":
+                part_profile(res, roof, smoke, "/tmp/yalm_jax_traces")
         except Exception as e:  # noqa: BLE001
             res[f"{part}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
             add_row(part, "", note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
