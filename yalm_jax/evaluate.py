@@ -78,9 +78,11 @@ class PerplexityResult:
     windows: int
     eval_s: float  # compile time excluded
     compile_s: float
+    # -log p of each scored token, in text order (token first + i for i = 0, 1, ...; first is 1).
+    nlls: np.ndarray = dataclasses.field(default=None, repr=False)
 
     def stats(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "nlls"}
 
 
 def perplexity(
@@ -112,7 +114,7 @@ def perplexity(
     cache = model.init_cache(cfg, slots, ring_sinks=ring_sinks)
     windows = eval_windows(len(ids), context, stride)
     compile_before = programs.compile_s
-    total, count = 0.0, 0
+    nlls = []
     t0 = time.perf_counter()
     for begin, end, first in windows:
         w = ids[begin:end]
@@ -129,14 +131,13 @@ def perplexity(
             # Row i predicts window token i + 1, text token begin + i + 1; keep those at or past `first`.
             rows = np.arange(start, start + n)
             keep = (begin + rows + 1 >= first) & (rows + 1 < len(w))
-            if keep.any():
-                total += float(np.sum(np.asarray(nll)[:n][keep], dtype=np.float64))
-                count += int(keep.sum())
+            nlls.append(np.asarray(nll)[:n][keep])
     eval_s = time.perf_counter() - t0 - (programs.compile_s - compile_before)
-    mean = total / count
+    nlls = np.concatenate(nlls).astype(np.float64)
+    mean = float(np.mean(nlls))
     return PerplexityResult(
-        perplexity=math.exp(mean), tokens=count, nll=mean, windows=len(windows),
-        eval_s=eval_s, compile_s=programs.compile_s - compile_before,
+        perplexity=math.exp(mean), tokens=len(nlls), nll=mean, windows=len(windows),
+        eval_s=eval_s, compile_s=programs.compile_s - compile_before, nlls=nlls,
     )  # fmt: skip
 
 
