@@ -1,0 +1,316 @@
+"""Quantized weight matrices: formats, quantize / dequantize, and the pytree leaf the model holds.
+
+A `QuantizedMatrix` stands in the weights pytree where a dense (out, in)
+matrix would be. `ops.linear` and `ops.gated_ffn_up` dispatch on it: the xla
+path dequantizes inside the jitted graph (decode as one multiply-then-sum
+fusion that reads the quantized bytes), the pallas decode path calls
+`pallas_kernels/gemv_quant.py`, which dequantizes in the kernel. Indexing rows
+(`w[tokens]`, the embedding lookup) dequantizes just those rows.
+
+Formats, for a matrix W (N, K) split along K into groups of `group` columns
+(group == K: one scale per output channel):
+
+* ``int8``: q int8 (N, K); W = scale * q.
+* ``int4``: q uint8 (N, K/2), two values per byte. Within each group, byte j
+  holds column j in its low nibble and column j + group/2 in its high nibble
+  (GGUF's Q4 block layout). W = scale * (q - 8), or scale * q + min with a min.
+* ``fp8_e4m3`` / ``fp8_e5m2``: q float8 (N, K); W = scale * q, per output channel.
+
+scale and min have shape (N, K / group): float16 for groups (as GGUF stores
+them), float32 per channel. The GGUF block types map onto these without a
+round trip through float: Q8_0 is int8 group 32, Q4_0 int4 group 32, Q4_1
+int4 group 32 with a min (`from_gguf_blocks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from yalm_jax.errors import UserError
+
+FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
+# Values a quantize-at-load flag (--quant) takes; "native" keeps GGUF's Q8_0/Q4_0/Q4_1 blocks as they are.
+CHOICES = ("none", "native", "int8", "int4", "fp8", "fp8_e5m2")
+INT4_GROUPS = (32, 64, 128)
+DEFAULT_INT4_GROUP = 64
+_FP8 = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
+# GGUF block types that map straight onto a format: (format, group, has min, bytes per block).
+GGUF_TYPES = {"Q8_0": ("int8", 32, False, 34), "Q4_0": ("int4", 32, False, 18), "Q4_1": ("int4", 32, True, 20)}
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["q", "scale", "min"], meta_fields=["fmt", "group", "dtype"]
+)
+@dataclasses.dataclass
+class QuantizedMatrix:
+    """A quantized (N, K) matrix; `dtype` is the compute dtype it dequantizes to."""
+
+    q: jax.Array
+    scale: jax.Array  # (N, K // group)
+    min: jax.Array | None  # (N, K // group), int4 only; None: symmetric
+    fmt: str
+    group: int
+    dtype: str = "float32"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, kq = self.q.shape
+        return (n, kq * 2 if self.fmt == "int4" else kq)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in (self.q, self.scale, self.min) if x is not None)
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        return dequantize(self, dtype)
+
+    def __getitem__(self, rows) -> jax.Array:
+        """The dequantized rows `rows` (e.g. the embedding lookup), in the compute dtype."""
+        part = dataclasses.replace(
+            self, q=self.q[rows], scale=self.scale[rows], min=None if self.min is None else self.min[rows]
+        )
+        return dequantize(part)
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, QuantizedMatrix)
+
+
+def parse_choice(choice: str) -> tuple[str | None, int | None]:
+    """--quant's value to (format or None or "native", int4 group): "int4" / "int4:128" / "fp8"..."""
+    name, _, group = (choice or "none").partition(":")
+    if name not in CHOICES:
+        raise ValueError(f"unknown quantization {choice!r}; choose one of {', '.join(CHOICES)} (int4 takes :32/:64/:128)")
+    if group and (name != "int4" or int(group) not in INT4_GROUPS):
+        raise ValueError(f"a group size is for int4 only, one of {INT4_GROUPS}: got {choice!r}")
+    fmt = {"none": None, "fp8": "fp8_e4m3"}.get(name, name)
+    return fmt, int(group) if group else (DEFAULT_INT4_GROUP if name == "int4" else None)
+
+
+def pick_group(k: int, group: int) -> int:
+    """`group` when it divides k, else the largest int4 group below it that does (SmolLM2's 576 takes 64)."""
+    for g in sorted([x for x in INT4_GROUPS if x <= group] + [group], reverse=True):
+        if k % g == 0:
+            return g
+    raise ValueError(f"no int4 group size in {INT4_GROUPS} divides the row length {k}")
+
+
+# -- quantize (host, numpy) ---------------------------------------------------------------
+
+
+def quantize(w: np.ndarray, fmt: str, group: int | None = None, *, with_min: bool = False, dtype: str = "float32"):
+    """A host-side (numpy) QuantizedMatrix of w (N, K). Rounds to nearest; int4 groups take `group` columns."""
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    if fmt == "int8":
+        g = group or k
+        wg = w.reshape(n, k // g, g)
+        scale = _scale(np.abs(wg).max(-1) / 127.0, g, k)
+        q = np.clip(np.rint(wg / _safe(scale)[..., None]), -127, 127).astype(np.int8).reshape(n, k)
+        return QuantizedMatrix(q, scale, None, "int8", g, dtype)
+    if fmt == "int4":
+        g = pick_group(k, group or DEFAULT_INT4_GROUP)
+        wg = w.reshape(n, k // g, g)
+        if with_min:
+            lo, hi = wg.min(-1), wg.max(-1)
+            scale = _scale((hi - lo) / 15.0, g, k)
+            mn = lo.astype(np.float16)
+            q = np.clip(np.rint((wg - mn[..., None].astype(np.float32)) / _safe(scale)[..., None]), 0, 15)
+        else:
+            scale = _scale(np.abs(wg).max(-1) / 7.0, g, k)
+            mn = None
+            q = np.clip(np.rint(wg / _safe(scale)[..., None]), -8, 7) + 8
+        return QuantizedMatrix(pack_int4(q.astype(np.uint8).reshape(n, k), g), scale, mn, "int4", g, dtype)
+    if fmt in _FP8:
+        f8 = _FP8[fmt]
+        scale = (np.abs(w).max(-1, keepdims=True) / float(ml_dtypes.finfo(f8).max)).astype(np.float32)
+        q = (w / _safe(scale)).astype(f8)
+        return QuantizedMatrix(q, scale, None, fmt, k, dtype)
+    raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+
+
+def _scale(s: np.ndarray, group: int, k: int) -> np.ndarray:
+    # Per channel in f32; per group in f16 as GGUF stores them (the rounded scale is the one q is computed with).
+    return s.astype(np.float32 if group == k else np.float16)
+
+
+def _safe(scale: np.ndarray) -> np.ndarray:
+    s = scale.astype(np.float32)
+    return np.where(s == 0, np.float32(1), s)  # an all-zero row or group: q = 0
+
+
+def pack_int4(q: np.ndarray, group: int) -> np.ndarray:
+    """(N, K) values in 0..15 to (N, K/2) bytes: per group, column j low nibble, column j + group/2 high."""
+    n, k = q.shape
+    qg = q.reshape(n, k // group, 2, group // 2)
+    return (qg[:, :, 0] | (qg[:, :, 1] << 4)).astype(np.uint8).reshape(n, k // 2)
+
+
+def unpack_int4(packed, group: int):
+    """The inverse of `pack_int4`, in numpy or jnp: (N, K/2) bytes to (N, K) values 0..15 (uint8)."""
+    xp = jnp if isinstance(packed, jax.Array) else np
+    n, kh = packed.shape
+    b = packed.reshape(n, kh // (group // 2), 1, group // 2)
+    return xp.concatenate([b & 15, b >> 4], axis=2).reshape(n, 2 * kh)
+
+
+# -- GGUF blocks ----------------------------------------------------------------------------
+
+
+def from_gguf_blocks(data: np.ndarray, qtype: str, shape: tuple[int, int], dtype: str = "float32"):
+    """Q8_0 / Q4_0 / Q4_1 blocks (uint8, one row of blocks per matrix row) as a host QuantizedMatrix, bit for bit."""
+    fmt, group, has_min, block = GGUF_TYPES[qtype]
+    n, k = shape
+    b = np.ascontiguousarray(data, np.uint8).reshape(n, k // group, block)
+    scale = b[..., 0:2].copy().view(np.float16)[..., 0]
+    mn = b[..., 2:4].copy().view(np.float16)[..., 0] if has_min else None
+    body = b[..., 4 if has_min else 2 :].reshape(n, -1)
+    q = body.view(np.int8).copy() if fmt == "int8" else body.copy()
+    return QuantizedMatrix(q, scale, mn, fmt, group, dtype)
+
+
+def concat_rows(parts: list[QuantizedMatrix]) -> QuantizedMatrix | None:
+    """Host matrices stacked by rows (a fused wqkv / w13), or None when their formats differ."""
+    first = parts[0]
+    same = all(
+        (p.fmt, p.group, p.min is None, p.q.dtype, p.scale.dtype, p.shape[1])
+        == (first.fmt, first.group, first.min is None, first.q.dtype, first.scale.dtype, first.shape[1])
+        for p in parts
+    )
+    if not same:
+        return None
+    cat = lambda xs: np.concatenate(xs, axis=0)  # noqa: E731
+    mn = None if first.min is None else cat([p.min for p in parts])
+    return dataclasses.replace(first, q=cat([p.q for p in parts]), scale=cat([p.scale for p in parts]), min=mn)
+
+
+def map_rows(w: QuantizedMatrix, fn) -> QuantizedMatrix:
+    """fn applied to the row axis of q, scale and min alike (e.g. GGUF's Q/K row permutation)."""
+    return dataclasses.replace(w, q=fn(w.q), scale=fn(w.scale), min=None if w.min is None else fn(w.min))
+
+
+# -- dequantize and products (jnp, inside the jitted graph) ---------------------------------
+
+
+def _values(w: QuantizedMatrix) -> jax.Array:
+    """q as f32 values before the scale: (N, K) for int8/fp8, (N, K) with the -8 offset applied for int4."""
+    if w.fmt == "int4":
+        v = unpack_int4(w.q, w.group).astype(jnp.float32)
+        return v if w.min is not None else v - 8.0
+    return w.q.astype(jnp.float32)
+
+
+def dequantize(w: QuantizedMatrix, dtype=None) -> jax.Array:
+    """The dense (N, K) matrix, in `dtype` (default: the compute dtype), computed in f32."""
+    n, k = w.shape
+    g = w.group
+    v = _values(w).reshape(n, k // g, g) * w.scale.astype(jnp.float32)[..., None]
+    if w.min is not None:
+        v = v + w.min.astype(jnp.float32)[..., None]
+    return v.reshape(n, k).astype(dtype or w.dtype)
+
+
+def matmul(x: jax.Array, w: QuantizedMatrix) -> jax.Array:
+    """x @ W.T in f32 for x (S, K). One token: a multiply-then-sum over the quantized values
+    (one fusion that reads the quantized bytes, scales applied per group after the sum);
+    a chunk: dequantize, then one matrix product."""
+    n, k = w.shape
+    if x.shape[0] != 1:
+        return jnp.einsum("si,oi->so", x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
+    g = w.group
+    xg = x[0].astype(jnp.float32).reshape(k // g, g)
+    part = jnp.sum(_values(w).reshape(n, k // g, g) * xg[None], axis=-1)  # (N, K / g)
+    y = jnp.sum(part * w.scale.astype(jnp.float32), axis=-1)
+    if w.min is not None:
+        y = y + jnp.sum(w.min.astype(jnp.float32) * jnp.sum(xg, axis=-1)[None], axis=-1)
+    return y[None]
+
+
+def error_bound(w: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
+    """The largest |W - dequantize(quantize(W))| rounding to nearest allows, per element (for tests)."""
+    n, k = w.shape
+    g = qm.group
+    s = np.repeat(np.asarray(qm.scale, np.float32), g, axis=1)
+    if qm.fmt in _FP8:
+        f8 = _FP8[qm.fmt]
+        info = ml_dtypes.finfo(f8)
+        rel = 2.0 ** -(info.nmant + 1)  # half an ulp of the mantissa
+        tiny = float(info.smallest_subnormal) / 2
+        return s * np.maximum(rel * np.abs(w) / s, tiny) * (1 + 1e-6)
+    bound = 0.5 * s
+    if qm.min is not None:  # the f16 min is rounded too: values at the group's low end may sit below it
+        m = np.repeat(np.asarray(qm.min, np.float32), g, axis=1)
+        bound = bound + 2.0**-11 * np.abs(m)
+    return bound * (1 + 1e-5) + 1e-7
+
+
+# -- at load (build_weights) ----------------------------------------------------------------
+
+# The weights pytree fields that hold (out, in) matrices a GEMV reads; MoE experts (3-D) stay dense.
+FIELDS = ("embed", "lm_head", "wqkv", "wo", "w13", "w2")
+# The embedding / output matrix keeps 8 bits under int4 (llama.cpp's Q4 files keep Q6_K/Q8_0 there too).
+_EDGE = ("embed", "lm_head")
+
+
+def load_field(choice: str, field: str, names: list[str], source, read, dtype: str, *, is_moe: bool = False):
+    """Field `field` (its transformers tensors `names`, stacked by rows) as a host QuantizedMatrix, or None
+    to load it dense: with choice "native", when every part is stored quantized in a mappable form
+    (GGUF Q8_0/Q4_0/Q4_1 blocks, a quantized checkpoint) of one format; else quantized from floats."""
+    fmt, group = parse_choice(choice)
+    if fmt is None or field not in FIELDS or (is_moe and field in ("w13", "w2")):
+        return None
+    if fmt == "native":
+        getq = getattr(source, "get_quantized", None)
+        parts = [getq(n, dtype) for n in names] if getq else [None]
+        return None if any(p is None for p in parts) else concat_rows(parts)
+    w = np.concatenate([np.asarray(read(n), np.float32) for n in names], axis=0)
+    if fmt == "int4" and field in _EDGE:
+        return quantize(w, "int8", dtype=dtype)
+    return quantize(w, fmt, group, with_min=True, dtype=dtype)
+
+
+# On the CPU, XLA's dequantize-in-graph decode is ~8x slower than a dense f32 matvec (BENCHMARKS.md,
+# Quantization), so a quantized matrix is dequantized once, at load, into the compute dtype there.
+DEQUANTIZE_ON_CPU = True
+
+
+def for_device(w: QuantizedMatrix):
+    """What build_weights places for a host QuantizedMatrix: itself, or on the CPU its dense matrix."""
+    if DEQUANTIZE_ON_CPU and jax.default_backend() == "cpu":
+        return np.asarray(dequantize(w))
+    return w
+
+
+def auto_choice(source) -> str:
+    """What `load_model(quant=None)` does: a quantized checkpoint loads in its stored form ("native");
+    anything else dense ("none"), as before (see BENCHMARKS.md, Quantization, for the CPU figures)."""
+    return "native" if getattr(source, "quantized", False) else "none"
+
+
+# -- checkpoints (scripts/quantize.py writes them, loading/hf.py reads them) -----------------
+
+
+def stored_parts(w: QuantizedMatrix) -> tuple[dict, dict[str, np.ndarray]]:
+    """The config entry and the tensors (suffix -> host array) a checkpoint stores for w."""
+    parts = {"q": np.asarray(w.q), "scale": np.asarray(w.scale)}
+    if w.min is not None:
+        parts["min"] = np.asarray(w.min)
+    return {"format": w.fmt, "group": w.group, "min": w.min is not None}, parts
+
+
+def from_stored(spec: dict, get, dtype: str = "float32") -> QuantizedMatrix:
+    """The inverse of `stored_parts`: `get(suffix)` reads <name>.q, <name>.scale, <name>.min."""
+    fmt, group = spec.get("format"), spec.get("group")
+    if fmt not in FORMATS or not isinstance(group, int) or group < 1:
+        raise UserError(f"bad entry {spec!r} in config.json's quantization section")
+    return QuantizedMatrix(get("q"), get("scale"), get("min") if spec.get("min") else None, fmt, group, dtype)
