@@ -130,8 +130,10 @@ def decode_attention_partials(
     split_t = max(bt, min(split_t, t) // bt * bt)
     n_splits = pl.cdiv(t, split_t)
 
-    # q and the cache meet in the wider of their dtypes (an f32 dot is exact, not tf32).
-    qg = q.reshape(n_kv, group, hd).astype(jnp.promote_types(q.dtype, k_cache.dtype))
+    # q and the cache meet in the wider of their dtypes (an f32 dot is exact, not tf32);
+    # an fp8 cache (no implicit promotion) is upcast to q's dtype as each block is loaded.
+    fp8_cache = jnp.dtype(k_cache.dtype).itemsize == 1
+    qg = q.reshape(n_kv, group, hd).astype(q.dtype if fp8_cache else jnp.promote_types(q.dtype, k_cache.dtype))
     if gp != group:
         qg = jnp.pad(qg, ((0, 0), (0, gp - group), (0, 0)))
     length = jnp.asarray(length, jnp.int32).reshape(1)
