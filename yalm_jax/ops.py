@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_attention as _attn
 from pallas_kernels import gemv as _gemv
+from pallas_kernels import gemv_quant as _gemv_quant
+from yalm_jax import quant
 
 BACKENDS = ("xla", "pallas")
 
@@ -70,10 +72,13 @@ def linear(
         return (y if residual is None else residual + y).astype(x.dtype)
     if _decode(x, backend):
         r = None if residual is None else residual[0]
-        return _gemv.gemv(w, x[0], bias=b, residual=r, norm=norm, interpret=_interpret())[None]
+        return _gemv_for(w)(w, x[0], bias=b, residual=r, norm=norm, interpret=_interpret())[None]
     if norm is not None:
         x = rms_norm(x, *norm)
-    y = jnp.einsum("si,oi->so", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    if quant.is_quantized(w):  # dequantized inside the graph (quant.py)
+        y = quant.matmul(x, w).astype(x.dtype)
+    else:
+        y = jnp.einsum("si,oi->so", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     y = y if b is None else y + b
     return y if residual is None else residual + y
 
@@ -92,6 +97,11 @@ def embed(table: jax.Array, tokens: jax.Array, *, reduce_axis: str | None = None
     mine = (local >= 0) & (local < rows)
     x = jnp.where(mine[:, None], table[jnp.clip(local, 0, rows - 1)], jnp.zeros((), table.dtype))
     return jax.lax.psum(x, reduce_axis)
+
+
+def _gemv_for(w):
+    """The decode GEMV kernel for w: dense, or dequantizing in the kernel for a quant.QuantizedMatrix."""
+    return _gemv_quant.gemv_quant if quant.is_quantized(w) else _gemv.gemv
 
 
 def activate(x: jax.Array, activation: str) -> jax.Array:
@@ -113,7 +123,7 @@ def gated_ffn_up(
 ) -> jax.Array:
     """act(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in)."""
     if _decode(x, backend) and activation == "silu":  # the gated GEMV kernel has silu only
-        return _gemv.gemv(w13, x[0], norm=norm, gated=True, interpret=_interpret())[None]
+        return _gemv_for(w13)(w13, x[0], norm=norm, gated=True, interpret=_interpret())[None]
     gate, up = jnp.split(linear(x, w13, norm=norm), 2, axis=-1)
     return activate(gate, activation) * up
 
