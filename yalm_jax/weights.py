@@ -176,7 +176,7 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
             parts = [names] if isinstance(names, str) else names
             qm = _quant.load_field(quant, field, parts, source, read, cfg.dtype, is_moe=cfg.is_moe)
             if qm is not None:
-                return jax.device_put(qm)
+                return jax.device_put(_quant.for_device(qm))
         if field in _NORMS:
             return put_norm(field, names)
         if field in ("w13", "w2") and cfg.is_moe:
