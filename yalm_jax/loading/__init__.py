@@ -39,9 +39,17 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def load_model(path: str, dtype: str = "float32", progress: bool = False, tp: int = 1) -> LoadedModel:
-    """`tp` > 1 splits the model over the first tp devices (tensor parallelism, see yalm_jax/parallel.py)."""
+def load_model(
+    path: str, dtype: str = "float32", progress: bool = False, tp: int = 1, quant: str | None = None
+) -> LoadedModel:
+    """`tp` > 1 splits the model over the first tp devices (tensor parallelism, see yalm_jax/parallel.py).
+
+    `quant` (one of quant.CHOICES: none, native, int8, int4[:group], fp8, fp8_e5m2) quantizes the
+    matrices at load, or with "native" keeps the blocks a GGUF file or a quantized checkpoint stores;
+    None picks quant.auto_choice (a quantized checkpoint loads as it is stored).
+    """
     from yalm_jax import parallel
+    from yalm_jax import quant as quant_lib
     from yalm_jax.loading import gguf, hf
 
     if not os.path.exists(path):
@@ -55,4 +63,12 @@ def load_model(path: str, dtype: str = "float32", progress: bool = False, tp: in
     cfg = dataclasses.replace(cfg, tp=tp)
     parallel.check(cfg, tp)
     parallel.check_fits(cfg)
-    return LoadedModel(cfg=cfg, weights=build_weights(cfg, source, progress=progress), tokenizer=tokenizer)
+    quant = quant or quant_lib.auto_choice(source)
+    try:
+        quant_lib.parse_choice(quant)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if quant != "none" and tp > 1:
+        raise UserError("quantized weights do not support tensor parallelism yet; use --quant=none with tp > 1")
+    weights = build_weights(cfg, source, progress=progress, quant=quant)
+    return LoadedModel(cfg=cfg, weights=weights, tokenizer=tokenizer)

@@ -148,6 +148,19 @@ class GGUFSource:
     def quant_type(self, name: str) -> str:
         return self._tensors[name][0].tensor_type.name
 
+    def get_quantized(self, name: str, dtype: str = "float32"):
+        """A Q8_0 / Q4_0 / Q4_1 tensor as a host quant.QuantizedMatrix, straight from its blocks; else None."""
+        from yalm_jax import quant
+
+        t, expert = self._tensors[name]
+        if t.tensor_type.name not in quant.GGUF_TYPES or len(t.shape) != 2 or expert is not None:
+            return None
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        w = quant.from_gguf_blocks(np.asarray(t.data), t.tensor_type.name, shape, dtype)
+        if name in self._heads:  # the same row order as `get`: permute whole rows of blocks
+            w = quant.map_rows(w, lambda a: unpermute_rows(a, self._heads[name]))
+        return w
+
     def get(self, name: str) -> np.ndarray:
         from gguf import quants
 

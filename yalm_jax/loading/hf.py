@@ -33,6 +33,8 @@ _DTYPES = {
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
@@ -99,7 +101,11 @@ def _read_header(path: str) -> dict[str, _TensorInfo]:
 class SafetensorsSource:
     """Reads tensors lazily, one at a time, from a model's safetensors file(s)."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, quantization: dict | None = None):
+        # A checkpoint from scripts/quantize.py: config.json's "quantization" names each quantized matrix,
+        # stored as <name>.q, <name>.scale (and <name>.min); see yalm_jax/quant.py.
+        self._quant = dict((quantization or {}).get("tensors", {}))
+        self.quantized = bool(self._quant)
         index_path = os.path.join(model_dir, INDEX)
         if os.path.isfile(index_path):
             weight_map = read_json(index_path).get("weight_map")
@@ -123,10 +129,19 @@ class SafetensorsSource:
         return list(self._where)
 
     def has(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self._quant
+
+    def get_quantized(self, name: str, dtype: str = "float32"):
+        """A stored quantized matrix as a host quant.QuantizedMatrix, or None for a dense tensor."""
+        from yalm_jax import quant
+
+        spec = self._quant.get(name)
+        return None if spec is None else quant.from_stored(spec, lambda part: self.get(f"{name}.{part}"), dtype)
 
     def get(self, name: str) -> np.ndarray:
-        """A fresh array (not a view of the file) in the dtype the file stores."""
+        """A fresh array (not a view of the file) in the dtype the file stores; a quantized matrix dequantized to f32."""
+        if name in self._quant:
+            return np.asarray(self.get_quantized(name).dequantize(np.float32))
         path, info = self._where[name]
         dtype = _DTYPES.get(info.kind)
         if dtype is None:
@@ -177,5 +192,5 @@ def open_hf_dir(model_dir: str, dtype: str = "float32"):
     if not os.path.isdir(model_dir):
         raise UserError(f"{model_dir}: no such directory")
     cfg = load_hf_config(model_dir, dtype)
-    source = SafetensorsSource(model_dir)
+    source = SafetensorsSource(model_dir, read_json(os.path.join(model_dir, "config.json")).get("quantization"))
     return cfg, source, tokenizer_from_hf_dir(model_dir)
