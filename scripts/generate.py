@@ -47,6 +47,12 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 turns it of
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability, in [0, 1]; 0 turns it off.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype of the weights and the KV cache.")
+flags.DEFINE_string(
+    "quant", None,
+    "Weights: none (dense), native (keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks quantized), or quantize at load: "
+    "int8, int4[:32|64|128], fp8 (e4m3), fp8_e5m2. Default: a quantized checkpoint as stored, else none.",
+)  # fmt: skip
+flags.DEFINE_enum("kv_dtype", None, ["float32", "bfloat16", "float16", "float8_e4m3fn"], "KV cache dtype (default: --dtype); attention computes in f32.")
 flags.DEFINE_integer("tp", 1, "Tensor parallelism: split the model over this many GPUs (devices) of this host.", lower_bound=1)
 flags.DEFINE_integer("max_context", None, "Most positions a sequence reaches (default: the model's maximum, at most 8192); beyond --window the KV cache is a ring.", lower_bound=1)
 flags.DEFINE_integer("window", None, "KV cache slots (default: the model's trained context). A --max_context beyond it makes the cache a ring that keeps --sinks first tokens (StreamingLLM).", lower_bound=2)
@@ -116,7 +122,7 @@ def run(argv: list[str]) -> int:
     sampling = SamplingParams.make(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p)
     path = FLAGS.model or default_model_path()
     t = time.perf_counter()
-    lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty(), tp=FLAGS.tp)
+    lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty(), tp=FLAGS.tp, quant=FLAGS.quant)
     load_s = time.perf_counter() - t
     max_context = FLAGS.max_context or min(lm.cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     window = min(FLAGS.window or lm.cfg.max_position_embeddings, max_context)
@@ -128,6 +134,7 @@ def run(argv: list[str]) -> int:
         lm.weights, lm.cfg, lm.tokenizer,
         max_context=max_context, backend=FLAGS.backend or ops.default_backend(), seed=FLAGS.seed,
         window=window, sinks=FLAGS.sinks,
+        kv_dtype=FLAGS.kv_dtype,
     )  # fmt: skip
     options = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, stop=FLAGS.stop, on_text=_write)
     if FLAGS.verbose:

@@ -360,6 +360,7 @@ class Generator:
         decode_chunk: int = DECODE_CHUNK,
         window: int | None = None,
         sinks: int = 2,
+        kv_dtype: str | None = None,
     ):
         if max_context < 1:
             raise UserError(f"max_context must be >= 1, got {max_context}")
@@ -370,6 +371,7 @@ class Generator:
         if self.ring_sinks is not None and not 0 <= sinks < self.slots:
             raise UserError(f"sinks must be in [0, window={self.slots}), got {sinks}")
         self.backend = backend
+        self.kv_dtype = kv_dtype  # the KV cache's dtype (default: the compute dtype); attention upcasts
         self.prefill_chunk = prefill_chunk or default_prefill_chunk()
         self.decode_chunk = decode_chunk
         self.cache: KVCache | None = self._new_cache()
@@ -378,7 +380,7 @@ class Generator:
         self.programs = Programs()
 
     def _new_cache(self) -> KVCache:
-        return model.init_cache(self.cfg, self.slots, ring_sinks=self.ring_sinks)
+        return model.init_cache(self.cfg, self.slots, self.kv_dtype, ring_sinks=self.ring_sinks)
 
     def reset(self) -> None:
         self.cached_ids = []
