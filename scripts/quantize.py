@@ -1,14 +1,14 @@
 """Write a quantized checkpoint that `load_model` (and scripts/generate.py --model=OUT) reads back.
 
   python scripts/quantize.py --model=path/to/hf_dir --out=path/to/out --quant=int8
-  python scripts/quantize.py --model=... --out=... --quant=int4:128   # group size 32, 64 (default) or 128
+  python scripts/quantize.py --model=... --out=... --quant=int4:128   # group size 32 (default), 64 or 128
   python scripts/quantize.py --perplexity_text=data/alice_ch1.txt       # quality table, writes nothing
 
 OUT gets model.safetensors, in which each quantized matrix <name> is stored as
 <name>.q, <name>.scale and, for int4, <name>.min (formats in yalm_jax/quant.py);
 config.json, the model's own plus a "quantization" section that lists them; and
 the tokenizer and generation files, copied. Norms and biases stay as stored.
-With int4 the embedding and output matrices are int8 (as in quant.load_field).
+With int4 and fp8 the embedding and output matrices are int8 (as in quant.load_field).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
 # Values a quantize-at-load flag (--quant) takes; "native" keeps GGUF's Q8_0/Q4_0/Q4_1 blocks as they are.
 CHOICES = ("none", "native", "int8", "int4", "fp8", "fp8_e5m2")
 INT4_GROUPS = (32, 64, 128)
-DEFAULT_INT4_GROUP = 64
+DEFAULT_INT4_GROUP = 32  # SmolLM2 perplexity: +0.07% at 32, +33% at 64 (BENCHMARKS.md)
 _FP8 = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
 # GGUF block types that map straight onto a format: (format, group, has min, bytes per block).
 GGUF_TYPES = {"Q8_0": ("int8", 32, False, 34), "Q4_0": ("int4", 32, False, 18), "Q4_1": ("int4", 32, True, 20)}
@@ -258,7 +258,8 @@ def error_bound(w: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
 
 # The weights pytree fields that hold (out, in) matrices a GEMV reads; MoE experts (3-D) stay dense.
 FIELDS = ("embed", "lm_head", "wqkv", "wo", "w13", "w2")
-# The embedding / output matrix keeps 8 bits under int4 (llama.cpp's Q4 files keep Q6_K/Q8_0 there too).
+# The embedding / output matrix is int8 under int4 and fp8 (llama.cpp's Q4 files keep Q6_K/Q8_0 there
+# too): SmolLM2's tied 49152 x 576 table is the most sensitive matrix (see BENCHMARKS.md).
 _EDGE = ("embed", "lm_head")
 
 
@@ -274,7 +275,7 @@ def load_field(choice: str, field: str, names: list[str], source, read, dtype: s
         parts = [getq(n, dtype) for n in names] if getq else [None]
         return None if any(p is None for p in parts) else concat_rows(parts)
     w = np.concatenate([np.asarray(read(n), np.float32) for n in names], axis=0)
-    if fmt == "int4" and field in _EDGE:
+    if fmt in ("int4", "fp8_e4m3", "fp8_e5m2") and field in _EDGE:
         return quantize(w, "int8", dtype=dtype)
     return quantize(w, fmt, group, with_min=True, dtype=dtype)
 
