@@ -13,14 +13,12 @@ experts' share for Mixtral, plus its part of the KV cache) as GB/s.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 
 from yalm_jax import generate as gen

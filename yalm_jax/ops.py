@@ -228,25 +228,58 @@ def attention(
     # Attend over the cache as it was plus the chunk itself, then write the chunk:
     # reading the cache after the write makes XLA fuse the write into the read
     # and copy every layer's whole cache on every step to keep both alive.
-    # In f32 throughout: XLA CPU has no bf16 x bf16 -> f32 dot, and the softmax wants f32 anyway.
-    f32 = jnp.float32
-    qg = q.astype(f32).reshape(s, n_kv, n_heads // n_kv, hd) * (hd**-0.5 if scale is None else scale)
-    k_all = jnp.concatenate([k_cache[:, :attn_len].astype(f32), k.swapaxes(0, 1).astype(f32)], axis=1)
-    v_all = jnp.concatenate([v_cache[:, :attn_len].astype(f32), v.swapaxes(0, 1).astype(f32)], axis=1)
     slot = jnp.arange(attn_len)
     k_pos = jnp.concatenate([jnp.where(slot < q_pos[0], slot, jnp.iinfo(jnp.int32).max), q_pos])
     visible = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - window
-    scores = jnp.einsum("skgd,ktd->kgst", qg, k_all)
-    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-    out = jnp.einsum("kgst,ktd->skgd", probs, v_all)
-    out = out.reshape(s, n_heads, hd).astype(q.dtype)
-    # The write must come after the read, or XLA keeps the old cache alive by
-    # copying it. Nothing orders the two, so make the written values depend on
-    # the output (0 * x is not folded away: it is NaN for x = inf).
+    out = _attend(q, k, v, k_cache, v_cache, visible, attn_len=attn_len, scale=scale)
+    return (out, *_write_after_read(out, k, v, k_cache, v_cache, q_pos[0]))
+
+
+def _attention_dtype(cache_dtype) -> jnp.dtype:
+    """The dtype attention multiplies in (always accumulating in f32).
+
+    f32 on the CPU, where XLA has no bf16 x bf16 -> f32 product and is slow at
+    16-bit ones anyway; elsewhere the cache's 16-bit dtype (bf16 for an fp8 cache).
+    """
+    if jax.default_backend() == "cpu" or cache_dtype == jnp.float32:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(cache_dtype if cache_dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16)
+
+
+def _attend(q, k, v, k_cache, v_cache, visible, *, attn_len, scale, q_sink=None, sinks=0):
+    """softmax(q.k * scale over the `visible` keys) . v, the keys being the first `attn_len`
+    cache slots then the chunk's own; the first `sinks` slots are scored against `q_sink`."""
+    s, n_heads, hd = q.shape
+    n_kv = k.shape[1]
+    dt, f32 = _attention_dtype(k_cache.dtype), jnp.float32
+    scale = hd**-0.5 if scale is None else scale
+    k_all = jnp.concatenate([k_cache[:, :attn_len].astype(dt), k.swapaxes(0, 1).astype(dt)], axis=1)
+    v_all = jnp.concatenate([v_cache[:, :attn_len].astype(dt), v.swapaxes(0, 1).astype(dt)], axis=1)
+
+    def scores_of(queries, keys):
+        grouped = queries.astype(dt).reshape(s, n_kv, n_heads // n_kv, hd)
+        return jnp.einsum("skgd,ktd->kgst", grouped, keys, preferred_element_type=f32) * scale
+
+    scores = scores_of(q, k_all)
+    if sinks:
+        scores = jnp.concatenate([scores_of(q_sink, k_all[:, :sinks]), scores[..., sinks:]], axis=-1)
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(dt)
+    out = jnp.einsum("kgst,ktd->skgd", probs, v_all, preferred_element_type=f32)
+    return out.reshape(s, n_heads, hd).astype(q.dtype)
+
+
+def _write_after_read(out, k, v, k_cache, v_cache, start):
+    """The chunk's keys and values written into the caches from slot `start`.
+
+    The write must come after the attention's read, or XLA keeps the old cache
+    alive by copying it. Nothing orders the two, so make the written values
+    depend on the output (0 * x is not folded away: it is NaN for x = inf).
+    """
     after_read = jnp.zeros((), k.dtype) * out[0, 0, 0].astype(k.dtype)
-    return out, write_cache(k_cache, k + after_read, q_pos), write_cache(v_cache, v + after_read, q_pos)
+    start = start[None]
+    return write_cache(k_cache, k + after_read, start), write_cache(v_cache, v + after_read, start)
 
 
 def ring_slot(pos: jax.Array, n_slots: int, sinks: int) -> jax.Array:
@@ -289,7 +322,7 @@ def ring_attention(
     s, n_heads, hd = q.shape
     n_kv, n_slots, _ = k_cache.shape
     ring = n_slots - sinks
-    f32, big = jnp.float32, jnp.iinfo(jnp.int32).max
+    big = jnp.iinfo(jnp.int32).max
     q0 = q_pos[0]
     # The position each slot holds before this chunk is written (`big` where none).
     slot = jnp.arange(attn_len)
@@ -300,18 +333,6 @@ def ring_attention(
     visible = (k_pos[None, :] <= q_pos[:, None]) & ((k_pos[None, :] < sinks) | (k_pos[None, :] > q_pos[:, None] - ring))
     if window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - window
-    scale = hd**-0.5 if scale is None else scale
-    qg = q.astype(f32).reshape(s, n_kv, n_heads // n_kv, hd) * scale
-    k_all = jnp.concatenate([k_cache[:, :attn_len].astype(f32), k.swapaxes(0, 1).astype(f32)], axis=1)
-    v_all = jnp.concatenate([v_cache[:, :attn_len].astype(f32), v.swapaxes(0, 1).astype(f32)], axis=1)
-    scores = jnp.einsum("skgd,ktd->kgst", qg, k_all)
-    if sinks:
-        qs = q_sink.astype(f32).reshape(s, n_kv, n_heads // n_kv, hd) * scale
-        sink_scores = jnp.einsum("skgd,ktd->kgst", qs, k_all[:, :sinks])
-        scores = jnp.concatenate([sink_scores, scores[..., sinks:]], axis=-1)
-    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-    out = jnp.einsum("kgst,ktd->skgd", probs, v_all).reshape(s, n_heads, hd).astype(q.dtype)
+    out = _attend(q, k, v, k_cache, v_cache, visible, attn_len=attn_len, scale=scale, q_sink=q_sink, sinks=sinks)
     # Written after the read, at the chunk's first slot, as `attention` does.
-    after_read = jnp.zeros((), k.dtype) * out[0, 0, 0].astype(k.dtype)
-    start = ring_slot(q0, n_slots, sinks)[None]
-    return out, write_cache(k_cache, k + after_read, start), write_cache(v_cache, v + after_read, start)
+    return (out, *_write_after_read(out, k, v, k_cache, v_cache, ring_slot(q0, n_slots, sinks)))
