@@ -130,9 +130,13 @@ def test_changing_params_does_not_recompile():
     fn = jax.jit(traced)
     logits = jnp.asarray(_logits(v=100))
     key = jax.random.key(0)
-    for params in (SamplingParams.greedy(), SamplingParams.make(0.5, 3, 0.9, 0.1), SamplingParams.make(1.0)):
+    for params in (SamplingParams.make(0.5, 3, 0.9, 0.1), SamplingParams.make(1.0), SamplingParams.make(2.0, 0, 0.5)):
         fn(logits, key, params)
     assert len(traces) == 1
+    # Greedy is its own program (a plain argmax), compiled once.
+    for params in (SamplingParams.greedy(), SamplingParams.make(0.0, 7, 0.3)):
+        fn(logits, key, params)
+    assert len(traces) == 2
 
 
 @pytest.mark.parametrize(
