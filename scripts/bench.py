@@ -32,7 +32,7 @@ flags.DEFINE_integer("decode_tokens", 128, "Tokens generated per decode timing."
 flags.DEFINE_integer("prefill_tokens", 512, "Prompt length for the prefill timing.")
 flags.DEFINE_bool("llama_cpp", True, "Time llama.cpp too, when llama-cpp-python is installed.")
 flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
-flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,cmdbuf,profile", "GPU suite: which parts to run.")
+flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,quant,cmdbuf,profile", "GPU suite: which parts to run.")
 flags.DEFINE_bool("gpu_smoke", False, "GPU suite at toy shapes on any device (checks the script only).")
 flags.DEFINE_string("_worker", None, "Internal: run one timed generation in this process, print JSON.")
 

@@ -673,7 +673,72 @@ def part_profile(res, roof, smoke, out_dir):
         add_row("profile prefill", "", note=f"FAILED {type(e).__name__}: {str(e)[:150]}")
 
 
-PARTS = ("roof", "mistral", "smollm2", "cmdbuf", "profile")
+def random_quantized(w: jax.Array, fmt: str, seed: int):
+    """A random QuantizedMatrix of w's shape in `fmt` (values don't set the speed; the bytes do)."""
+    from yalm_jax.quant import QuantizedMatrix
+
+    n, k = w.shape
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    group = 32 if fmt == "int4" else k
+    scale = (0.01 * (1 + jax.random.uniform(k2, (n, k // group)))).astype(jnp.float32)
+    if fmt == "int8":
+        q = jax.random.randint(k1, (n, k), -127, 128, jnp.int8)
+    elif fmt == "int4":
+        q = jax.random.randint(k1, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+    else:
+        q = jax.random.normal(k1, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
+    return QuantizedMatrix(q=q, scale=scale, min=None, fmt=fmt, group=group, dtype="bfloat16")
+
+
+def part_quant(res, roof, smoke):
+    """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 weights, beside bf16, at context 128;
+    and bf16 against fp8 KV at context 4096."""
+    shape = "toy" if smoke else "mistral7b"
+    cfg = make_cfg(shape, "bfloat16")
+    dense = random_weights(cfg, seed=5)
+    max_context = 512 if smoke else MAX_CONTEXT
+    n_steps, reps = (4, 2) if smoke else (32, 3)
+    ctx = 16 if smoke else 128
+    out = res.setdefault("quant", {})
+    cache = random_cache(cfg, max_context)
+    for fmt in ("bf16", "int8", "int4", "fp8_e4m3"):
+        try:
+            if fmt == "bf16":
+                weights = dense
+            else:
+                seeds = iter(range(10_000))
+                q = lambda w: random_quantized(w, fmt, next(seeds))  # noqa: E731
+                weights = Weights(
+                    embed=dense.embed, final_norm=dense.final_norm, lm_head=q(dense.lm_head),
+                    layers=[dataclasses.replace(l, wqkv=q(l.wqkv), wo=q(l.wo), w13=q(l.w13), w2=q(l.w2)) for l in dense.layers],
+                )  # fmt: skip
+            wb = weight_bytes_per_token(weights, cfg)
+            nbytes = wb + kv_bytes_per_token(cfg, ctx + (n_steps - 1) / 2)
+            r, cache = time_decode(weights, cfg, cache, backend="pallas", ctx=ctx, n_steps=n_steps, reps=reps)
+            t = r["s_per_tok"]
+            out[fmt] = r | {"tok_s": 1 / t, "bytes_per_token": nbytes, "gb_s": nbytes / t / 1e9}
+            ratio = out[fmt]["tok_s"] / out["bf16"]["tok_s"] if "bf16" in out and "tok_s" in out["bf16"] else float("nan")
+            add_row(f"{shape} {fmt} weights decode, ctx {ctx}", "pallas", 1 / t, t * 1e3, nbytes / t / 1e9, roof,
+                    f"{ratio:.2f}x bf16; {nbytes / 1e9:.2f} GB/token")  # fmt: skip
+            del weights
+        except Exception as e:  # noqa: BLE001
+            out[fmt] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            add_row(f"{shape} {fmt} weights decode", "pallas", note=f"FAILED {type(e).__name__}: {str(e)[:120]}")
+    ctx = 64 if smoke else 4096
+    for kv in ("bfloat16", "float8_e4m3fn"):
+        try:
+            kv_cache = jax.tree.map(lambda x: x.astype(kv), random_cache(cfg, max_context, seed=7))
+            r, _ = time_decode(dense, cfg, kv_cache, backend="pallas", ctx=ctx, n_steps=n_steps, reps=reps)
+            t = r["s_per_tok"]
+            out[f"kv_{kv}"] = r | {"tok_s": 1 / t}
+            add_row(f"{shape} bf16 weights, {kv} KV, ctx {ctx}", "pallas", 1 / t, t * 1e3, note="")
+        except Exception as e:  # noqa: BLE001
+            out[f"kv_{kv}"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            add_row(f"{shape} {kv} KV, ctx {ctx}", "pallas", note=f"FAILED {type(e).__name__}: {str(e)[:120]}")
+    del dense
+
+
+PARTS = ("roof", "mistral", "smollm2", "cmdbuf", "profile", "quant")
 
 
 def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
@@ -699,6 +764,8 @@ def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
                 part_smollm2(res, roof, smoke)
             elif part == "cmdbuf":
                 part_cmdbuf(res, roof, smoke, out_dir)
+            elif part == "quant":
+                part_quant(res, roof, smoke)
             elif part == "profile":
                 part_profile(res, roof, smoke, "/tmp/yalm_jax_traces")
         except Exception as e:  # noqa: BLE001
