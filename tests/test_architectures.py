@@ -72,17 +72,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _full_f32_matmuls():
-    """On a GPU, f32 matmuls default to TF32: far from 1e-4, and enough to flip a greedy choice."""
-    import jax
-
-    before = jax.config.jax_default_matmul_precision
-    jax.config.update("jax_default_matmul_precision", "highest")
-    yield
-    jax.config.update("jax_default_matmul_precision", before)
-
-
 def _randomize(m) -> None:
     """Every tensor away from its init; Gemma's norms are stored as w - 1, the others around 1."""
     gen = torch.Generator().manual_seed(0)

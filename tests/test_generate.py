@@ -12,17 +12,6 @@ from yalm_jax.errors import UserError  # noqa: E402
 from yalm_jax.loading import load_model  # noqa: E402
 from yalm_jax.sampling import SamplingParams  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def _full_f32_matmuls():
-    """On a GPU, f32 matmuls default to TF32, enough to flip a greedy choice of a random model."""
-    import jax
-
-    before = jax.config.jax_default_matmul_precision
-    jax.config.update("jax_default_matmul_precision", "highest")
-    yield
-    jax.config.update("jax_default_matmul_precision", before)
-
-
 PROMPT = "Once upon a time there was a little model. The user asked a question and"
 N_NEW = 32
 

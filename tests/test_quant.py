@@ -284,7 +284,10 @@ def test_fp8_kv_cache_through_both_paths(tiny_dir, rng):
         _, dec_pallas = _logits(lm, tokens, backend="pallas", kv_dtype=kv)
         tol = 0.1 if kv == "float8_e4m3fn" else 0.02
         assert _rel(pre, ref_pre) < tol and _rel(dec, ref_dec) < tol, kv
-        assert _rel(dec_pallas, dec) < 1e-3, kv
+        # The kernel computes in f32 from the stored values; so does the xla path on the CPU, but on a
+        # GPU it multiplies in the cache's 16-bit dtype (bf16 for fp8), rounding the probabilities.
+        cross_tol = 1e-3 if jax.default_backend() == "cpu" else 2e-2
+        assert _rel(dec_pallas, dec) < cross_tol, kv
 
 
 def test_decode_attention_kernel_reads_and_writes_an_fp8_cache(rng):
