@@ -14,7 +14,6 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from test_prefill import CONFIGS, random_weights, rel_err
 
 from yalm_jax import generate as gen
@@ -55,7 +54,7 @@ def test_ring_cache_equals_the_full_cache_within_the_window(weights, tokens, sin
 def test_ring_without_sinks_is_a_sliding_window(weights, tokens):
     """Past the window, a 16-slot ring with no sinks attends exactly like a 16-token sliding window."""
     want, _ = run_chunks(weights, dataclasses.replace(CFG, sliding_window=16), model.init_cache(CFG, 128), tokens)
-    got, cache = run_chunks(weights, CFG, model.init_cache(CFG, 16, ring_sinks=0), tokens, chunk=6)
+    got, _ = run_chunks(weights, CFG, model.init_cache(CFG, 16, ring_sinks=0), tokens, chunk=6)
     assert rel_err(got, want) <= TOL
     # Token by token gives the same (decode writes one slot at a time around the ring).
     one, _ = run_chunks(weights, CFG, model.init_cache(CFG, 16, ring_sinks=0), tokens, chunk=1)
