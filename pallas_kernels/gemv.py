@@ -147,15 +147,7 @@ def gemv(
     if gated:
         operands.append(w)
         specs.append(pl.BlockSpec((bn, k), lambda i, h=n_out // bn: (i + h, 0)))
-    for v in (bias, residual):
-        if v is not None:
-            operands.append(v)
-            specs.append(vec_n)
-    aliases = {}
-    if out is not None:
-        aliases = {len(operands): 0}
-        operands.append(out)
-        specs.append(vec_n)
+    aliases = append_epilogue(operands, specs, vec_n, bias, residual, out)
 
     kernel = functools.partial(
         _gemv_kernel,
@@ -180,6 +172,20 @@ def gemv(
         interpret=interpret,
         name="gemv_gated" if gated else "gemv",
     )(*operands)
+
+
+def append_epilogue(operands: list, specs: list, vec_n, bias, residual, out) -> dict[int, int]:
+    """Appends the epilogue's operands (bias, residual, then `out` aliased to the result) after the
+    kernel's own; returns the pallas_call aliases. Shared by the dense and quantized GEMVs."""
+    for v in (bias, residual):
+        if v is not None:
+            operands.append(v)
+            specs.append(vec_n)
+    if out is None:
+        return {}
+    operands.append(out)
+    specs.append(vec_n)
+    return {len(operands) - 1: 0}
 
 
 def gemv_reference(

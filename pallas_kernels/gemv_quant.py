@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.gemv import CONFIGS, DEFAULT_CONFIG, _load_w, _pow2_divisor, gemv_reference
+from pallas_kernels.gemv import CONFIGS, DEFAULT_CONFIG, _load_w, _pow2_divisor, append_epilogue, gemv_reference
 
 
 def _rms_scale(x_refs, k: int, bk: int, eps: float):
@@ -170,15 +170,7 @@ def gemv_quant(
         s = rows(arr)
         operands += [arr] * len(s)
         specs += s
-    for v in (bias, residual):
-        if v is not None:
-            operands.append(v)
-            specs.append(vec_n)
-    aliases = {}
-    if out is not None:
-        aliases = {len(operands): 0}
-        operands.append(out)
-        specs.append(vec_n)
+    aliases = append_epilogue(operands, specs, vec_n, bias, residual, out)
 
     kernel = functools.partial(
         _kernel,
