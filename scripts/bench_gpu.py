@@ -319,6 +319,32 @@ def time_generator(weights, cfg, *, backend, n_prompt, n_new, max_context):
 # -- the parts ---------------------------------------------------------------------
 
 
+def torch_read_gb_s(n: int, reps: int = 20) -> float | None:
+    """Read bandwidth of torch.sum over n random bf16 elements, timed with CUDA events (median of
+    reps, after 20 warm-ups): the anchors' roofline method. None without torch or CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    xt = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    for _ in range(20):
+        xt.sum()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        xt.sum()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    del xt
+    torch.cuda.empty_cache()
+    return n * 2 / statistics.median(ts) / 1e9
+
+
 def part_roof(res, smoke):
     """The read roofline: jnp.sum over 8 GiB of bf16 after 2 s of warm-up, per call (each synchronised:
     the host round trip makes this ~10% low) and 10 calls back to back; and torch.sum timed with CUDA
@@ -348,24 +374,8 @@ def part_roof(res, smoke):
     add_row("read roofline: jnp.sum 8 GiB, warmed, 10 back to back", "xla", gbs=r["batched_gb_s"], roof=r["batched_gb_s"],
             note="median of 5 batches")  # fmt: skip
     try:
-        import torch
-
-        if torch.cuda.is_available() and not smoke:
-            xt = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-            for _ in range(20):
-                xt.sum()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(20):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                xt.sum()
-                b.record()
-                torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b) / 1e3)
-            del xt
-            torch.cuda.empty_cache()
-            r["torch_gb_s"] = n * 2 / statistics.median(ts) / 1e9
+        if not smoke and (gbs := torch_read_gb_s(n)) is not None:
+            r["torch_gb_s"] = gbs
             add_row("read roofline: torch.sum 8 GiB (anchors' method)", "torch", gbs=r["torch_gb_s"], roof=r["torch_gb_s"],
                     note="CUDA events, median of 20")  # fmt: skip
     except Exception as e:  # noqa: BLE001

@@ -62,29 +62,12 @@ def phase_roof(smoke):
     del x
     row(f"roof  jnp.sum bf16 {n * 2 / 2**30:.0f} GiB: {t * 1e3:.2f} ms = {gbs:.0f} GB/s")
     LOG["roof_jnp_gbs"] = gbs
-    try:
-        import torch
+    from bench_gpu import torch_read_gb_s
 
-        if torch.cuda.is_available() and not smoke:
-            xt = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-            for _ in range(3):
-                xt.sum()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(10):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                xt.sum()
-                b.record()
-                torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b) / 1e3)
-            t = statistics.median(ts)
-            del xt
-            torch.cuda.empty_cache()
-            row(f"roof  torch.sum bf16 8 GiB: {t * 1e3:.2f} ms = {n * 2 / t / 1e9:.0f} GB/s")
-            LOG["roof_torch_gbs"] = n * 2 / t / 1e9
-    except Exception as e:  # noqa: BLE001
-        row(f"roof  torch: {type(e).__name__}: {e}")
+    torch_gbs = None if smoke else torch_read_gb_s(n, reps=10)
+    if torch_gbs is not None:
+        row(f"roof  torch.sum bf16 8 GiB: {n * 2 / torch_gbs / 1e6:.2f} ms = {torch_gbs:.0f} GB/s")
+        LOG["roof_torch_gbs"] = torch_gbs
     return LOG.get("roof_torch_gbs", gbs)
 
 
