@@ -39,10 +39,9 @@ SHAPES = {
 }  # fmt: skip
 
 
-def make_cfg(shape: str, dtype: str, tp: int) -> ModelConfig:
-    return ModelConfig(
-        norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, dtype=dtype, tp=tp, **SHAPES[shape]
-    )
+def make_cfg(shape: str, dtype: str, tp: int, layers: int | None = None) -> ModelConfig:
+    dims = SHAPES[shape] | ({"n_layers": layers} if layers else {})
+    return ModelConfig(norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, dtype=dtype, tp=tp, **dims)
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
@@ -87,8 +86,8 @@ def bytes_read_per_device(weights: Weights, cfg: ModelConfig, pos: int) -> float
     return total + kv
 
 
-def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int, reps: int) -> dict:
-    cfg = make_cfg(shape, dtype, tp)
+def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int, reps: int, layers=None) -> dict:
+    cfg = make_cfg(shape, dtype, tp, layers)
     parallel.check(cfg, tp)
     weights = random_weights(cfg)
     cache = model.init_cache(cfg, ctx + n_steps * (reps + 1) + 1)
@@ -110,7 +109,7 @@ def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int,
         times.append(time.perf_counter() - t)
     s = statistics.median(times) / n_steps
     read = bytes_read_per_device(weights, cfg, ctx + n_steps * reps // 2)
-    return {"shape": shape, "dtype": dtype, "tp": tp, "backend": backend, "ctx": ctx, "tok_s": 1 / s,
+    return {"shape": shape, "layers": cfg.n_layers, "dtype": dtype, "tp": tp, "backend": backend, "ctx": ctx, "tok_s": 1 / s,
             "ms_per_tok": s * 1e3, "gb_per_device_per_tok": read / 1e9, "gb_s_per_device": read / s / 1e9,
             "device": jax.devices()[0].device_kind}  # fmt: skip
 
@@ -124,15 +123,18 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=128, help="position of the first decoded token")
     ap.add_argument("--n_steps", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="fewer layers than the shape has, to time a model larger than one device on one (tok/s scales ~1/layers)")
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args()
     from yalm_jax import ops
 
     rows = []
     for tp in [int(t) for t in args.tp.split(",")]:
-        r = bench(args.shape, args.dtype, tp, args.backend or ops.default_backend(), args.ctx, args.n_steps, args.reps)
+        r = bench(args.shape, args.dtype, tp, args.backend or ops.default_backend(), args.ctx, args.n_steps, args.reps,
+                  args.layers)  # fmt: skip
         rows.append(r)
-        print(f"{r['shape']} {r['dtype']} tp={tp} {r['backend']}: {r['tok_s']:.1f} tok/s, {r['ms_per_tok']:.2f} ms/tok, "
+        print(f"{r['shape']} ({r['layers']} layers) {r['dtype']} tp={tp} {r['backend']}: {r['tok_s']:.1f} tok/s, {r['ms_per_tok']:.2f} ms/tok, "
               f"{r['gb_s_per_device']:.0f} GB/s per device ({r['gb_per_device_per_tok']:.2f} GB/tok each) on {r['device']}",
               flush=True)  # fmt: skip
         jax.clear_caches()
