@@ -107,18 +107,10 @@ def hf_greedy(model_dir: str, prompt_ids: list[int], max_new_tokens: int, eos_id
     """transformers' greedy continuation of `prompt_ids` (new tokens only); eos_ids=None never stops early."""
     import torch
     import transformers
+    from tiny_models import hf_generate_greedy
 
     m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    m.generation_config.eos_token_id = list(eos_ids) if eos_ids else None
-    with torch.no_grad():
-        out = m.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt_ids) :].tolist()
+    return hf_generate_greedy(m, prompt_ids, max_new_tokens, eos_ids)
 
 
 @_pytest.fixture(scope="session", params=["llama", "qwen2"])
@@ -132,3 +124,30 @@ def tiny_llama_chat_model(tmp_path_factory) -> str:
 
 
 # ---- end of generation / CLI fixtures --------------------------------------------------------
+
+
+# ---- one tiny random checkpoint per architecture variant (tiny_models.py) -------------------
+
+
+@_pytest.fixture(scope="session")
+def variant_tokens():
+    import numpy as np
+    from tiny_models import BASE, PROMPT_LEN
+
+    return np.random.default_rng().integers(0, BASE["vocab_size"], PROMPT_LEN)
+
+
+@_pytest.fixture(scope="session")
+def variant_checkpoints(tmp_path_factory, variant_tokens):
+    """variant -> (model directory, transformers' f32 logits, transformers' greedy tokens); built once."""
+    _pytest.importorskip("torch")
+    _pytest.importorskip("transformers")
+    from tiny_models import GREEDY_NEW, GREEDY_PROMPT, VARIANTS, hf_generate_greedy, make_hf_model, reference_logits
+
+    out = {}
+    for variant in VARIANTS:
+        d = tmp_path_factory.mktemp(variant)
+        m = make_hf_model(d, variant)
+        greedy = hf_generate_greedy(m, variant_tokens[:GREEDY_PROMPT].tolist(), GREEDY_NEW)
+        out[variant] = (d, reference_logits(m, variant_tokens), greedy)
+    return out
