@@ -32,6 +32,8 @@ flags.DEFINE_integer("decode_tokens", 128, "Tokens generated per decode timing."
 flags.DEFINE_integer("prefill_tokens", 512, "Prompt length for the prefill timing.")
 flags.DEFINE_bool("llama_cpp", True, "Time llama.cpp too, when llama-cpp-python is installed.")
 flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
+flags.DEFINE_list("cpu_quant", [], "CPU: also time decode with these --quant choices dequantized in the graph "
+                  "(e.g. native,int8,int4,fp8) beside dense f32, to check what the CPU default should be.")
 flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,quant,cmdbuf,profile", "GPU suite: which parts to run.")
 flags.DEFINE_bool("gpu_smoke", False, "GPU suite at toy shapes on any device (checks the script only).")
 flags.DEFINE_string("_worker", None, "Internal: run one timed generation in this process, print JSON.")
@@ -88,6 +90,28 @@ def run_worker(cache_dir: str) -> dict:
     if out.returncode:
         raise RuntimeError(f"bench worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def quant_step_ms(choice: str) -> tuple[float, int]:
+    """ms per decode step of `model.forward` (one token, attn_len 256, median of 20) and the weight bytes,
+    with the weights loaded as `choice`; quantized matrices stay quantized, dequantized inside the graph."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from yalm_jax import model, quant
+    from yalm_jax.loading import load_model
+
+    quant.DEQUANTIZE_ON_CPU = False
+    m = load_model(FLAGS.model, "float32", quant=choice)
+    cache = model.init_cache(m.cfg, 512)
+    tok, times = jnp.asarray([1], jnp.int32), []
+    for i in range(23):
+        t = time.perf_counter()
+        logits, cache = model.forward(m.weights, cache, tok, jnp.asarray([i], jnp.int32), cfg=m.cfg, attn_len=256)
+        jax.block_until_ready(logits)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[3:])) * 1e3, m.weights.nbytes()
 
 
 # -- rooflines ----------------------------------------------------------------------------
@@ -172,6 +196,8 @@ def cpu_suite() -> dict:
                 write_f32_gguf(FLAGS.model, f32)
                 res["llama_cpp_f32"] = time_llama_cpp(f32, FLAGS.decode_tokens)
             res["llama_cpp_shipped"] = time_llama_cpp(FLAGS.model, FLAGS.decode_tokens)
+    if FLAGS.cpu_quant:
+        res["cpu_quant_ms"] = {c: quant_step_ms(c) for c in ["none", *FLAGS.cpu_quant]}
     return res
 
 
@@ -190,6 +216,9 @@ def print_cpu(res: dict) -> None:
         if isinstance(res.get(key), dict):
             v = res[key]["decode_tok_s"]
             rows.append((label, f"{v:.1f} tok/s (yalm_jax f32 / this = {c['decode_tok_s'] / v:.2f})"))
+    for choice, (ms, nbytes) in res.get("cpu_quant_ms", {}).items():
+        how = "dense f32" if choice == "none" else "dequantized in the graph"
+        rows.append((f"decode step, weights {choice}", f"{ms:.1f} ms ({nbytes / 1e6:.0f} MB, {how})"))
     print(f"{res['model']} on {res['machine']}, {res['date']}")
     for k, v in rows:
         print(f"  {k:<34} {v}")

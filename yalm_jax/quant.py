@@ -280,7 +280,7 @@ def load_field(choice: str, field: str, names: list[str], source, read, dtype: s
     return quantize(w, fmt, group, with_min=True, dtype=dtype)
 
 
-# On the CPU, XLA's dequantize-in-graph decode is ~8x slower than a dense f32 matvec (BENCHMARKS.md,
+# On the CPU, XLA's dequantize-in-graph decode is 7-31x slower than dense f32 (BENCHMARKS.md,
 # Quantization), so a quantized matrix is dequantized once, at load, into the compute dtype there.
 DEQUANTIZE_ON_CPU = True
 
