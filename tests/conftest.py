@@ -148,6 +148,6 @@ def variant_checkpoints(tmp_path_factory, variant_tokens):
     for variant in VARIANTS:
         d = tmp_path_factory.mktemp(variant)
         m = make_hf_model(d, variant)
-        greedy = hf_generate_greedy(m, variant_tokens[:GREEDY_PROMPT].tolist(), GREEDY_NEW)
+        greedy = hf_generate_greedy(m, GREEDY_PROMPT, GREEDY_NEW)
         out[variant] = (d, reference_logits(m, variant_tokens), greedy)
     return out

@@ -96,12 +96,13 @@ def bytes_check(w, cfg):
 def main():
     results = {}
     for name, cfg in CONFIGS.items():
-        w1 = random_weights(cfg)
+        seed = int(np.random.default_rng().integers(2**31))  # fresh, and the same draws for every tp below
+        w1 = random_weights(cfg, seed)
         ref = {b: logits_and_decode(w1, cfg, b) for b in ("xla", "pallas")}
         ref_tokens = greedy(w1, cfg, "xla")
         for tp in (2, 4):
             c = dataclasses.replace(cfg, tp=tp)
-            w = random_weights(c)
+            w = random_weights(c, seed)
             r = {"bytes": bytes_check(w, c), "single_bytes": w1.nbytes()}
             for b in ("xla", "pallas") if tp == 2 else ("xla",):  # pallas (interpreted here) once, to keep it quick
                 prefill, step, cache = logits_and_decode(w, c, b)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,9 +35,11 @@ def run_chunks(weights, cfg, cache, tokens, start=0, chunk=8):
     return np.concatenate(rows), cache
 
 
+# Fixed draws: test_generator_decodes_past_its_window_through_the_ring compares greedy tokens from two
+# programs (a ring decode chunk and single steps), which a near-tie between two logits could flip.
 @pytest.fixture(scope="module")
 def weights():
-    return random_weights(CFG)
+    return random_weights(CFG, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def test_sinks_are_scored_at_cache_relative_positions(tokens):
 def test_no_nan_or_inf_at_32k_positions(weights, tokens, dtype):
     """A 64-slot ring with 2 sinks fed at positions up to 32k: finite, and close to the same run in f32."""
     cfg16 = CFG.with_dtype(dtype)
-    w16 = random_weights(cfg16)
+    w16 = jax.tree.map(lambda x: x.astype(dtype), weights)  # the f32 run's weights, rounded
     seq = np.concatenate([tokens, tokens[::-1]] * 205)[: 32768 + 40]  # positions 0 .. 32807
     starts = [(0, 64), (16384, 16384 + 64), (32768 - 24, len(seq))]
     results = {}

@@ -49,8 +49,9 @@ class DictSource:
         return self.tensors[name]
 
 
-def random_weights(cfg: ModelConfig):
-    rng = np.random.default_rng(1)
+def random_weights(cfg: ModelConfig, seed: int | None = None):
+    """Fresh random weights; a seed only where a test compares argmaxes (a near-tie could flip one)."""
+    rng = np.random.default_rng(seed)
     tensors = {
         k: (1.0 + 0.1 * rng.standard_normal(s) if "norm" in k else 0.2 * rng.standard_normal(s)).astype(np.float32)
         for k, s in expected_shapes(cfg).items()
@@ -104,7 +105,7 @@ def assert_same_run(got, want, n):
 
 @pytest.fixture(scope="module")
 def tokens():
-    return np.random.default_rng(0).integers(0, 96, N + DECODE).astype(np.int32)
+    return np.random.default_rng().integers(0, 96, N + DECODE).astype(np.int32)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

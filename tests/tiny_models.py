@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 PROMPT_LEN = 24
-GREEDY_PROMPT = 8
+# Greedy runs compare argmaxes, which a near-tie (two logits within float error) could flip on an
+# unlucky draw; so the greedy prompt is fixed, while the logits checks draw a fresh prompt every run.
+GREEDY_PROMPT = [17, 101, 4, 66, 90, 33, 2, 125]
 GREEDY_NEW = 32
 TOL_F32 = 1e-4
 
