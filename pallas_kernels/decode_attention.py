@@ -108,11 +108,12 @@ def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, s
 
 
 def decode_attention_partials(
-    q, k_cache, v_cache, length, *, k_new=None, v_new=None, window=None, config=None, init=None, interpret=False
+    q, k_cache, v_cache, length, *, k_new=None, v_new=None, window=None, scale=None, config=None, init=None,
+    interpret=False,
 ):
     """Per split: (acc (n_kv, S, Gp, hd), m (n_kv, S, Gp), l (n_kv, S, Gp)), all f32.
 
-    acc is the unnormalised sum of exp(score - m) * v over the split's valid
+    Scores are q.k * scale (default head_dim ** -0.5). acc is the unnormalised sum of exp(score - m) * v over the split's valid
     slots; a split with none has m = -inf, l = 0, acc = 0. `init`, if given, is a
     tuple of buffers of those shapes aliased to the outputs (tests poison them).
 
@@ -171,7 +172,8 @@ def decode_attention_partials(
         out_specs += (kv_spec, kv_spec)
 
     kernel = functools.partial(
-        _partials_kernel, bt=bt, split_t=split_t, window=window, scale=hd**-0.5, has_new=has_new
+        _partials_kernel, bt=bt, split_t=split_t, window=window, scale=hd**-0.5 if scale is None else scale,
+        has_new=has_new,
     )
     return pl.pallas_call(
         kernel,
@@ -195,15 +197,17 @@ def combine_partials(acc, m, l, n_heads: int, dtype) -> jax.Array:
     return out[:, : n_heads // n_kv].reshape(n_heads, hd).astype(dtype)
 
 
-def decode_attention(q, k_cache, v_cache, length, *, window=None, config=None, interpret=False):
-    """softmax(q K^T / sqrt(hd)) V over the valid slots; returns (n_heads, hd) in q's dtype."""
+def decode_attention(q, k_cache, v_cache, length, *, window=None, scale=None, config=None, interpret=False):
+    """softmax(q K^T * scale) V over the valid slots (scale defaults to 1 / sqrt(hd)); returns (n_heads, hd) in q's dtype."""
     acc, m, l = decode_attention_partials(
-        q, k_cache, v_cache, length, window=window, config=config, interpret=interpret
+        q, k_cache, v_cache, length, window=window, scale=scale, config=config, interpret=interpret
     )
     return combine_partials(acc, m, l, q.shape[0], q.dtype)
 
 
-def decode_attention_update(q, k_new, v_new, k_cache, v_cache, pos, *, window=None, config=None, interpret=False):
+def decode_attention_update(
+    q, k_new, v_new, k_cache, v_cache, pos, *, window=None, scale=None, config=None, interpret=False
+):
     """Attention of the token at position `pos` (q, k_new, v_new) over the cache, which it also enters.
 
     Reads slots < pos of the caches and the new key/value, and writes them into
@@ -211,18 +215,20 @@ def decode_attention_update(q, k_new, v_new, k_cache, v_cache, pos, *, window=No
     Returns (out (n_heads, hd), k_cache, v_cache).
     """
     acc, m, l, k_cache, v_cache = decode_attention_partials(
-        q, k_cache, v_cache, pos + 1, k_new=k_new, v_new=v_new, window=window, config=config, interpret=interpret
+        q, k_cache, v_cache, pos + 1, k_new=k_new, v_new=v_new, window=window, scale=scale, config=config,
+        interpret=interpret,
     )
     return combine_partials(acc, m, l, q.shape[0], q.dtype), k_cache, v_cache
 
 
-def decode_attention_reference(q, k_cache, v_cache, length, *, window=None):
+def decode_attention_reference(q, k_cache, v_cache, length, *, window=None, scale=None):
     """The same function in plain jnp: f32 scores and softmax over slots < length (and >= length - window)."""
     n_heads, hd = q.shape
     n_kv, t, _ = k_cache.shape
     qg = q.reshape(n_kv, n_heads // n_kv, hd).astype(jnp.float32)
     hi = lax.Precision.HIGHEST
-    scores = jnp.einsum("kgd,ktd->kgt", qg, k_cache.astype(jnp.float32), precision=hi) * hd**-0.5
+    scale = hd**-0.5 if scale is None else scale
+    scores = jnp.einsum("kgd,ktd->kgt", qg, k_cache.astype(jnp.float32), precision=hi) * scale
     pos = jnp.arange(t)
     valid = pos < length
     if window is not None:

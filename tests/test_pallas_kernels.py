@@ -202,8 +202,11 @@ def test_model_decode_pallas_matches_xla():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("pos,window", [(0, None), (37, None), (127, None), (90, 30)], ids=["first", "mid", "last", "window"])
-def test_decode_attention_update_writes_the_token(dtype, pos, window):
+@pytest.mark.parametrize(
+    "pos,window,scale", [(0, None, None), (37, None, None), (127, None, None), (90, 30, None), (60, None, 0.37)],
+    ids=["first", "mid", "last", "window", "scale"],
+)
+def test_decode_attention_update_writes_the_token(dtype, pos, window, scale):
     """The fused form attends over slots < pos plus the new token, and writes it into slot pos."""
     from pallas_kernels.decode_attention import decode_attention_update
 
@@ -215,13 +218,13 @@ def test_decode_attention_update_writes_the_token(dtype, pos, window):
     kn = jax.random.normal(k4, (n_kv, hd), dtype)
     vn = jax.random.normal(k5, (n_kv, hd), dtype)
     f = jax.jit(
-        lambda *a: decode_attention_update(*a, window=window, config=SMALL_ATTN, interpret=INTERPRET),
+        lambda *a: decode_attention_update(*a, window=window, scale=scale, config=SMALL_ATTN, interpret=INTERPRET),
         donate_argnums=(3, 4),
     )
     k_ref = jnp.nan_to_num(kc).at[:, pos].set(kn)
     v_ref = jnp.nan_to_num(vc).at[:, pos].set(vn)
     out, kc2, vc2 = f(q, kn, vn, kc, vc, jnp.int32(pos))  # kc, vc are donated
-    ref = decode_attention_reference(q, k_ref, v_ref, pos + 1, window=window)
+    ref = decode_attention_reference(q, k_ref, v_ref, pos + 1, window=window, scale=scale)
     assert _rel_err(out, ref) < TOL[dtype]
     np.testing.assert_array_equal(np.asarray(kc2[:, pos], np.float32), np.asarray(kn, np.float32))
     np.testing.assert_array_equal(np.asarray(vc2[:, pos], np.float32), np.asarray(vn, np.float32))

@@ -215,14 +215,12 @@ def attention(
         return ring_attention(
             q, q_sink, k, v, k_cache, v_cache, q_pos, sinks=ring_sinks, attn_len=attn_len, window=window, scale=scale
         )
-    if scale not in (None, hd**-0.5):
-        backend = "xla"  # the decode kernel has head_dim ** -0.5 built in
     n_kv, max_context, _ = k_cache.shape
     if _decode(q, backend) and _attn.supported(max_context, hd):
         # One kernel reads the cache blocks below q_pos (so attn_len is not needed),
         # adds the new token and writes it into slot q_pos in place.
         out, k_cache, v_cache = _attn.decode_attention_update(
-            q[0], k[0], v[0], k_cache, v_cache, q_pos[0], window=window, interpret=_interpret()
+            q[0], k[0], v[0], k_cache, v_cache, q_pos[0], window=window, scale=scale, interpret=_interpret()
         )
         return out[None], k_cache, v_cache
     # Attend over the cache as it was plus the chunk itself, then write the chunk:
