@@ -282,7 +282,9 @@ def test_fp8_kv_cache_through_both_paths(tiny_dir, rng):
     for kv in ("bfloat16", "float16", "float8_e4m3fn"):
         pre, dec = _logits(lm, tokens, kv_dtype=kv)
         _, dec_pallas = _logits(lm, tokens, backend="pallas", kv_dtype=kv)
-        tol = 0.1 if kv == "float8_e4m3fn" else 0.02
+        # e4m3 keeps 3 mantissa bits (up to 6% per stored value); on fresh random models the decode
+        # logits land 0.05-0.11 from f32, and a misread cache lands near 1.
+        tol = 0.2 if kv == "float8_e4m3fn" else 0.02
         assert _rel(pre, ref_pre) < tol and _rel(dec, ref_dec) < tol, kv
         # The kernel computes in f32 from the stored values; so does the xla path on the CPU, but on a
         # GPU it multiplies in the cache's 16-bit dtype (bf16 for fp8), rounding the probabilities.
