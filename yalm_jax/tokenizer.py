@@ -100,9 +100,6 @@ class Tokenizer:
     def _decode_raw(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def token_text(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(int(token_id))
-
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
