@@ -9,7 +9,8 @@ tile that is reduced along K once, at the end.
 Fused forms, each saving a kernel launch and a round trip of the vector:
   * `norm=(g, eps)`: the RMS norm of x is computed by every program (x is tiny
     and sits in L2), so y = W rms_norm(x) needs no separate norm kernel;
-  * `gated=True`: W holds gate rows then up rows (2H, K); y = silu(W_g x) * (W_u x);
+  * `gated=True`: W holds gate rows then up rows (2H, K); y = act(W_g x) * (W_u x),
+    act being silu or GELU's tanh approximation (`activate`);
   * `bias`, `residual`: y = W x + b + r, added in f32 before the one rounding.
 
 `gemv_reference` is the same function in plain jnp, for tests and the CPU.
@@ -49,10 +50,10 @@ def _rms_scale(x_ref, k: int, bk: int, eps: float):
     """rsqrt(mean(x^2) + eps) of the whole vector, in f32, walking x in chunks of bk."""
 
     def body(i, acc):
-        xb = x_ref[pl.ds(pl.multiple_of(i * bk, bk), bk)].astype(jnp.float32)
+        xb = _chunk(x_ref, pl.multiple_of(i * bk, bk), bk, k).astype(jnp.float32)
         return acc + xb * xb
 
-    acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bk,), jnp.float32))
+    acc = lax.fori_loop(0, pl.cdiv(k, bk), body, jnp.zeros((bk,), jnp.float32))
     return lax.rsqrt(jnp.sum(acc) / k + eps)
 
 
@@ -60,13 +61,34 @@ def _rms_scale(x_ref, k: int, bk: int, eps: float):
 EVICT_FIRST = True
 
 
-def _load_w(ref):
+def _load_w(ref, mask=None):
     if EVICT_FIRST:
-        return plt.load(ref, eviction_policy="evict_first")
-    return ref[...]
+        return plt.load(ref, mask=mask, other=None if mask is None else 0, eviction_policy="evict_first")
+    return ref[...] if mask is None else plt.load(ref, mask=mask, other=0)
 
 
-def _gemv_kernel(*refs, k, bn, bk, gated, has_norm, has_bias, has_res, eps, out_dtype):
+def _chunk(ref, k0, bk: int, k: int, weights: bool = False):
+    """Columns k0 .. k0 + bk of a vector (K,) or of a row block (bn, K); past K (a row length that
+    bk does not divide, as SmolLM2's 576) they read as 0, so one wide chunk covers a short tail."""
+    idx = (pl.ds(k0, bk),) if ref.ndim == 1 else (slice(None), pl.ds(k0, bk))
+    mask = None
+    if k % bk:
+        mask = k0 + lax.broadcasted_iota(jnp.int32, (1, bk) if ref.ndim == 2 else (bk,), ref.ndim - 1) < k
+    if weights:
+        return _load_w(ref.at[idx], mask)
+    return ref[idx] if mask is None else plt.load(ref.at[idx], mask=mask, other=0)
+
+
+def activate(y: jax.Array, activation: str) -> jax.Array:
+    """The gated FFN's activation of f32 values, in ops that lower to Triton: "silu" or "gelu_tanh"."""
+    if activation == "silu":
+        return y / (1.0 + jnp.exp(-y))
+    if activation == "gelu_tanh":
+        return 0.5 * y * (1.0 + jnp.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _gemv_kernel(*refs, k, bn, bk, gated, activation, has_norm, has_bias, has_res, eps, out_dtype):
     refs = list(refs)
     x_ref = refs.pop(0)
     g_ref = refs.pop(0) if has_norm else None
@@ -82,21 +104,17 @@ def _gemv_kernel(*refs, k, bn, bk, gated, has_norm, has_bias, has_res, eps, out_
 
     def body(i, accs):
         k0 = pl.multiple_of(i * bk, bk)
-        xb = x_ref[pl.ds(k0, bk)]
+        xb = _chunk(x_ref, k0, bk, k)
         if has_norm:
             # Same roundings as ops.rms_norm: normalise in f32, round, scale by g in x's dtype.
-            xb = (xb.astype(jnp.float32) * scale).astype(x_dtype) * g_ref[pl.ds(k0, bk)]
+            xb = (xb.astype(jnp.float32) * scale).astype(x_dtype) * _chunk(g_ref, k0, bk, k)
         xb = xb.astype(jnp.float32)[None, :]
-        return tuple(a + _load_w(w.at[:, pl.ds(k0, bk)]).astype(jnp.float32) * xb for a, w in zip(accs, w_refs))
+        return tuple(a + _chunk(w, k0, bk, k, weights=True).astype(jnp.float32) * xb for a, w in zip(accs, w_refs))
 
     zeros = tuple(jnp.zeros((bn, bk), jnp.float32) for _ in w_refs)
-    accs = lax.fori_loop(0, k // bk, body, zeros)
+    accs = lax.fori_loop(0, pl.cdiv(k, bk), body, zeros)
     ys = [jnp.sum(a, axis=1) for a in accs]
-    if gated:
-        gate, up = ys
-        y = gate / (1.0 + jnp.exp(-gate)) * up
-    else:
-        (y,) = ys
+    y = activate(ys[0], activation) * ys[1] if gated else ys[0]
     if has_bias:
         y = y + b_ref[...].astype(jnp.float32)
     if has_res:
@@ -112,6 +130,7 @@ def gemv(
     residual: jax.Array | None = None,
     norm: tuple[jax.Array, float] | None = None,
     gated: bool = False,
+    activation: str = "silu",
     config: tuple[int, int, int, int] | None = None,
     out: jax.Array | None = None,
     interpret: bool = False,
@@ -120,8 +139,9 @@ def gemv(
 
     w: (N, K) in f32/bf16/f16; x: (K,). With `norm=(g, eps)` x is replaced by
     rms_norm(x) * g first. With `gated=True`, N = 2H and the result (H,) is
-    silu(W[:H] x) * W[H:] x. `config` = (block_n, block_k, num_warps, num_stages);
-    block sizes are cut down to powers of two that divide N and K. `out`, if
+    act(W[:H] x) * W[H:] x, act = `activate(., activation)`. `config` =
+    (block_n, block_k, num_warps, num_stages); block_n is cut down to a power
+    of two that divides N, block_k to K's next power of two. `out`, if
     given, is a buffer of the result's shape and dtype aliased to the result
     (tests fill it with NaN to catch unwritten elements).
     """
@@ -133,7 +153,7 @@ def gemv(
         raise ValueError(f"gated gemv needs an even row count, got {n}")
     bn, bk, num_warps, num_stages = config or CONFIGS.get((n_out, k, gated), DEFAULT_CONFIG)
     bn = _pow2_divisor(n_out, bn)
-    bk = _pow2_divisor(k, bk)
+    bk = min(bk, pl.next_power_of_2(k))  # a K it does not divide ends in a masked chunk
     grid = (n_out // bn,)
 
     vec_k = pl.BlockSpec((k,), lambda i: (0,))
@@ -155,6 +175,7 @@ def gemv(
         bn=bn,
         bk=bk,
         gated=gated,
+        activation=activation,
         has_norm=norm is not None,
         has_bias=bias is not None,
         has_res=residual is not None,
@@ -196,6 +217,7 @@ def gemv_reference(
     residual: jax.Array | None = None,
     norm: tuple[jax.Array, float] | None = None,
     gated: bool = False,
+    activation: str = "silu",
 ) -> jax.Array:
     """The function `gemv` computes, in plain jnp (f32 accumulation, one final rounding)."""
     if norm is not None:
@@ -205,7 +227,7 @@ def gemv_reference(
     y = jnp.dot(w.astype(jnp.float32), x.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     if gated:
         gate, up = jnp.split(y, 2)
-        y = jax.nn.silu(gate) * up
+        y = activate(gate, activation) * up
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     if residual is not None:

@@ -1,19 +1,21 @@
 """Batch-1 y = W x for a quantized W (yalm_jax.quant.QuantizedMatrix), dequantized in the kernel.
 
-The same design as `gemv.py` (whose configs, fused norm, bias, residual and
-gate it shares): each program owns `block_n` rows and walks the quantized row
-in chunks of `block_k` stored columns (bytes: int8, fp8, or two int4 values),
-so the bytes read per token are the quantized ones. Values turn into f32 in
-registers; scales (and int4 mins) are applied once per group, after the
-group's products are summed:
+The same design as `gemv.py` (whose configs, fused norm, gate, bias and
+residual it shares): each program owns `block_n` rows and walks the quantized
+row in chunks of `block_k` stored bytes, so the bytes read per token are the
+quantized ones. Values turn into f32 in registers; scales (and int4 mins) are
+applied once per group, after the group's products are summed:
 
   y_n = sum_g scale[n, g] * sum_{j in g} v[n, j] x[j]  (+ min[n, g] * sum_{j in g} x[j])
 
-with v = q (int8, fp8) or q - 8 (int4 without a min). Per-channel formats
-(group = K) keep a (block_n, block_k) accumulator and scale once at the end.
-int4 bytes hold column j of a group in the low nibble and column j + group/2
-in the high one, so x is split the same way outside the kernel (x_lo, x_hi:
-K/2 each, a tiny XLA op) and each chunk of bytes meets two contiguous runs of x.
+with v = q (int8, fp8) or q - 8 (int4 without a min). The kernel sees every
+operand as groups, through free reshapes outside it: q as (N, K/G, bytes of a group), x as (K/G, G), and for int4,
+whose byte j of a group holds column j in its low nibble and column j + G/2 in
+its high one, x as (K/G, 2, G/2), so each chunk of bytes meets the two matching
+runs of x straight from memory. A chunk is a (block_n, groups, bytes) tile whose
+innermost axis is one group's bytes, so the sum per group needs no reshuffle.
+Per-channel formats (one scale a row) take the chunk itself as the group, keep
+a (block_n, 1, block_k) accumulator and scale once at the end.
 
 `gemv_quant_reference` is the function in plain jnp (dequantize, then
 `gemv.gemv_reference`). Lowered through Pallas' Triton backend on the GPU;
@@ -30,27 +32,47 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.gemv import CONFIGS, DEFAULT_CONFIG, _load_w, _pow2_divisor, append_epilogue, gemv_reference
+from pallas_kernels.gemv import _load_w, _pow2_divisor, activate, append_epilogue, gemv_reference
+
+# (block_n, block_k in stored bytes, num_warps, num_stages), per (bits a weight, n_out, k, gated): int8 and
+# fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4) on
+# one H100 80GB HBM3, 2026-11-25; other shapes take DEFAULT_CONFIG.
+DEFAULT_CONFIG = (4, 2048, 8, 2)
+CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int, int]] = {
+    (8, 6144, 4096, False): (2, 4096, 4, 2),  # wqkv
+    (8, 4096, 4096, False): (4, 4096, 8, 2),  # wo
+    (8, 14336, 4096, True): (2, 4096, 4, 2),  # w13, gated
+    (8, 4096, 14336, False): (2, 4096, 4, 2),  # w2
+    (8, 32000, 4096, False): (4, 4096, 8, 2),  # output
+    (4, 6144, 4096, False): (8, 2048, 8, 2),
+    (4, 4096, 4096, False): (4, 2048, 8, 2),
+    (4, 14336, 4096, True): (8, 2048, 8, 2),
+    (4, 4096, 14336, False): (16, 1024, 8, 2),
+    (4, 32000, 4096, False): (8, 2048, 8, 2),
+}
 
 
-def _rms_scale(x_refs, k: int, bk: int, eps: float):
-    """rsqrt(mean(x^2) + eps) over all parts of x (int4's two halves), in f32."""
-
-    def body(i, acc):
-        for r in x_refs:
-            xb = r[pl.ds(pl.multiple_of(i * bk, bk), bk)].astype(jnp.float32)
-            acc = acc + xb * xb
-        return acc
-
-    acc = lax.fori_loop(0, x_refs[0].shape[0] // bk, body, jnp.zeros((bk,), jnp.float32))
-    return lax.rsqrt(jnp.sum(acc) / k + eps)
+def _values(q, fmt: str, symmetric: bool) -> list:
+    """The f32 values (before the scale) of a tile of stored bytes: [q] (int8, fp8), or int4's
+    [low nibbles, high nibbles], less 8 when symmetric."""
+    f32 = jnp.float32
+    if fmt != "int4":
+        return [q.astype(f32)]
+    return [(n & 15).astype(f32) - (8.0 if symmetric else 0.0) for n in (q, q >> 4)]
 
 
-def _kernel(*refs, k, bn, bk, gq, int4, symmetric, per_channel, gated, has_norm, has_min, has_bias, has_res, eps):
+def _groups(ref, g0, ng: int, int4: bool) -> list:
+    """Groups g0 .. g0 + ng of a vector viewed as groups: [(ng, G)], or int4's two halves [(ng, G/2)] * 2."""
+    if int4:
+        return [ref[pl.ds(g0, ng), h, :] for h in (0, 1)]
+    return [ref[pl.ds(g0, ng), :]]
+
+
+def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, has_norm, has_min, has_bias,
+            has_res, eps):  # fmt: skip
     refs = list(refs)
-    n_parts = 2 if int4 else 1
-    x_refs = [refs.pop(0) for _ in range(n_parts)]
-    g_refs = [refs.pop(0) for _ in range(n_parts)] if has_norm else None
+    x_ref = refs.pop(0)
+    g_ref = refs.pop(0) if has_norm else None
     n_w = 2 if gated else 1
     q_refs = [refs.pop(0) for _ in range(n_w)]
     s_refs = [refs.pop(0) for _ in range(n_w)]
@@ -60,61 +82,54 @@ def _kernel(*refs, k, bn, bk, gq, int4, symmetric, per_channel, gated, has_norm,
     if len(refs) == 2:  # a poison buffer aliased to the output (tests)
         refs.pop(0)
     (o_ref,) = refs
-    x_dtype = x_refs[0].dtype
     f32 = jnp.float32
-    ng = bk // gq  # groups per chunk (grouped formats)
-    norm_scale = _rms_scale(x_refs, k, bk, eps) if has_norm else None
+    int4 = fmt == "int4"
+    n_chunks = x_ref.shape[0] // ng
 
-    def values(q):
-        """The chunk's stored columns as f32 values, one array per part of x."""
-        if not int4:
-            return [q.astype(f32)]
-        vs = [(q & 15).astype(f32), (q >> 4).astype(f32)]
-        return [v - 8.0 for v in vs] if symmetric else vs
+    def x_chunk(i):
+        return _groups(x_ref, pl.multiple_of(i * ng, ng), ng, int4)
+
+    norm_scale = None
+    if has_norm:
+
+        def sum_sq(i, acc):
+            return acc + sum(jnp.sum(jnp.square(xb.astype(f32)), axis=1) for xb in x_chunk(i))
+
+        norm_scale = lax.rsqrt(jnp.sum(lax.fori_loop(0, n_chunks, sum_sq, jnp.zeros((ng,), f32))) / k + eps)
 
     def body(i, accs):
-        k0 = pl.multiple_of(i * bk, bk)
-        xs = []
-        for j, r in enumerate(x_refs):
-            xb = r[pl.ds(k0, bk)]
-            if has_norm:
-                xb = (xb.astype(f32) * norm_scale).astype(x_dtype) * g_refs[j][pl.ds(k0, bk)]
-            xs.append(xb.astype(f32))
+        g0 = pl.multiple_of(i * ng, ng)
+        xs = x_chunk(i)
+        if has_norm:
+            # Same roundings as ops.rms_norm: normalise in f32, round, scale by g in x's dtype.
+            gs = _groups(g_ref, g0, ng, int4)
+            xs = [(xb.astype(f32) * norm_scale).astype(xb.dtype) * g for xb, g in zip(xs, gs)]
+        xs = [xb.astype(f32)[None] for xb in xs]
         new = []
         for acc, w in zip(accs, range(n_w)):
-            prod = sum(v * xb[None, :] for v, xb in zip(values(_load_w(q_refs[w].at[:, pl.ds(k0, bk)])), xs))
+            q = _load_w(q_refs[w].at[:, pl.ds(g0, ng), :])  # (bn, ng, bytes of a group)
+            prod = sum(v * xb for v, xb in zip(_values(q, fmt, symmetric), xs))
             if per_channel:
                 new.append(acc + prod)
                 continue
-            g0 = pl.multiple_of(i * ng, ng)
-            part = jnp.sum(prod.reshape(bn, ng, gq), axis=2) * s_refs[w][:, pl.ds(g0, ng)].astype(f32)
+            part = jnp.sum(prod, axis=2) * s_refs[w][:, pl.ds(g0, ng)].astype(f32)
             if has_min:
-                xsum = jnp.sum(sum(xs).reshape(ng, gq), axis=1)
-                part = part + m_refs[w][:, pl.ds(g0, ng)].astype(f32) * xsum[None, :]
+                xsum = sum(jnp.sum(xb[0], axis=1) for xb in xs)[None, :]  # (1, ng): each group's x sum
+                part = part + m_refs[w][:, pl.ds(g0, ng)].astype(f32) * xsum
             new.append(acc + part)
         return tuple(new)
 
-    width = bk if per_channel else ng
-    accs = lax.fori_loop(0, q_refs[0].shape[1] // bk, body, tuple(jnp.zeros((bn, width), f32) for _ in q_refs))
-    ys = [jnp.sum(a, axis=1) for a in accs]
+    shape = (bn, 1, x_ref.shape[-1]) if per_channel else (bn, ng)
+    accs = lax.fori_loop(0, n_chunks, body, tuple(jnp.zeros(shape, f32) for _ in q_refs))
+    ys = [jnp.sum(a.reshape(bn, -1), axis=1) for a in accs]
     if per_channel:
         ys = [y * s[...].astype(f32)[:, 0] for y, s in zip(ys, s_refs)]
-    if gated:
-        gate, up = ys
-        y = gate / (1.0 + jnp.exp(-gate)) * up
-    else:
-        (y,) = ys
+    y = activate(ys[0], activation) * ys[1] if gated else ys[0]
     if has_bias:
         y = y + b_ref[...].astype(f32)
     if has_res:
         y = y + r_ref[...].astype(f32)
     o_ref[...] = y.astype(o_ref.dtype)
-
-
-def _split_halves(v: jax.Array, group: int) -> list[jax.Array]:
-    """v (K,) in the int4 byte order: [columns j of each group's first half], [the second halves]."""
-    vg = v.reshape(-1, 2, group // 2)
-    return [vg[:, 0].reshape(-1), vg[:, 1].reshape(-1)]
 
 
 def gemv_quant(
@@ -125,6 +140,7 @@ def gemv_quant(
     residual: jax.Array | None = None,
     norm: tuple[jax.Array, float] | None = None,
     gated: bool = False,
+    activation: str = "silu",
     config: tuple[int, int, int, int] | None = None,
     out: jax.Array | None = None,
     interpret: bool = False,
@@ -132,8 +148,9 @@ def gemv_quant(
     """`gemv.gemv` for a QuantizedMatrix w (N, K): y = W x (+ bias) (+ residual) in x's dtype, f32 accumulation.
 
     `config` = (block_n, block_k, num_warps, num_stages), block_k counting stored
-    columns (bytes); blocks shrink to powers of two that divide the row count
-    and the stored row length. `out` is an optional buffer aliased to the result.
+    bytes of a row; blocks shrink to powers of two that divide the row count and
+    the stored row length, and a chunk holds whole groups. `out` is an optional
+    buffer aliased to the result.
     """
     n, k = w.shape
     if x.shape != (k,):
@@ -142,56 +159,47 @@ def gemv_quant(
         raise ValueError(f"gated gemv needs an even row count, got {n}")
     int4 = w.fmt == "int4"
     per_channel = w.group == k and not int4
-    gq = w.group // 2 if int4 else w.group  # stored columns per group
     n_out = n // 2 if gated else n
-    bn, bk, num_warps, num_stages = config or CONFIGS.get((n_out, k, gated), DEFAULT_CONFIG)
+    bn, bk, num_warps, num_stages = config or CONFIGS.get((4 if int4 else 8, n_out, k, gated), DEFAULT_CONFIG)
     bn = _pow2_divisor(n_out, bn)
-    bk = _pow2_divisor(w.q.shape[1], bk)
-    if not per_channel:
-        bk = max(bk, gq)  # whole groups per chunk (gq, a power of two, divides the row)
-    h = n_out // bn
+    row_bytes = w.q.shape[1]
+    bk = _pow2_divisor(row_bytes, bk)
+    # The kernel's view: groups of G columns (per channel: chunks of bk columns) and their stored bytes.
+    group = bk if per_channel else w.group
+    stored = group // 2 if int4 else group
+    ng = 1 if per_channel else max(1, bk // stored)
 
-    x_parts = _split_halves(x, w.group) if int4 else [x]
-    vec_x = pl.BlockSpec((x_parts[0].shape[0],), lambda i: (0,))
+    def as_groups(v):  # a (K,) vector in the kernel's view of x
+        return v.reshape(k // group, 2, group // 2) if int4 else v.reshape(k // group, group)
+
+    xg = as_groups(x)
+    whole = pl.BlockSpec(xg.shape, lambda i: (0,) * xg.ndim)
     vec_n = pl.BlockSpec((bn,), lambda i: (i,))
-    operands, specs = list(x_parts), [vec_x] * len(x_parts)
+    operands, specs = [xg], [whole]
     if norm is not None:
-        g = norm[0].astype(x.dtype)
-        operands += _split_halves(g, w.group) if int4 else [g]
-        specs += [vec_x] * len(x_parts)
-
-    def rows(arr):  # the row block of `arr`, and for the gate's partner the up rows h blocks below
-        full = arr.shape[1]
-        return [pl.BlockSpec((bn, full), lambda i: (i, 0))] + (
-            [pl.BlockSpec((bn, full), lambda i: (i + h, 0))] if gated else []
-        )
-
-    for arr in (w.q, w.scale) + ((w.min,) if w.min is not None else ()):
-        s = rows(arr)
-        operands += [arr] * len(s)
-        specs += s
+        operands.append(as_groups(norm[0].astype(x.dtype)))
+        specs.append(whole)
+    h = n_out // bn
+    for arr in (w.q.reshape(n, k // group, stored), w.scale) + ((w.min,) if w.min is not None else ()):
+        block = (bn, *arr.shape[1:])
+        zeros = (0,) * (arr.ndim - 1)
+        # The row block of `arr`, and for the gate's partner the up rows h blocks below.
+        specs.append(pl.BlockSpec(block, lambda i, z=zeros: (i, *z)))
+        operands.append(arr)
+        if gated:
+            specs.append(pl.BlockSpec(block, lambda i, z=zeros: (i + h, *z)))
+            operands.append(arr)
     aliases = append_epilogue(operands, specs, vec_n, bias, residual, out)
 
     kernel = functools.partial(
-        _kernel,
-        k=k,
-        bn=bn,
-        bk=bk,
-        gq=gq,
-        int4=int4,
-        symmetric=int4 and w.min is None,
-        per_channel=per_channel,
-        gated=gated,
-        has_norm=norm is not None,
-        has_min=w.min is not None,
-        has_bias=bias is not None,
-        has_res=residual is not None,
-        eps=float(norm[1]) if norm is not None else 0.0,
-    )
+        _kernel, k=k, bn=bn, ng=ng, fmt=w.fmt, symmetric=int4 and w.min is None, per_channel=per_channel,
+        gated=gated, activation=activation, has_norm=norm is not None, has_min=w.min is not None,
+        has_bias=bias is not None, has_res=residual is not None, eps=float(norm[1]) if norm is not None else 0.0,
+    )  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n_out,), x.dtype),
-        grid=(n_out // bn,),
+        grid=(h,),
         in_specs=specs,
         out_specs=vec_n,
         input_output_aliases=aliases,

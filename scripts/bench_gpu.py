@@ -683,14 +683,15 @@ def part_profile(res, roof, smoke, out_dir):
         add_row("profile prefill", "", note=f"FAILED {type(e).__name__}: {str(e)[:150]}")
 
 
-def random_quantized(w: jax.Array, fmt: str, seed: int):
-    """A random QuantizedMatrix of w's shape in `fmt` (values don't set the speed; the bytes do)."""
+def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
+    """A random QuantizedMatrix of `shape` in `fmt`, int4 in groups of 32 (values don't set the speed; the
+    bytes do): scales in f16 per group and f32 per channel, as quant.quantize stores them."""
     from yalm_jax.quant import QuantizedMatrix
 
-    n, k = w.shape
+    n, k = shape
     k1, k2 = jax.random.split(jax.random.key(seed))
     group = 32 if fmt == "int4" else k
-    scale = (0.01 * (1 + jax.random.uniform(k2, (n, k // group)))).astype(jnp.float32)
+    scale = (0.01 * (1 + jax.random.uniform(k2, (n, k // group)))).astype(jnp.float16 if group < k else jnp.float32)
     if fmt == "int8":
         q = jax.random.randint(k1, (n, k), -127, 128, jnp.int8)
     elif fmt == "int4":
@@ -717,7 +718,7 @@ def part_quant(res, roof, smoke):
                 weights = dense
             else:
                 seeds = iter(range(10_000))
-                q = lambda w: random_quantized(w, fmt, next(seeds))  # noqa: E731
+                q = lambda w: random_quantized(w.shape, fmt, next(seeds))  # noqa: E731
                 weights = Weights(
                     embed=dense.embed, final_norm=dense.final_norm, lm_head=q(dense.lm_head),
                     layers=[dataclasses.replace(l, wqkv=q(l.wqkv), wo=q(l.wo), w13=q(l.w13), w2=q(l.w2)) for l in dense.layers],

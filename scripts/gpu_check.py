@@ -3,7 +3,8 @@
     PYTHONUNBUFFERED=1 python scripts/gpu_check.py [--phases roof,sweep,attn,model] [--out DIR]
 
 Phases: roof (read bandwidth: jnp.sum and torch.sum over 8 GiB), sweep (GEMV
-block configs per Mistral shape, vs XLA's dot), attn (decode attention at
+block configs per Mistral shape, vs XLA's dot; `sweep:FORMAT[:SHAPES]` for
+int8 / int4 / fp8_e4m3 weights or float32, and SmolLM2's shapes), attn (decode attention at
 T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
 through yalm_jax.model.forward in a jitted lax.scan, pallas vs xla, at context
 128 and 4096). `--smoke` runs every phase at toy shapes in interpret mode on
@@ -73,20 +74,47 @@ def phase_roof(smoke):
 
 # -- GEMV ----------------------------------------------------------------------------
 
-# name, rows, k, form: the four projections of a Mistral-7B layer and the output.
-GEMV_SHAPES = [
-    ("wqkv+norm", 4096 + 2 * 1024, 4096, {"norm": True}),
-    ("wo +residual", 4096, 4096, {"residual": True}),
-    ("w13 gated+norm", 2 * 14336, 4096, {"gated": True, "norm": True}),
-    ("w2 +residual", 4096, 14336, {"residual": True}),
-    ("output", 32000, 4096, {}),
-]
-SMOKE_GEMV_SHAPES = [("toy", 64, 256, {"norm": True}), ("toy gated", 128, 256, {"gated": True})]
+# name, rows, k, form: the four projections of a Mistral-7B layer and the output; SmolLM2-135M's.
+GEMV_SHAPES = {
+    "mistral": [
+        ("wqkv+norm", 4096 + 2 * 1024, 4096, {"norm": True}),
+        ("wo +residual", 4096, 4096, {"residual": True}),
+        ("w13 gated+norm", 2 * 14336, 4096, {"gated": True, "norm": True}),
+        ("w2 +residual", 4096, 14336, {"residual": True}),
+        ("output", 32000, 4096, {}),
+    ],
+    "smollm2": [
+        ("s wqkv+norm", 576 + 2 * 192, 576, {"norm": True}),
+        ("s wo +residual", 576, 576, {"residual": True}),
+        ("s w13 gated+norm", 2 * 1536, 576, {"gated": True, "norm": True}),
+        ("s w2 +residual", 576, 1536, {"residual": True}),
+        ("s output", 49152, 576, {}),
+    ],
+    "smoke": [("toy", 64, 256, {"norm": True}), ("toy gated", 128, 256, {"gated": True}), ("toy 576", 32, 576, {})],
+}
+# Configs tried per weight format, (block_n, block_k, num_warps, num_stages); block_k counts elements
+# (dense) or stored bytes (quantized). The products tile (block_n x block_k values, twice that for int4's
+# nibbles) stays <= 16k f32 values so it fits the registers of 4-8 warps.
+GRIDS = {
+    "dense": [(4, 1024, 4, 2), (2, 2048, 4, 2), (4, 2048, 4, 2), (4, 2048, 8, 2), (8, 2048, 8, 2), (1, 4096, 4, 2),
+              (2, 4096, 4, 2), (2, 4096, 8, 2), (4, 4096, 8, 2), (8, 1024, 8, 2)],
+    "dense_small_k": [(1, 1024, 4, 2), (2, 1024, 4, 2), (4, 1024, 4, 2), (8, 1024, 8, 2), (2, 512, 4, 2),
+                      (4, 512, 4, 2), (8, 512, 4, 2), (16, 512, 8, 2), (4, 256, 4, 2)],
+    "int8": [(2, 4096, 4, 2), (4, 4096, 8, 2), (4, 2048, 4, 2), (8, 2048, 8, 2), (2, 4096, 8, 2)],
+    "int4": [(8, 2048, 8, 2), (4, 2048, 8, 2), (16, 1024, 8, 2), (8, 1024, 8, 2), (4, 2048, 4, 2)],
+}  # fmt: skip
 
 
-def _gemv_inputs(n, k, form, copies, dtype=jnp.bfloat16):
+def _gemv_inputs(n, k, form, copies, fmt="bfloat16"):
+    """`copies` distinct weight matrices (dense in `fmt`, or random QuantizedMatrix of that format), x and extras."""
+    from bench_gpu import random_quantized
+
     keys = jax.random.split(jax.random.key(1), copies + 3)
-    ws = [jax.random.normal(keys[i], (n, k), dtype) for i in range(copies)]
+    dtype = jnp.float32 if fmt == "float32" else jnp.bfloat16
+    if fmt in ("bfloat16", "float32"):
+        ws = [jax.random.normal(keys[i], (n, k), dtype) for i in range(copies)]
+    else:
+        ws = [random_quantized((n, k), fmt, i) for i in range(copies)]
     x = jax.random.normal(keys[-1], (k,), dtype)
     n_out = n // 2 if form.get("gated") else n
     extra = {}
@@ -99,6 +127,8 @@ def _gemv_inputs(n, k, form, copies, dtype=jnp.bfloat16):
 
 def _gemv_chain(config, extra, interpret, xla=False):
     # Every copy once per call: a model-like stream of distinct weights, so L2 holds none.
+    from yalm_jax import ops
+
     def f(ws, x):
         outs = []
         for w in ws:
@@ -113,68 +143,73 @@ def _gemv_chain(config, extra, interpret, xla=False):
                     y = y + extra["residual"]
                 outs.append(y.astype(x.dtype))
             else:
-                outs.append(gemv_mod.gemv(w, x, config=config, interpret=interpret, **extra))
+                outs.append(ops._gemv_for(w)(w, x, config=config, interpret=interpret, **extra))
         return outs
 
     return jax.jit(f)
 
 
-def phase_sweep(smoke, roof):
-    shapes = SMOKE_GEMV_SHAPES if smoke else GEMV_SHAPES
-    if smoke:
-        grid_a = [(8, 64, 4, 2)]
-    else:
-        grid_a = [(4, 1024, 4, 2), (2, 1024, 4, 2), (2, 2048, 4, 2), (4, 2048, 4, 2), (4, 2048, 8, 2),
-                  (8, 2048, 8, 2), (1, 4096, 4, 2), (2, 4096, 4, 2), (2, 4096, 8, 2), (4, 4096, 8, 2),
-                  (2, 1024, 2, 2), (4, 1024, 2, 2), (8, 1024, 8, 2)]  # fmt: skip
-    LOG["sweep"] = {}
+def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
+    """The GEMV configs of GRIDS for weights in `fmt` on `shapes`' matrices; the best of each goes into the
+    kernel module's CONFIGS (printed at the end, for pasting)."""
+    from pallas_kernels import gemv_quant
+
+    shapes = GEMV_SHAPES["smoke" if smoke else shapes]
+    dense = fmt in ("bfloat16", "float32")
+    LOG.setdefault("sweep", {})
     best = {}
     for name, n, k, form in shapes:
-        nbytes = n * k * 2
-        copies = 2 if smoke else max(4, int(1.5e9 // nbytes))
-        ws, x, extra = _gemv_inputs(n, k, form, copies)
+        if smoke:
+            grid = [(8, 64, 4, 2), (8, 512, 4, 2)]
+        elif dense:
+            grid = GRIDS["dense" if k > 1024 else "dense_small_k"]
+        else:
+            grid = GRIDS["int4" if fmt == "int4" else "int8"]
+        probe, *_ = _gemv_inputs(n, k, form, 1, fmt)
+        nbytes = probe[0].nbytes if not dense else n * k * jnp.dtype(probe[0].dtype).itemsize
+        copies = 2 if smoke else max(4, min(256, int(1.5e9 // nbytes)))
+        ws, x, extra = _gemv_inputs(n, k, form, copies, fmt)
         res = {}
+        gated = form.get("gated", False)
         # Correctness of every config against the reference on the first copy.
-        ref = gemv_mod.gemv_reference(ws[0], x, gated=form.get("gated", False), **extra)
+        ref_fn = gemv_mod.gemv_reference if dense else gemv_quant.gemv_quant_reference
+        ref = ref_fn(ws[0], x, gated=gated, **extra)
 
         def try_cfg(cfg):
             try:
-                fn = _gemv_chain(cfg, dict(extra, gated=form.get("gated", False)), smoke)
+                fn = _gemv_chain(cfg, dict(extra, gated=gated), smoke)
                 out = fn(ws, x)[0]
                 err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
                 t, _ = timed(fn, ws, x, reps=3 if smoke else 10)
                 res[cfg] = (t / copies, err)
-                print(f"  {name} {cfg}: {t / copies * 1e6:.1f} us {nbytes / (t / copies) / 1e9:.0f} GB/s err {err:.1e}")
+                print(f"  {fmt} {name} {cfg}: {t / copies * 1e6:.1f} us {nbytes / (t / copies) / 1e9:.0f} GB/s err {err:.1e}")
             except Exception as e:  # noqa: BLE001
-                print(f"  {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                print(f"  {fmt} {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
 
-        for cfg in grid_a:
+        for cfg in grid:
             try_cfg(cfg)
         if not res:
-            row(f"gemv  {name}: every config failed")
+            row(f"gemv  {fmt} {name}: every config failed")
             continue
         b = min(res, key=lambda c: res[c][0])
-        if not smoke:  # the best config with weights loaded with the default eviction policy
-            gemv_mod.EVICT_FIRST = False
-            try_cfg(b[:3] + (3,))  # stages 3 == 2 in effect; a distinct key for the no-evict run
-            gemv_mod.EVICT_FIRST = True
-            if res.get(b[:3] + (3,), (1e9,))[0] < res[b][0]:
-                row(f"gemv  {name}: evict_first off is faster ({res[b[:3] + (3,)][0] * 1e6:.1f} vs {res[b][0] * 1e6:.1f} us)")
-                del res[b[:3] + (3,)]
         best[(name, n, k)] = b
-        gated = form.get("gated", False)
-        gemv_mod.CONFIGS[(n // 2 if gated else n, k, gated)] = b
-        # XLA's dot on the same stream of weights.
-        fx = _gemv_chain(None, dict(extra), smoke, xla=True)
-        tx, _ = timed(fx, ws, x, reps=3 if smoke else 10)
-        tx /= copies
+        n_out = n // 2 if gated else n
+        if dense:
+            gemv_mod.CONFIGS[(n_out, k, gated)] = b
+        else:
+            gemv_quant.CONFIGS[(4 if fmt == "int4" else 8, n_out, k, gated)] = b
+        xla_note = ""
+        if dense:  # XLA's dot on the same stream of weights.
+            fx = _gemv_chain(None, dict(extra), smoke, xla=True)
+            tx, _ = timed(fx, ws, x, reps=3 if smoke else 10)
+            tx /= copies
+            xla_note = f" | xla dot {tx * 1e6:7.1f} us {nbytes / tx / 1e9:5.0f} GB/s"
         t, err = res[b]
         row(
-            f"gemv  {name:16s} {n}x{k}: pallas {t * 1e6:7.1f} us {nbytes / t / 1e9:5.0f} GB/s "
-            f"({nbytes / t / 1e9 / roof:4.0%} roof) cfg {b} err {err:.1e} | xla dot {tx * 1e6:7.1f} us "
-            f"{nbytes / tx / 1e9:5.0f} GB/s"
+            f"gemv  {fmt:9s} {name:16s} {n}x{k}: pallas {t * 1e6:7.1f} us {nbytes / t / 1e9:5.0f} GB/s "
+            f"({nbytes / t / 1e9 / roof:4.0%} roof) cfg {b} err {err:.1e}{xla_note}"
         )
-        LOG["sweep"][name] = {str(c): v for c, v in res.items()} | {"xla": tx, "best": b}
+        LOG["sweep"][f"{fmt} {name}"] = {str(c): v for c, v in res.items()} | {"best": b}
         del ws
     return best
 
@@ -420,8 +455,10 @@ def main():
         try:
             if ph == "roof":
                 roof = phase_roof(args.smoke)
-            elif ph == "sweep":
-                phase_sweep(args.smoke, roof)
+            elif ph.startswith("sweep"):  # sweep[:format[:shapes]], e.g. sweep:int4, sweep:bfloat16:smollm2
+                parts = ph.split(":")
+                fmt = parts[1] if len(parts) > 1 else "bfloat16"
+                phase_sweep(args.smoke, roof, fmt, parts[2] if len(parts) > 2 else "mistral")
             elif ph == "attn":
                 phase_attn(args.smoke, roof)
             elif ph == "model":
@@ -433,7 +470,10 @@ def main():
             json.dump(LOG, f, indent=1, default=str)
     print(f"\n==== summary ({jax.devices()[0].device_kind}, {time.time() - t_all:.0f} s) ====")
     print("\n".join(ROWS))
+    from pallas_kernels import gemv_quant
+
     print(f"gemv CONFIGS = {gemv_mod.CONFIGS}")
+    print(f"gemv_quant CONFIGS = {gemv_quant.CONFIGS}")
     print(f"attention DEFAULT_CONFIG = {attn_mod.DEFAULT_CONFIG}")
 
 

@@ -73,17 +73,20 @@ SMALL_GEMV = (8, 64, 4, 2)  # block_n, block_k, num_warps, num_stages: grid of 8
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "form",
-    [{}, {"bias": True}, {"residual": True}, {"norm": True}, {"gated": True, "norm": True}],
-    ids=["plain", "bias", "residual", "norm", "gated_norm"],
+    [{}, {"bias": True}, {"residual": True}, {"norm": True}, {"gated": True, "norm": True},
+     {"gated": True, "activation": "gelu_tanh"}],
+    ids=["plain", "bias", "residual", "norm", "gated_norm", "gated_gelu"],
 )
 def test_gemv_matches_reference_small(dtype, form):
     n = 128 if form.get("gated") else 64
     _check_gemv(n, 256, dtype, SMALL_GEMV, **dict(form))
 
 
-def test_gemv_odd_shapes_shrink_blocks():
-    # 96 rows and 576 columns (SmolLM2's dim): blocks fall to powers of two that divide them.
-    _check_gemv(96, 576, jnp.float32, (32, 512, 4, 2), residual=True)
+@pytest.mark.parametrize("form", [{"residual": True}, {"gated": True, "norm": True}], ids=["residual", "gated_norm"])
+def test_gemv_odd_shapes(form):
+    # 96 rows and 576 columns (SmolLM2's dim): block_n falls to a power of two that divides the rows;
+    # K is walked in chunks of 512, the second one masked past column 576.
+    _check_gemv(96, 576, jnp.float32, (32, 512, 4, 2), **form)
 
 
 def test_gemv_poison_is_seen():

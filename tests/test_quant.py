@@ -127,7 +127,7 @@ def _check_gemv(rng, fmt, group, with_min, dtype, n=64, k=256, **form):
     x = jnp.asarray(rng.standard_normal(k), dtype)
     gated = form.pop("gated", False)
     n_out = n // 2 if gated else n
-    args = {"gated": gated}
+    args = {"gated": gated, "activation": form.pop("activation", "silu")}
     if form.pop("bias", False):
         args["bias"] = jnp.asarray(rng.standard_normal(n_out), dtype)
     if form.pop("residual", False):
@@ -145,7 +145,11 @@ def _check_gemv(rng, fmt, group, with_min, dtype, n=64, k=256, **form):
 
 
 @pytest.mark.parametrize("fmt,group,with_min", FORMATS, ids=FMT_IDS)
-@pytest.mark.parametrize("form", [{"residual": True, "bias": True}, {"gated": True, "norm": True}], ids=["res_bias", "gated_norm"])
+@pytest.mark.parametrize(
+    "form",
+    [{"residual": True, "bias": True}, {"gated": True, "norm": True}, {"gated": True, "activation": "gelu_tanh"}],
+    ids=["res_bias", "gated_norm", "gated_gelu"],
+)
 def test_gemv_quant_matches_reference(rng, fmt, group, with_min, form):
     _check_gemv(rng, fmt, group, with_min, jnp.float32, n=128 if form.get("gated") else 64, **dict(form))
 

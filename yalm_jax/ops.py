@@ -122,8 +122,8 @@ def gated_ffn_up(
     backend: str = "xla",
 ) -> jax.Array:
     """act(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in)."""
-    if _decode(x, backend) and activation == "silu":  # the gated GEMV kernel has silu only
-        return _gemv_for(w13)(w13, x[0], norm=norm, gated=True, interpret=_interpret())[None]
+    if _decode(x, backend):
+        return _gemv_for(w13)(w13, x[0], norm=norm, gated=True, activation=activation, interpret=_interpret())[None]
     gate, up = jnp.split(linear(x, w13, norm=norm), 2, axis=-1)
     return activate(gate, activation) * up
 
