@@ -1,19 +1,29 @@
 """Attention of one query token over a KV cache (flash-decoding).
 
-q: (n_heads, hd); k_cache, v_cache: (n_kv, T, hd), slot t holding position t.
-The `length` first slots are valid (length = position + 1, a traced scalar);
-with a sliding `window`, only the last `window` of them are.
+The query comes as rows of a (rows, hd) array: its n_heads query heads, and for
+`decode_attention_update` then the new token's n_kv key heads and n_kv value
+heads, which is the fused q/k/v projection's output as it stands (a free
+reshape), so the model slices, pads and rotates nothing outside the kernel.
+k_cache, v_cache: (n_kv, T, hd), slot t holding position t. The `length` first
+slots are valid (length = position + 1, a traced scalar); with a sliding
+`window`, only the last `window` of them are.
 
 The grid is (n_kv, n_splits): each program takes one kv head and one split of
 the sequence. The query heads that share a kv head (GQA) are processed
-together, padded to a group of at least 16 rows so QK^T and PV are tensor-core
-dots, so K and V are read once per kv head. A program walks its split in blocks
-of `block_t` slots with an online softmax in f32, and only over the blocks that
-hold valid slots: the loop bounds come from `length`, so blocks past it are
-never read. Each program writes its partial (max, sum, output); a small jnp
-step combines the splits.
+together, loaded as a masked block of at least 16 rows so QK^T and PV are
+tensor-core dots, so K and V are read once per kv head. With the update form
+each program also applies the model's per-head RMS norm (qk-norm models) and
+the rotary embedding at the token's position to its query rows and to the new
+key, in f32 in registers; both act on the two halves of a head (rope's
+rotate-half layout), so q, K and the new key are handled as halves throughout.
+A program walks its split in blocks of `block_t` slots with an online softmax
+in f32, and only over the blocks that hold valid slots: the loop bounds come
+from `length`, so blocks past it are never read. Each program writes its
+partial (max, sum, output); a small jnp step combines the splits.
 
-`decode_attention_reference` is the same function in plain jnp.
+`decode_attention_reference` is attention over a cache in plain jnp; the
+update form's query/key preparation is the model's own (yalm_jax.ops.rms_norm
+and ops.rope), against which the tests check it.
 """
 
 from __future__ import annotations
@@ -36,32 +46,57 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def supported(t: int, hd: int) -> bool:
-    """Shapes the kernel handles: a power-of-two head_dim >= 16, and T a multiple of 16."""
-    return hd >= 16 and hd & (hd - 1) == 0 and t % 16 == 0
+    """Shapes the kernel handles: a power-of-two head_dim >= 32 (two halves of >= 16), and T a multiple of 16."""
+    return hd >= 32 and hd & (hd - 1) == 0 and t % 16 == 0
 
 
-def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, scale, has_new):
+def _partials_kernel(
+    len_ref, rows_ref, *refs, n_heads, group, bt, split_t, window, scale, has_new, rope, norm_eps, dot_dtype
+):
+    refs = list(refs)
+    freq_ref = refs.pop(0) if rope else None
+    q_norm_ref, k_norm_ref = (refs.pop(0), refs.pop(0)) if norm_eps is not None else (None, None)
+    k_ref, v_ref = refs[:2]
     if has_new:
-        # The new token's key and value, and the caches again (aliased to two extra outputs).
-        kn_ref, vn_ref = refs[:2]
         acc_ref, m_ref, l_ref, k_out, v_out = refs[-5:]
     else:
-        acc_ref, m_ref, l_ref = refs[-3:]  # any leading refs are poison buffers aliased to these
-    s = pl.program_id(1)
+        acc_ref, m_ref, l_ref = refs[-3:]  # any refs between are poison buffers aliased to these
+    h, s = pl.program_id(0), pl.program_id(1)
+    gp, hd = acc_ref.shape
+    half = hd // 2
+    f32 = jnp.float32
+    in_dtype = rows_ref.dtype
     length = len_ref[0]
     # With a new token, the cache holds valid slots below length - 1 and the token itself is slot length - 1.
     cached = length - 1 if has_new else length
+
+    def prepare(x1, x2, norm_ref):
+        """The halves (f32) of a query or key as the model uses them: RMS-normed per head, then rotated."""
+        if norm_ref is not None:
+            ss = jnp.sum(x1 * x1, axis=-1, keepdims=True) + jnp.sum(x2 * x2, axis=-1, keepdims=True)
+            r = lax.rsqrt(ss / hd + norm_eps)
+            x1 = ((x1 * r).astype(in_dtype) * norm_ref[pl.ds(0, half)]).astype(f32)
+            x2 = ((x2 * r).astype(in_dtype) * norm_ref[pl.ds(half, half)]).astype(f32)
+        if rope:
+            angle = (length - 1).astype(f32) * freq_ref[...]
+            cos, sin = jnp.cos(angle), jnp.sin(angle)
+            x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return x1, x2
+
+    # This kv head's query rows; the block is padded to gp rows by the mask, never by a copy.
+    is_query = lax.broadcasted_iota(jnp.int32, (gp, half), 0) < group
+    q1, q2 = (
+        plt.load(rows_ref.at[pl.ds(h * group, gp), pl.ds(c * half, half)], mask=is_query, other=0).astype(f32)
+        for c in (0, 1)
+    )
+    q1, q2 = prepare(q1, q2, q_norm_ref)
+    q1, q2 = q1.astype(dot_dtype), q2.astype(dot_dtype)
+    precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+
     lo = s * split_t
     hi = jnp.minimum(lo + split_t, cached)
     if window is not None:
         lo = jnp.maximum(lo, length - window)
-    blk_lo = lax.div(lo, bt)
-    blk_hi = lax.div(hi + bt - 1, bt)
-
-    q = q_ref[...]
-    gp, hd = q.shape
-    f32 = jnp.float32
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(b, carry):
         m, l, acc = carry
@@ -70,37 +105,41 @@ def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, s
         valid = pos < cached
         if window is not None:
             valid &= pos >= length - window
-        k = k_ref[pl.ds(t0, bt), :]
-        scores = plt.dot(q, k.astype(q.dtype), trans_b=True, precision=precision) * scale
-        scores = jnp.where(valid[None, :], scores, -jnp.inf)
+        k1 = k_ref[pl.ds(t0, bt), pl.ds(0, half)].astype(dot_dtype)
+        k2 = k_ref[pl.ds(t0, bt), pl.ds(half, half)].astype(dot_dtype)
+        scores = plt.dot(q1, k1, trans_b=True, precision=precision) + plt.dot(q2, k2, trans_b=True, precision=precision)
+        scores = jnp.where(valid[None, :], scores * scale, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(scores - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
-        v = v_ref[pl.ds(t0, bt), :].astype(q.dtype)
+        v = v_ref[pl.ds(t0, bt), :].astype(dot_dtype)
         v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unwritten slots may hold anything
         acc = alpha[:, None] * acc + plt.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, l, acc
 
     init = (jnp.full((gp,), -jnp.inf, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, hd), f32))
-    m, l, acc = lax.fori_loop(blk_lo, blk_hi, body, init)
+    m, l, acc = lax.fori_loop(lax.div(lo, bt), lax.div(hi + bt - 1, bt), body, init)
     if has_new:
         # The split holding slot length - 1 adds the new token and writes it into the cache.
         owner = s == lax.div(length - 1, split_t)
-        kn = kn_ref[...]
-        vn = vn_ref[...]
-        s_new = jnp.sum(q.astype(f32) * kn.astype(f32)[None, :], axis=1) * scale
+        k_row, v_row = n_heads + h, n_heads + n_heads // group + h
+        kn1, kn2 = (rows_ref[pl.ds(k_row, 1), pl.ds(c * half, half)].astype(f32) for c in (0, 1))
+        kn1, kn2 = prepare(kn1, kn2, k_norm_ref)
+        vn = rows_ref[pl.ds(v_row, 1), :]
+        s_new = jnp.sum(q1.astype(f32) * kn1 + q2.astype(f32) * kn2, axis=1) * scale
         m2 = jnp.maximum(m, s_new)
         alpha = jnp.exp(m - m2)
         p_new = jnp.exp(s_new - m2)
         m = jnp.where(owner, m2, m)
         l = jnp.where(owner, alpha * l + p_new, l)
-        acc = jnp.where(owner, alpha[:, None] * acc + p_new[:, None] * vn.astype(f32)[None, :], acc)
+        acc = jnp.where(owner, alpha[:, None] * acc + p_new[:, None] * vn.astype(f32), acc)
 
         @pl.when(owner)
         def _():
-            k_out[pl.ds(length - 1, 1), :] = kn[None, :].astype(k_out.dtype)
-            v_out[pl.ds(length - 1, 1), :] = vn[None, :].astype(v_out.dtype)
+            k_out[pl.ds(length - 1, 1), pl.ds(0, half)] = kn1.astype(k_out.dtype)
+            k_out[pl.ds(length - 1, 1), pl.ds(half, half)] = kn2.astype(k_out.dtype)
+            v_out[pl.ds(length - 1, 1), :] = vn.astype(v_out.dtype)
 
     acc_ref[...] = acc
     m_ref[...] = m
@@ -108,35 +147,36 @@ def _partials_kernel(len_ref, q_ref, k_ref, v_ref, *refs, bt, split_t, window, s
 
 
 def decode_attention_partials(
-    q, k_cache, v_cache, length, *, k_new=None, v_new=None, window=None, scale=None, config=None, init=None,
-    interpret=False,
-):
+    rows, k_cache, v_cache, length, *, n_heads, has_new=False, rope_inv_freq=None, qk_norm=None, window=None,
+    scale=None, config=None, init=None, interpret=False,
+):  # fmt: skip
     """Per split: (acc (n_kv, S, Gp, hd), m (n_kv, S, Gp), l (n_kv, S, Gp)), all f32.
 
-    Scores are q.k * scale (default head_dim ** -0.5). acc is the unnormalised sum of exp(score - m) * v over the split's valid
-    slots; a split with none has m = -inf, l = 0, acc = 0. `init`, if given, is a
-    tuple of buffers of those shapes aliased to the outputs (tests poison them).
+    rows: (n_heads, hd) queries, or with `has_new` (n_heads + 2 n_kv, hd): the
+    queries, the new token's keys, then its values. Scores are q.k * scale
+    (default head_dim ** -0.5). acc is the unnormalised sum of exp(score - m) * v
+    over the split's valid slots; a split with none has m = -inf, l = 0,
+    acc = 0. `init`, if given, is a tuple of buffers of those shapes aliased to
+    the outputs (tests poison them).
 
-    With `k_new`, `v_new` (n_kv, hd), the token at position length - 1 is not in
-    the cache yet: the kernel attends over slots < length - 1 plus the new token,
-    writes the token into slot length - 1 of the caches (aliased, in place), and
-    returns the two updated caches after the partials.
+    With `has_new`, the token at position length - 1 is not in the cache yet:
+    the kernel attends over slots < length - 1 plus the new token, writes the
+    token into slot length - 1 of the caches (aliased, in place), and returns
+    the two updated caches after the partials. `qk_norm` = (q_weight, k_weight,
+    eps) RMS-norms each query and key head first; `rope_inv_freq` (hd/2,) then
+    rotates them at position length - 1 (rotate-half layout).
     """
-    n_heads, hd = q.shape
-    n_kv, t, _ = k_cache.shape
+    n_kv, t, hd = k_cache.shape
     group = n_heads // n_kv
     gp = max(MIN_GROUP, pl.next_power_of_2(group))
     bt, split_t, num_warps, num_stages = config or DEFAULT_CONFIG
     bt = _pow2_divisor(t, bt)
     split_t = max(bt, min(split_t, t) // bt * bt)
     n_splits = pl.cdiv(t, split_t)
-
     # q and the cache meet in the wider of their dtypes (an f32 dot is exact, not tf32);
     # an fp8 cache (no implicit promotion) is upcast to q's dtype as each block is loaded.
     fp8_cache = jnp.dtype(k_cache.dtype).itemsize == 1
-    qg = q.reshape(n_kv, group, hd).astype(q.dtype if fp8_cache else jnp.promote_types(q.dtype, k_cache.dtype))
-    if gp != group:
-        qg = jnp.pad(qg, ((0, 0), (0, gp - group), (0, 0)))
+    dot_dtype = jnp.dtype(rows.dtype if fp8_cache else jnp.promote_types(rows.dtype, k_cache.dtype))
     length = jnp.asarray(length, jnp.int32).reshape(1)
 
     out_shape = (
@@ -149,32 +189,38 @@ def decode_attention_partials(
         pl.BlockSpec((None, None, gp), lambda h, s: (h, s, 0)),
         pl.BlockSpec((None, None, gp), lambda h, s: (h, s, 0)),
     )
+
+    def whole(a):
+        return pl.BlockSpec(a.shape, lambda h, s: (0,) * a.ndim)
+
     kv_spec = pl.BlockSpec((None, t, hd), lambda h, s: (h, 0, 0))
-    operands = [length, qg, k_cache, v_cache]
-    in_specs = [
-        pl.BlockSpec((1,), lambda h, s: (0,)),
-        pl.BlockSpec((None, gp, hd), lambda h, s: (h, 0, 0)),
-        kv_spec,
-        kv_spec,
-    ]
-    has_new = k_new is not None
-    if has_new:
-        operands += [k_new, v_new]
-        in_specs += [pl.BlockSpec((None, hd), lambda h, s: (h, 0))] * 2
+    operands = [length, rows]
+    if rope_inv_freq is not None:
+        operands.append(jnp.asarray(rope_inv_freq, jnp.float32))
+    if qk_norm is not None:
+        operands += [w.astype(rows.dtype) for w in qk_norm[:2]]
+    in_specs = [whole(a) for a in operands]
+    cache_at = len(operands)
+    operands += [k_cache, v_cache]
+    in_specs += [kv_spec, kv_spec]
     aliases = {}
     if init is not None:
         aliases = {len(operands) + i: i for i in range(3)}
         operands += list(init)
         in_specs += list(out_specs)
     if has_new:
-        aliases |= {2: 3, 3: 4}
-        out_shape += (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+        aliases |= {cache_at: 3, cache_at + 1: 4}
+        out_shape += (
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+        )
         out_specs += (kv_spec, kv_spec)
 
     kernel = functools.partial(
-        _partials_kernel, bt=bt, split_t=split_t, window=window, scale=hd**-0.5 if scale is None else scale,
-        has_new=has_new,
-    )
+        _partials_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, window=window,
+        scale=hd**-0.5 if scale is None else scale, has_new=has_new, rope=rope_inv_freq is not None,
+        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype,
+    )  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -198,27 +244,32 @@ def combine_partials(acc, m, l, n_heads: int, dtype) -> jax.Array:
 
 
 def decode_attention(q, k_cache, v_cache, length, *, window=None, scale=None, config=None, interpret=False):
-    """softmax(q K^T * scale) V over the valid slots (scale defaults to 1 / sqrt(hd)); returns (n_heads, hd) in q's dtype."""
+    """softmax(q K^T * scale) V over the valid slots (scale default 1 / sqrt(hd)); (n_heads, hd) in q's dtype."""
+    n_heads = q.shape[0]
     acc, m, l = decode_attention_partials(
-        q, k_cache, v_cache, length, window=window, scale=scale, config=config, interpret=interpret
+        q, k_cache, v_cache, length, n_heads=n_heads, window=window, scale=scale, config=config, interpret=interpret
     )
-    return combine_partials(acc, m, l, q.shape[0], q.dtype)
+    return combine_partials(acc, m, l, n_heads, q.dtype)
 
 
 def decode_attention_update(
-    q, k_new, v_new, k_cache, v_cache, pos, *, window=None, scale=None, config=None, interpret=False
-):
-    """Attention of the token at position `pos` (q, k_new, v_new) over the cache, which it also enters.
+    qkv, k_cache, v_cache, pos, *, n_heads, rope_inv_freq=None, qk_norm=None, window=None, scale=None, config=None,
+    interpret=False,
+):  # fmt: skip
+    """Attention of the token at position `pos` over the cache, which it also enters.
 
-    Reads slots < pos of the caches and the new key/value, and writes them into
-    slot pos in the same kernel (the caches are updated in place when donated).
+    qkv: (n_heads + 2 n_kv, hd), the token's query heads, key heads and value
+    heads, queries and keys before `qk_norm` and rope (see
+    `decode_attention_partials`). Reads slots < pos of the caches and the new
+    key/value, and writes them (the key normed and rotated) into slot pos in the
+    same kernel (the caches are updated in place when donated).
     Returns (out (n_heads, hd), k_cache, v_cache).
     """
     acc, m, l, k_cache, v_cache = decode_attention_partials(
-        q, k_cache, v_cache, pos + 1, k_new=k_new, v_new=v_new, window=window, scale=scale, config=config,
-        interpret=interpret,
-    )
-    return combine_partials(acc, m, l, q.shape[0], q.dtype), k_cache, v_cache
+        qkv, k_cache, v_cache, pos + 1, n_heads=n_heads, has_new=True, rope_inv_freq=rope_inv_freq,
+        qk_norm=qk_norm, window=window, scale=scale, config=config, interpret=interpret,
+    )  # fmt: skip
+    return combine_partials(acc, m, l, n_heads, qkv.dtype), k_cache, v_cache
 
 
 def decode_attention_reference(q, k_cache, v_cache, length, *, window=None, scale=None):

@@ -24,6 +24,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels import decode_attention as attn_mod  # noqa: E402
@@ -255,32 +256,39 @@ def phase_attn(smoke, roof):
         # The xla path as the model runs it (attn_len = a power of two >= 256 covering the length).
         attn_len = min(t_max, max(256, 1 << (length - 1).bit_length()))
         pos = jnp.array([length - 1])
-        kk = jax.random.normal(keys[0], (1, n_kv, hd), dt)
+        kn = jax.random.normal(keys[1], (2 * n_kv, hd), dt)
+        inv_freq = 1.0 / 10000.0 ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
+        qkv = jnp.concatenate([q, kn])  # the projection's rows: queries, new keys, new values
         fx = jax.jit(
-            lambda q, kcs, vcs, pos: [
-                ops.attention(q[None], kk, kk, k, v, pos, attn_len=attn_len, window=None, backend="xla")[0]
+            lambda qkv, kcs, vcs, pos: [
+                ops.attention(
+                    qkv.reshape(1, -1), k, v, pos, n_heads=n_heads, rope_inv_freq=inv_freq, attn_len=attn_len,
+                    window=None, backend="xla",
+                )[0]
                 for k, v in zip(kcs, vcs)
             ]
-        )
-        tx, _ = timed(fx, q, kcs, vcs, pos, reps=3 if smoke else 10)
+        )  # fmt: skip
+        tx, _ = timed(fx, qkv, kcs, vcs, pos, reps=3 if smoke else 10)
         tx /= layers
-        # The fused form the model uses: attend over slots < pos plus the new token, write it in place.
-        kn = jax.random.normal(keys[1], (n_kv, hd), dt)
+        # The fused form the model uses: rope, attend over slots < pos plus the new token, write it in place.
         fu = jax.jit(
-            lambda q, kcs, vcs, p: [
-                attn_mod.decode_attention_update(q, kn, kn, k, v, p, interpret=smoke) for k, v in zip(kcs, vcs)
+            lambda qkv, kcs, vcs, p: [
+                attn_mod.decode_attention_update(
+                    qkv, k, v, p, n_heads=n_heads, rope_inv_freq=inv_freq, interpret=smoke
+                )
+                for k, v in zip(kcs, vcs)
             ],
             donate_argnums=(1, 2),
         )
         try:
-            outs = fu(q, kcs, vcs, jnp.int32(length - 1))
+            outs = fu(qkv, kcs, vcs, jnp.int32(length - 1))
             kcs = [o[1] for o in outs]
             vcs = [o[2] for o in outs]
             tu = []
             for _ in range(5):
                 t0 = time.perf_counter()
                 for _ in range(3 if smoke else 10):
-                    outs = fu(q, kcs, vcs, jnp.int32(length - 1))
+                    outs = fu(qkv, kcs, vcs, jnp.int32(length - 1))
                     kcs = [o[1] for o in outs]
                     vcs = [o[2] for o in outs]
                 jax.block_until_ready(outs)

@@ -122,11 +122,13 @@ def _check_attention(n_heads, n_kv, t, hd, length, window, dtype, config):
 
     def run(q, kc, vc, length):
         shapes = jax.eval_shape(
-            lambda: decode_attention_partials(q, kc, vc, length, window=window, config=config, interpret=INTERPRET)
+            lambda: decode_attention_partials(
+                q, kc, vc, length, n_heads=n_heads, window=window, config=config, interpret=INTERPRET
+            )
         )
         init = tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes)
         acc, m, l = decode_attention_partials(
-            q, kc, vc, length, window=window, config=config, init=init, interpret=INTERPRET
+            q, kc, vc, length, n_heads=n_heads, window=window, config=config, init=init, interpret=INTERPRET
         )
         return acc, m, l, combine_partials(acc, m, l, n_heads, q.dtype)
 
@@ -170,16 +172,17 @@ def test_decode_attention_matches_reference_real(dtype, length, window):
     _check_attention(32, 8, 4096, 128, length, window, dtype, None)
 
 
-def test_model_decode_pallas_matches_xla():
-    """A tiny model's decode step through backend="pallas" gives the xla path's logits."""
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["qwen2", "qwen3"])
+def test_model_decode_pallas_matches_xla(qk_norm):
+    """A tiny model's prefill and decode step through backend="pallas" give the xla path's logits."""
     from yalm_jax import model
     from yalm_jax.config import ModelConfig
     from yalm_jax.weights import LayerWeights, Weights
 
     cfg = ModelConfig(
-        arch="qwen2", vocab_size=64, dim=64, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=2,
-        head_dim=16, norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64, qkv_bias=True,
-        dtype="float32",
+        arch="qwen3" if qk_norm else "qwen2", vocab_size=64, dim=64, hidden_dim=128, n_layers=1, n_heads=6,
+        n_kv_heads=2, head_dim=32, norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64,
+        qkv_bias=not qk_norm, qk_norm=qk_norm, dtype="float32",
     )  # fmt: skip
     keys = iter(jax.random.split(_key(), 16))
 
@@ -188,8 +191,9 @@ def test_model_decode_pallas_matches_xla():
 
     qkv = cfg.q_dim + 2 * cfg.kv_dim
     layer = LayerWeights(
-        attn_norm=1 + rnd(cfg.dim), wqkv=rnd(qkv, cfg.dim), bqkv=rnd(qkv), wo=rnd(cfg.dim, cfg.q_dim),
+        attn_norm=1 + rnd(cfg.dim), wqkv=rnd(qkv, cfg.dim), bqkv=None if qk_norm else rnd(qkv), wo=rnd(cfg.dim, cfg.q_dim),
         ffn_norm=1 + rnd(cfg.dim), w13=rnd(2 * cfg.hidden_dim, cfg.dim), w2=rnd(cfg.dim, cfg.hidden_dim),
+        q_norm=1 + rnd(cfg.head_dim) if qk_norm else None, k_norm=1 + rnd(cfg.head_dim) if qk_norm else None,
     )  # fmt: skip
     weights = Weights(embed=rnd(cfg.vocab_size, cfg.dim, scale=1.0), layers=[layer], final_norm=1 + rnd(cfg.dim), lm_head=None)
     prompt = jax.random.randint(next(keys), (5,), 0, cfg.vocab_size)
@@ -198,38 +202,63 @@ def test_model_decode_pallas_matches_xla():
     with jax.default_matmul_precision("highest"):
         for backend in ("xla", "pallas"):
             cache = model.init_cache(cfg, 32)
-            _, cache = model.forward(weights, cache, prompt, jnp.arange(5), cfg=cfg, backend="xla")
+            pre, cache = model.forward(weights, cache, prompt, jnp.arange(5), cfg=cfg, backend=backend)
             out, _ = model.forward(weights, cache, prompt[:1], jnp.array([5]), cfg=cfg, backend=backend)
-            logits[backend] = out
-    assert _rel_err(logits["pallas"], logits["xla"]) < 1e-5
+            logits[backend] = pre, out
+    # The prefill chunk (flash-attention kernel) and the decode step after it (decode kernels, reading
+    # the cache the chunk wrote) both give the xla path's logits.
+    for got, want in zip(logits["pallas"], logits["xla"]):
+        assert _rel_err(got, want) < 1e-5
+
+
+def _model_qk(q, k, pos, inv_freq, qk_norm):
+    """The model's query/key preparation (ops.rms_norm per head, then ops.rope), in f32: the kernel's reference."""
+    from yalm_jax import ops
+
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    if qk_norm is not None:
+        wq, wk, eps = qk_norm
+        q, k = ops.rms_norm(q, wq.astype(jnp.float32), eps), ops.rms_norm(k, wk.astype(jnp.float32), eps)
+    positions = jnp.array([pos])
+    return ops.rope(q[None], positions, inv_freq)[0], ops.rope(k[None], positions, inv_freq)[0]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
-    "pos,window,scale", [(0, None, None), (37, None, None), (127, None, None), (90, 30, None), (60, None, 0.37)],
-    ids=["first", "mid", "last", "window", "scale"],
-)
-def test_decode_attention_update_writes_the_token(dtype, pos, window, scale):
-    """The fused form attends over slots < pos plus the new token, and writes it into slot pos."""
+    "n_heads,pos,window,scale,qk_norm",
+    [(8, 0, None, None, False), (6, 37, None, None, False), (8, 127, None, None, True), (6, 90, 30, None, True),
+     (8, 60, None, 0.37, False)],
+    ids=["first", "mid_gqa3", "last_qknorm", "window_gqa3_qknorm", "scale"],
+)  # fmt: skip
+def test_decode_attention_update_writes_the_token(dtype, n_heads, pos, window, scale, qk_norm):
+    """The fused form takes the projection's rows as they are: it norms and rotates the queries and the
+    new key as the model does, attends over slots < pos plus the new token, and writes it into slot pos."""
     from pallas_kernels.decode_attention import decode_attention_update
 
-    n_heads, n_kv, t, hd = 8, 2, 128, 32
+    n_kv, t, hd = 2, 128, 32
     k1, k2, k3, k4, k5 = jax.random.split(_key(), 5)
-    q = jax.random.normal(k1, (n_heads, hd), dtype)
+    qkv = jax.random.normal(k1, (n_heads + 2 * n_kv, hd), dtype)
     kc = jax.random.normal(k2, (n_kv, t, hd), dtype).at[:, pos:].set(jnp.nan)  # slots >= pos are stale
     vc = jax.random.normal(k3, (n_kv, t, hd), dtype).at[:, pos:].set(jnp.nan)
-    kn = jax.random.normal(k4, (n_kv, hd), dtype)
-    vn = jax.random.normal(k5, (n_kv, hd), dtype)
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
+    norm = None
+    if qk_norm:
+        norm = (1 + 0.3 * jax.random.normal(k4, (hd,), dtype), 1 + 0.3 * jax.random.normal(k5, (hd,), dtype), 1e-6)
     f = jax.jit(
-        lambda *a: decode_attention_update(*a, window=window, scale=scale, config=SMALL_ATTN, interpret=INTERPRET),
-        donate_argnums=(3, 4),
-    )
-    k_ref = jnp.nan_to_num(kc).at[:, pos].set(kn)
+        lambda *a: decode_attention_update(
+            *a, n_heads=n_heads, rope_inv_freq=inv_freq, qk_norm=norm, window=window, scale=scale,
+            config=SMALL_ATTN, interpret=INTERPRET,
+        ),
+        donate_argnums=(1, 2),
+    )  # fmt: skip
+    q, kn = _model_qk(qkv[:n_heads], qkv[n_heads : n_heads + n_kv], pos, inv_freq, norm)
+    vn = qkv[n_heads + n_kv :]
+    k_ref = jnp.nan_to_num(kc).astype(jnp.float32).at[:, pos].set(kn)
     v_ref = jnp.nan_to_num(vc).at[:, pos].set(vn)
-    out, kc2, vc2 = f(q, kn, vn, kc, vc, jnp.int32(pos))  # kc, vc are donated
+    out, kc2, vc2 = f(qkv, kc, vc, jnp.int32(pos))  # kc, vc are donated
     ref = decode_attention_reference(q, k_ref, v_ref, pos + 1, window=window, scale=scale)
     assert _rel_err(out, ref) < TOL[dtype]
-    np.testing.assert_array_equal(np.asarray(kc2[:, pos], np.float32), np.asarray(kn, np.float32))
+    assert _rel_err(kc2[:, pos], kn) < TOL[dtype] / 2  # the stored key: rotated, rounded once to the cache dtype
     np.testing.assert_array_equal(np.asarray(vc2[:, pos], np.float32), np.asarray(vn, np.float32))
     np.testing.assert_array_equal(np.asarray(kc2[:, :pos], np.float32), np.asarray(k_ref[:, :pos], np.float32))
     assert np.isnan(np.asarray(kc2[:, pos + 1 :], np.float32)).all()  # nothing else touched

@@ -301,7 +301,10 @@ def test_decode_attention_kernel_reads_and_writes_an_fp8_cache(rng):
     q = jnp.asarray(rng.standard_normal((n_heads, hd)), jnp.float32)
     kn, vn = (jnp.asarray(rng.standard_normal((n_kv, hd)), jnp.float32) for _ in range(2))
     kc, vc = (jnp.asarray(rng.standard_normal((n_kv, t, hd)), jnp.float8_e4m3fn) for _ in range(2))
-    out, kc2, vc2 = decode_attention_update(q, kn, vn, kc, vc, pos, config=(16, 32, 4, 2), interpret=INTERPRET)
+    qkv = jnp.concatenate([q, kn, vn])
+    out, kc2, vc2 = decode_attention_update(
+        qkv, kc, vc, pos, n_heads=n_heads, config=(16, 32, 4, 2), interpret=INTERPRET
+    )
     assert kc2.dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(np.asarray(kc2[:, pos], np.float32), np.asarray(kn.astype(jnp.float8_e4m3fn), np.float32))
     ref = decode_attention_reference(q, kc2, vc2, pos + 1)

@@ -60,16 +60,6 @@ def init_cache(cfg: ModelConfig, max_context: int, dtype: str | None = None, rin
     )
 
 
-def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig, layer: int | None = None) -> jax.Array:
-    """Rotary embedding of `layer` in transformers' half-split layout; x: (S, heads, head_dim)."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(cfg.rope_inv_freq(layer))[None, :]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
 def attention_block(
     x, layer: LayerWeights, k_cache, v_cache, positions, cfg: ModelConfig, attn_len, backend, i: int | None = None,
     ring_sinks: int | None = None,
@@ -81,24 +71,13 @@ def attention_block(
     With `ring_sinks` (a ring cache, see KVCache) the sink slots are scored
     against the query rotated at its position within the cache.
     """
-    s = x.shape[0]
     qkv = ops.linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, cfg.norm_eps), backend=backend)
-    q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
-    q = q.reshape(s, cfg.n_heads, cfg.head_dim)
-    k = k.reshape(s, cfg.n_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q, k = ops.rms_norm(q, layer.q_norm, cfg.norm_eps), ops.rms_norm(k, layer.k_norm, cfg.norm_eps)
-    q_sink = None
-    if ring_sinks:
-        q_sink = rope(q, jnp.minimum(positions, k_cache.shape[1] - 1), cfg, i)
-    q, k = rope(q, positions, cfg, i), rope(k, positions, cfg, i)
-    v = v.reshape(s, cfg.n_kv_heads, cfg.head_dim)
+    qk_norm = (layer.q_norm, layer.k_norm, cfg.norm_eps) if cfg.qk_norm else None
     window = cfg.sliding_window if i is None else cfg.layer_window(i)
     out, k_cache, v_cache = ops.attention(
-        q, k, v, k_cache, v_cache, positions, attn_len=attn_len, window=window,
-        scale=cfg.attn_scale, ring_sinks=ring_sinks, q_sink=q_sink, backend=backend,
-    )
-    out = out.reshape(s, cfg.q_dim)
+        qkv, k_cache, v_cache, positions, n_heads=cfg.n_heads, rope_inv_freq=cfg.rope_inv_freq(i), qk_norm=qk_norm,
+        attn_len=attn_len, window=window, scale=cfg.attn_scale, ring_sinks=ring_sinks, backend=backend,
+    )  # fmt: skip
     if cfg.post_norms:
         y = ops.linear(out, layer.wo, reduce_axis=cfg.tp_axis, backend=backend)
         return x + ops.rms_norm(y, layer.attn_post_norm, cfg.norm_eps), k_cache, v_cache

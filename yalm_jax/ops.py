@@ -3,18 +3,22 @@
 The model calls `linear`, `rms_norm` and `attention` from here and nowhere
 else. `backend="xla"` lowers them to plain jnp, which XLA compiles for the CPU
 or the GPU; `backend="pallas"` sends batch-1 decode (one token) through the
-hand-written GPU kernels in `pallas_kernels/`. Prefill chunks are matrix
-products, which XLA already does well, so they stay on XLA either way.
+hand-written GPU kernels in `pallas_kernels/`. A prefill chunk's projections
+are matrix products, which XLA already does well, so they stay on XLA either
+way; its attention goes through a Pallas flash-attention kernel on the pallas
+backend.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import decode_attention as _attn
 from pallas_kernels import gemv as _gemv
 from pallas_kernels import gemv_quant as _gemv_quant
+from pallas_kernels import prefill_attention as _prefill
 from yalm_jax import quant
 
 BACKENDS = ("xla", "pallas")
@@ -181,48 +185,77 @@ def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.A
     return jax.lax.dynamic_update_slice(cache, new.swapaxes(0, 1).astype(cache.dtype), (0, positions[0], 0))
 
 
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding in transformers' half-split layout; x: (S, heads, head_dim), inv_freq: (head_dim // 2,)."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
 def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    qkv: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     q_pos: jax.Array,
     *,
+    n_heads: int,
+    rope_inv_freq: np.ndarray,
+    qk_norm: tuple[jax.Array, jax.Array, float] | None = None,
     attn_len: int,
     window: int | None,
     scale: float | None = None,
     ring_sinks: int | None = None,
-    q_sink: jax.Array | None = None,
     backend: str = "xla",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal attention of a chunk of S consecutive tokens; writes the chunk into the cache.
 
-    q: (S, n_heads, head_dim); k, v: (S, n_kv_heads, head_dim), the chunk's own
-    keys and values; k_cache, v_cache: (n_kv_heads, T, head_dim), holding
-    position t in slot t. q_pos: (S,), ascending from q_pos[0], the chunk's
-    start; cache slots from the start on are stale and never read. A query at
-    position p sees keys at positions <= p (and > p - window with a sliding
-    window). The xla path reads only the first `attn_len` slots. Scores are
-    q.k * scale (default head_dim ** -0.5). Returns the output
-    (S, n_heads, head_dim) and the updated caches.
+    qkv: (S, (n_heads + 2 n_kv) * head_dim), the fused projection's output: each
+    token's query heads, key heads, then value heads. Queries and keys come as
+    projected: each head is RMS-normed first when `qk_norm` = (q_weight,
+    k_weight, eps), then rotated at its position (`rope` with `rope_inv_freq`).
+    k_cache, v_cache: (n_kv_heads, T, head_dim), holding position t in slot t.
+    q_pos: (S,), ascending from q_pos[0], the chunk's start; cache slots from
+    the start on are stale and never read. A query at position p sees keys at
+    positions <= p (and > p - window with a sliding window). The xla path reads
+    only the first `attn_len` slots; the pallas path (a decode kernel for one
+    token, a flash-attention kernel for a chunk) only the slots up to the chunk's end. Scores are q.k * scale (default
+    head_dim ** -0.5). Returns the output (S, n_heads * head_dim) and the
+    updated caches.
 
     With `ring_sinks` set, the cache is a ring with that many attention sinks
-    instead (see `ring_attention`); `q_sink` holds the queries for the sink slots.
+    instead (see `ring_attention`).
     """
-    s, n_heads, hd = q.shape
-    if ring_sinks is not None:
-        return ring_attention(
-            q, q_sink, k, v, k_cache, v_cache, q_pos, sinks=ring_sinks, attn_len=attn_len, window=window, scale=scale
-        )
-    n_kv, max_context, _ = k_cache.shape
-    if _decode(q, backend) and _attn.supported(max_context, hd):
-        # One kernel reads the cache blocks below q_pos (so attn_len is not needed),
-        # adds the new token and writes it into slot q_pos in place.
+    s = qkv.shape[0]
+    n_kv, max_context, hd = k_cache.shape
+    if ring_sinks is None and _decode(qkv, backend) and _attn.supported(max_context, hd):
+        # One kernel normalises and rotates q and k, reads the cache blocks below q_pos (so
+        # attn_len is not needed), adds the new token and writes it into slot q_pos in place.
         out, k_cache, v_cache = _attn.decode_attention_update(
-            q[0], k[0], v[0], k_cache, v_cache, q_pos[0], window=window, scale=scale, interpret=_interpret()
-        )
-        return out[None], k_cache, v_cache
+            qkv[0].reshape(-1, hd), k_cache, v_cache, q_pos[0], n_heads=n_heads, rope_inv_freq=rope_inv_freq,
+            qk_norm=qk_norm, window=window, scale=scale, interpret=_interpret(),
+        )  # fmt: skip
+        return out.reshape(1, n_heads * hd), k_cache, v_cache
+    heads = qkv.reshape(s, n_heads + 2 * n_kv, hd)
+    q, k, v = heads[:, :n_heads], heads[:, n_heads : n_heads + n_kv], heads[:, n_heads + n_kv :]
+    if qk_norm is not None:
+        q, k = rms_norm(q, qk_norm[0], qk_norm[2]), rms_norm(k, qk_norm[1], qk_norm[2])
+    if ring_sinks is not None:
+        out, k_cache, v_cache = ring_attention(
+            q, k, v, k_cache, v_cache, q_pos, rope_inv_freq=rope_inv_freq, sinks=ring_sinks, attn_len=attn_len,
+            window=window, scale=scale,
+        )  # fmt: skip
+        return out.reshape(s, n_heads * hd), k_cache, v_cache
+    q, k = rope(q, q_pos, rope_inv_freq), rope(k, q_pos, rope_inv_freq)
+    if backend == "pallas" and _prefill.supported(max_context, hd):
+        # A chunk: written into the cache first, then one flash-attention kernel reads it (slots up to
+        # the chunk's last position only), never materialising the scores.
+        k_cache, v_cache = write_cache(k_cache, k, q_pos), write_cache(v_cache, v, q_pos)
+        out = _prefill.prefill_attention(q, k_cache, v_cache, q_pos[0], window=window, scale=scale,
+                                         interpret=_interpret())  # fmt: skip
+        return out.reshape(s, n_heads * hd), k_cache, v_cache
     # Attend over the cache as it was plus the chunk itself, then write the chunk:
     # reading the cache after the write makes XLA fuse the write into the read
     # and copy every layer's whole cache on every step to keep both alive.
@@ -232,7 +265,7 @@ def attention(
     if window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - window
     out = _attend(q, k, v, k_cache, v_cache, visible, attn_len=attn_len, scale=scale)
-    return (out, *_write_after_read(out, k, v, k_cache, v_cache, q_pos[0]))
+    return (out.reshape(s, n_heads * hd), *_write_after_read(out, k, v, k_cache, v_cache, q_pos[0]))
 
 
 def _attention_dtype(cache_dtype) -> jnp.dtype:
@@ -288,13 +321,13 @@ def ring_slot(pos: jax.Array, n_slots: int, sinks: int) -> jax.Array:
 
 def ring_attention(
     q: jax.Array,
-    q_sink: jax.Array | None,
     k: jax.Array,
     v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     q_pos: jax.Array,
     *,
+    rope_inv_freq: np.ndarray,
     sinks: int,
     attn_len: int,
     window: int | None,
@@ -308,18 +341,19 @@ def ring_attention(
     rotated at their own positions, so for a ring key the query's rope distance
     is the true one (at most R). A sink would drift ever further away; as in
     StreamingLLM, which numbers positions within the cache, it is scored against
-    `q_sink`, the query rotated at its position within the cache, min(p, T - 1),
-    which puts the sinks just before the oldest ring key. (Rope depends on
-    position differences only, so this equals re-rotating every key at its
-    cache position, without rewriting the cache.) `q_sink` may be None when sinks is 0.
+    the query rotated at its position within the cache, min(p, T - 1), which
+    puts the sinks just before the oldest ring key. (Rope depends on position
+    differences only, so this equals re-rotating every key at its cache
+    position, without rewriting the cache.) q and k come before rope.
 
     The chunk's S positions must map to consecutive slots (it never wraps the
     ring, so S <= R) and the chunk holds no padding rows: every row is written.
     The first `attn_len` slots are read; once the ring has wrapped that must be T.
     """
-    s, n_heads, hd = q.shape
-    n_kv, n_slots, _ = k_cache.shape
+    n_slots = k_cache.shape[1]
     ring = n_slots - sinks
+    q_sink = rope(q, jnp.minimum(q_pos, n_slots - 1), rope_inv_freq) if sinks else None
+    q, k = rope(q, q_pos, rope_inv_freq), rope(k, q_pos, rope_inv_freq)
     big = jnp.iinfo(jnp.int32).max
     q0 = q_pos[0]
     # The position each slot holds before this chunk is written (`big` where none).
