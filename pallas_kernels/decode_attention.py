@@ -36,13 +36,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.gemv import _pow2_divisor
+
 # Measured on one H100 80GB HBM3 (see KERNEL_NOTES.md): (block_t, split_t, num_warps, num_stages).
 DEFAULT_CONFIG = (128, 512, 4, 2)
 MIN_GROUP = 16  # rows of a tensor-core dot
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    return min(cap, n & -n)
 
 
 def supported(t: int, hd: int) -> bool:

@@ -33,6 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.gemv import _pow2_divisor
+
 # (block_rows, block_k, num_warps, num_stages): the best of a first sweep on one H100 80GB HBM3 (2026-11-25,
 # a 512-token Mistral-7B chunk at starts 0 and 1024, bf16), timed call by call (dispatch included).
 DEFAULT_CONFIG = (128, 128, 8, 2)
@@ -40,10 +42,6 @@ MIN_ROWS = 16  # rows of a tensor-core dot
 # The running max starts finite, so a row whose keys in a block are all masked gets
 # exp(-inf - m) = 0 and alpha = 1 instead of exp(-inf - -inf) = NaN.
 M_INIT = float(jnp.finfo(jnp.float32).min)
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    return min(cap, n & -n)
 
 
 def supported(t: int, hd: int) -> bool:
