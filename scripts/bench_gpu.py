@@ -685,13 +685,13 @@ def part_profile(res, roof, smoke, out_dir):
 
 
 def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
-    """A random QuantizedMatrix of `shape` in `fmt`, int4 in groups of 32 (values don't set the speed; the
-    bytes do): scales in f16 per group and f32 per channel, as quant.quantize stores them."""
-    from yalm_jax.quant import QuantizedMatrix
+    """A random QuantizedMatrix of `shape` in `fmt`, in the form --quant makes (values don't set the speed;
+    the bytes do): int4 and fp8 in groups of 32 with f16 scales, int8 with an f32 scale a row."""
+    from yalm_jax.quant import DEFAULT_INT4_GROUP, FP8_GROUP, QuantizedMatrix
 
     n, k = shape
     k1, k2 = jax.random.split(jax.random.key(seed))
-    group = 32 if fmt == "int4" else k
+    group = {"int4": DEFAULT_INT4_GROUP, "int8": k}.get(fmt, FP8_GROUP)
     scale = (0.01 * (1 + jax.random.uniform(k2, (n, k // group)))).astype(jnp.float16 if group < k else jnp.float32)
     if fmt == "int8":
         q = jax.random.randint(k1, (n, k), -127, 128, jnp.int8)
@@ -703,8 +703,8 @@ def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
 
 
 def part_quant(res, roof, smoke):
-    """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 weights, beside bf16, at context 128;
-    and bf16 against fp8 KV at context 4096."""
+    """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 (group 32) weights, beside bf16, at
+    context 128; and bf16 against fp8 KV at context 4096."""
     shape = "toy" if smoke else "mistral7b"
     cfg = make_cfg(shape, "bfloat16")
     dense = random_weights(cfg, seed=5)

@@ -21,11 +21,17 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+# The table's reference: the dense weights rounded to bf16 (as a bf16 checkpoint stores them), computed in f32.
+BF16 = "bf16"
 flags.DEFINE_string("model", None, "A transformers model directory (with --perplexity_text also a GGUF; default: SmolLM2).")
 flags.DEFINE_string("out", None, "The directory to write (created).")
-flags.DEFINE_string("quant", "int8", "int8, int4[:group], fp8 (e4m3) or fp8_e5m2.")
+flags.DEFINE_string("quant", "int8", "int8, int4[:group], fp8 (e4m3) or fp8_e5m2 (fp8: groups of 32).")
 flags.DEFINE_string("perplexity_text", None, "Instead of writing: the perplexity of --model on this text per format.")
-flags.DEFINE_list("formats", ["none", "int8", "fp8", "fp8_e5m2", "int4", "int4:32"], "--perplexity_text: weight formats.")
+flags.DEFINE_list(
+    "formats",
+    ["none", BF16, "int8", "fp8", "fp8_e5m2", "int4", "int4:64"],
+    f"--perplexity_text: weight formats (--quant values, and {BF16}: dense weights rounded to bfloat16).",
+)
 flags.DEFINE_list("kv_dtypes", ["bfloat16", "float8_e4m3fn"], "--perplexity_text: KV cache dtypes, with dense weights.")
 flags.DEFINE_integer("context", 512, "--perplexity_text: window (stride: half of it).")
 
@@ -103,27 +109,39 @@ def quantize_checkpoint(model_dir: str, out_dir: str, choice: str) -> dict:
     return config["quantization"]
 
 
+def rounded_to_bf16(weights):
+    """Every tensor of `weights` rounded to bf16 and back to its own dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), weights)
+
+
 def perplexity_table(model_path: str, text_path: str, formats, kv_dtypes, context: int) -> list[dict]:
-    """evaluate.perplexity of the model (f32 compute) with each weight format, then each KV dtype."""
+    """evaluate.perplexity of the model (f32 compute) with each weight format, then each KV dtype;
+    printed against the bf16 row once there is one."""
     import functools
 
     from yalm_jax import evaluate, model
     from yalm_jax.loading import load_model
 
     text = open(text_path, encoding="utf-8").read()
-    rows = []
+    rows, base = [], None
     init_cache = model.init_cache
     for fmt, kv in [(f, None) for f in formats] + [("none", k) for k in kv_dtypes]:
-        lm = load_model(model_path, quant=fmt)
+        lm = load_model(model_path, quant="none" if fmt == BF16 else fmt)
+        weights = rounded_to_bf16(lm.weights) if fmt == BF16 else lm.weights
         ids = lm.tokenizer.encode(text)
         # evaluate.perplexity builds its own cache; the KV dtype goes in through init_cache's dtype.
         model.init_cache = functools.partial(init_cache, dtype=kv) if kv else init_cache
         try:
-            r = evaluate.perplexity(lm.weights, lm.cfg, ids, context=context)
+            r = evaluate.perplexity(weights, lm.cfg, ids, context=context)
         finally:
             model.init_cache = init_cache
+        base = r.perplexity if fmt == BF16 else base
         rows.append({"weights": fmt, "kv": kv or lm.cfg.dtype, "perplexity": r.perplexity, "tokens": r.tokens})
-        print(f"weights {fmt:9s} kv {kv or lm.cfg.dtype:14s} perplexity {r.perplexity:.4f} over {r.tokens} tokens", flush=True)
+        vs = f" ({r.perplexity / base - 1:+.2%} vs {BF16})" if base else ""
+        print(f"weights {fmt:9s} kv {kv or lm.cfg.dtype:14s} perplexity {r.perplexity:.4f}{vs}", flush=True)
     return rows
 
 

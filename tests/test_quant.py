@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -38,6 +39,8 @@ FORMATS = [
     ("int4", 128, False),
     ("fp8_e4m3", None, False),
     ("fp8_e5m2", None, False),
+    ("fp8_e4m3", 32, False),  # --quant=fp8's form
+    ("fp8_e5m2", 32, False),
 ]
 FMT_IDS = [f"{f}-g{g}-{'min' if m else 'sym'}" for f, g, m in FORMATS]
 
@@ -74,6 +77,31 @@ def test_quantize_dequantize_within_the_format_bound(rng, fmt, group, with_min):
     assert qm.q.nbytes == w.size * bits // 8
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("group", [None, 32])
+def test_fp8_scale_is_the_candidate_with_least_error(rng, fmt, group):
+    # The reference rounds with ml_dtypes every candidate scale, absmax / max * 2^(j / steps), as stored.
+    w = _weights(rng, 48, 512)
+    qm = quant.quantize(w, fmt, group)
+    g = group or 512
+    f8 = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}[fmt]
+    top = float(ml_dtypes.finfo(f8).max)
+    wg = w.reshape(48, 512 // g, g)
+    base = np.abs(wg).max(-1) / top
+
+    def sq_err(s):
+        s = s.astype(np.float16 if group else np.float32).astype(np.float32)
+        q = np.clip(wg / s[..., None], -top, top).astype(f8).astype(np.float32)
+        return ((q * s[..., None] - wg) ** 2).sum(-1)
+
+    steps = quant.FP8_SCALE_STEPS
+    errs = np.stack([sq_err(base * np.float32(2.0 ** (j / steps))) for j in range(steps)])
+    got = ((np.asarray(quant.dequantize(qm, jnp.float32)).reshape(wg.shape) - wg) ** 2).sum(-1)
+    np.testing.assert_allclose(got, errs.min(0), rtol=1e-4)
+    assert (errs.argmin(0) > 0).mean() > 0.5  # most groups gain over absmax / max
+    assert qm.scale.dtype == (np.float16 if group else np.float32)
+
+
 def test_int4_packing_round_trips(rng):
     q = rng.integers(0, 16, (6, 256)).astype(np.uint8)
     for g in quant.INT4_GROUPS:
@@ -85,7 +113,8 @@ def test_int4_packing_round_trips(rng):
 
 def test_int4_group_falls_back_to_a_divisor():
     assert quant.pick_group(576, 128) == 64 and quant.pick_group(1536, 128) == 128
-    assert quant.parse_choice("int4:32") == ("int4", 32) and quant.parse_choice("fp8") == ("fp8_e4m3", None)
+    assert quant.parse_choice("int4:32") == ("int4", 32) and quant.parse_choice("fp8") == ("fp8_e4m3", 32)
+    assert quant.parse_choice("fp8_e5m2") == ("fp8_e5m2", 32) and quant.parse_choice("int8") == ("int8", None)
     with pytest.raises(ValueError):
         quant.parse_choice("int3")
 
@@ -154,7 +183,9 @@ def test_gemv_quant_matches_reference(rng, fmt, group, with_min, form):
     _check_gemv(rng, fmt, group, with_min, jnp.float32, n=128 if form.get("gated") else 64, **dict(form))
 
 
-@pytest.mark.parametrize("fmt,group,with_min", [FORMATS[1], FORMATS[3], FORMATS[6]], ids=[FMT_IDS[1], FMT_IDS[3], FMT_IDS[6]])
+@pytest.mark.parametrize(
+    "fmt,group,with_min", [FORMATS[i] for i in (1, 3, 6, 8)], ids=[FMT_IDS[i] for i in (1, 3, 6, 8)]
+)
 def test_gemv_quant_bf16_with_norm(rng, fmt, group, with_min):
     _check_gemv(rng, fmt, group, with_min, jnp.bfloat16, norm=True)
 
@@ -253,19 +284,21 @@ def test_cpu_default_dequantizes_at_load(tiny_dir, monkeypatch):
     assert isinstance(lm.weights.layers[0].wo, jax.Array) == on_cpu
 
 
-def test_quantize_script_round_trip(tiny_dir, tmp_path):
+@pytest.mark.parametrize("choice", ["int4:32", "fp8"])
+def test_quantize_script_round_trip(tiny_dir, tmp_path, choice):
     from yalm_jax.loading import load_model
 
     out = str(tmp_path / "q")
     subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "quantize.py"), f"--model={tiny_dir}", f"--out={out}", "--quant=int4:32"],
+        [sys.executable, os.path.join(REPO, "scripts", "quantize.py"), f"--model={tiny_dir}", f"--out={out}", f"--quant={choice}"],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     section = json.load(open(os.path.join(out, "config.json")))["quantization"]
-    assert section["quant"] == "int4:32" and "model.layers.0.mlp.up_proj.weight" in section["tensors"]
+    assert section["quant"] == choice and "model.layers.0.mlp.up_proj.weight" in section["tensors"]
+    assert section["tensors"]["model.layers.0.mlp.up_proj.weight"]["group"] == 32
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
     back = load_model(out)  # a quantized checkpoint loads as stored
-    direct = load_model(tiny_dir, quant="int4:32")
+    direct = load_model(tiny_dir, quant=choice)
     a, b = jax.tree_util.tree_flatten(back.weights), jax.tree_util.tree_flatten(direct.weights)
     assert a[1] == b[1]
     for x, y in zip(a[0], b[0]):
