@@ -123,8 +123,10 @@ def _partials_kernel(
         owner = s == lax.div(length - 1, split_t)
         k_row, v_row = n_heads + h, n_heads + n_heads // group + h
         kn1, kn2 = (rows_ref[pl.ds(k_row, 1), pl.ds(c * half, half)].astype(f32) for c in (0, 1))
-        kn1, kn2 = prepare(kn1, kn2, k_norm_ref)
-        vn = rows_ref[pl.ds(v_row, 1), :]
+        # The new key and value as the cache stores them (a narrower cache rounds them), as every
+        # later step will read them.
+        kn1, kn2 = (x.astype(k_out.dtype).astype(f32) for x in prepare(kn1, kn2, k_norm_ref))
+        vn = rows_ref[pl.ds(v_row, 1), :].astype(v_out.dtype)
         s_new = jnp.sum(q1.astype(f32) * kn1 + q2.astype(f32) * kn2, axis=1) * scale
         m2 = jnp.maximum(m, s_new)
         alpha = jnp.exp(m - m2)
@@ -137,7 +139,7 @@ def _partials_kernel(
         def _():
             k_out[pl.ds(length - 1, 1), pl.ds(0, half)] = kn1.astype(k_out.dtype)
             k_out[pl.ds(length - 1, 1), pl.ds(half, half)] = kn2.astype(k_out.dtype)
-            v_out[pl.ds(length - 1, 1), :] = vn.astype(v_out.dtype)
+            v_out[pl.ds(length - 1, 1), :] = vn
 
     acc_ref[...] = acc
     m_ref[...] = m

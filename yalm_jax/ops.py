@@ -286,8 +286,10 @@ def _attend(q, k, v, k_cache, v_cache, visible, *, attn_len, scale, q_sink=None,
     n_kv = k.shape[1]
     dt, f32 = _attention_dtype(k_cache.dtype), jnp.float32
     scale = hd**-0.5 if scale is None else scale
-    k_all = jnp.concatenate([k_cache[:, :attn_len].astype(dt), k.swapaxes(0, 1).astype(dt)], axis=1)
-    v_all = jnp.concatenate([v_cache[:, :attn_len].astype(dt), v.swapaxes(0, 1).astype(dt)], axis=1)
+    # The chunk's own keys and values as the cache stores them, as the kernels (which read them back)
+    # and every later step see them.
+    k_all = jnp.concatenate([k_cache[:, :attn_len], k.swapaxes(0, 1).astype(k_cache.dtype)], axis=1).astype(dt)
+    v_all = jnp.concatenate([v_cache[:, :attn_len], v.swapaxes(0, 1).astype(v_cache.dtype)], axis=1).astype(dt)
 
     def scores_of(queries, keys):
         grouped = queries.astype(dt).reshape(s, n_kv, n_heads // n_kv, hd)
