@@ -211,7 +211,6 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
             f"({nbytes / t / 1e9 / roof:4.0%} roof) cfg {b} err {err:.1e}{xla_note}"
         )
         LOG["sweep"][f"{fmt} {name}"] = {str(c): v for c, v in res.items()} | {"best": b}
-        del ws
     return best
 
 
