@@ -247,10 +247,12 @@ def test_tiny_model_quantized_at_load_is_close_to_dense(tiny_dir, rng, choice):
     assert isinstance(lm.weights.layers[0].w13, quant.QuantizedMatrix)
     assert lm.weights.nbytes() < dense.weights.nbytes() / 2.5
     tokens = rng.integers(0, dense.cfg.vocab_size, 12).tolist()
-    ref_pre, ref_dec = _logits(dense, tokens)
+    ref_pre, _ = _logits(dense, tokens)
     pre, dec = _logits(lm, tokens)
-    tol = MODEL_TOL[choice.split(":")[0]]
-    assert _rel(pre, ref_pre) < tol and _rel(dec, ref_dec) < tol
+    # Against the dense model, over the 11 prefill positions: one decode position of a random tiny model
+    # is too chaotic to bound (int4: median 0.35, but 1.4 for one draw in CI). The decode step is checked
+    # exactly below, against the dequantized weights and across backends.
+    assert _rel(pre, ref_pre) < MODEL_TOL[choice.split(":")[0]]
     same = dataclasses.replace(dense, weights=jax.tree_util.tree_map(
         lambda w: w.dequantize() if quant.is_quantized(w) else w, lm.weights, is_leaf=quant.is_quantized
     ))  # fmt: skip
