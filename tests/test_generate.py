@@ -48,6 +48,27 @@ def test_chat_session_continuation_equals_one_shot_prefill(tiny_llama_chat_model
     assert one_shot.token_ids == out2.token_ids
 
 
+def test_chunk_queued_past_a_stop_leaves_the_reused_cache_intact(tiny_llama_chat_model):
+    # With 4-step chunks the next chunk is already queued when a stop string ends a turn mid-generation;
+    # its cache writes must not disturb the prefix the next turn reuses.
+    turn = "Hello, how are you today?"
+    probe, tok = _generator(tiny_llama_chat_model, decode_chunk=4)
+    tok.eos_ids = frozenset()
+    full = gen.ChatSession(probe, system="You are a model.").send(turn, max_new_tokens=16)
+    cut = len(tok.decode(full.token_ids[:9]))  # a stop string inside the third chunk
+    stop = full.text[cut : cut + 2]
+    assert len(stop) == 2 and full.text.find(stop) >= len(tok.decode(full.token_ids[:4]))
+
+    g, tok = _generator(tiny_llama_chat_model, decode_chunk=4)
+    tok.eos_ids = frozenset()
+    session = gen.ChatSession(g, system="You are a model.")
+    assert session.send(turn, max_new_tokens=16, stop=[stop]).finish_reason == "stop"
+    out2 = session.send("What is the capital of France?", max_new_tokens=12)
+    assert out2.prefilled < len(out2.prompt_ids)
+    fresh, _ = _generator(tiny_llama_chat_model, decode_chunk=4)
+    assert fresh.generate(out2.prompt_ids, max_new_tokens=12).token_ids == out2.token_ids
+
+
 def test_stop_string_truncates_text_and_stream(tiny_llama_chat_model):
     g, tok = _generator(tiny_llama_chat_model)
     tok.eos_ids = frozenset()

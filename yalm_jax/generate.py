@@ -462,17 +462,35 @@ class Generator:
         )
         t1 = time.perf_counter()
         compile_mid = self.programs.compile_s
-        while reason is None:
-            room = min(max_new_tokens, self.max_context - n_prompt) - len(kept)
+        limit = min(max_new_tokens, self.max_context - n_prompt)  # tokens this call may keep
+
+        def queue_chunk(state, n_kept, n_fed):
+            """Dispatches (asynchronously) the decode chunk that follows n_kept kept and n_fed fed tokens;
+            None once the call has no room left."""
+            room = limit - n_kept
+            if room <= 0:
+                return None
             # A power of two keeps the number of compiled chunk sizes small, unless it would run past the cache.
             n_steps = min(self.decode_chunk, _next_pow2(room))
-            if n_prompt + fed + n_steps > self.max_context:
+            if n_prompt + n_fed + n_steps > self.max_context:
                 n_steps = room
-            attn_len = attn_bucket(n_prompt + fed + n_steps, self.slots)
+            attn_len = attn_bucket(n_prompt + n_fed + n_steps, self.slots)
             tokens, state = self.programs(
                 decode_chunk, self.weights, state, sampling, stop_ids,
                 cfg=self.cfg, n_steps=n_steps, attn_len=attn_len, backend=self.backend,
             )  # fmt: skip
+            return tokens, state, n_steps
+
+        chunk = queue_chunk(state, len(kept), fed) if reason is None else None
+        while chunk is not None:
+            tokens, state, n_steps = chunk
+            # The next chunk is queued before this one's tokens are read, so the device does not wait on
+            # the host between chunks. If this chunk ends the call, the next one's tokens are dropped and
+            # its cache writes sit past the kept tokens, in slots nothing reads; a ring cache has no such
+            # slots (they hold the window), so it runs one chunk at a time.
+            chunk = queue_chunk(state, len(kept) + n_steps, fed + n_steps) if self.ring_sinks is None else None
+            if chunk is not None:
+                state = chunk[1]  # this chunk's state was donated to the next one, which carries it on
             tokens = np.asarray(tokens)
             fed += int(np.count_nonzero(tokens >= 0))  # steps run; each wrote the token it was fed
             for t in tokens.tolist():
@@ -480,6 +498,10 @@ class Generator:
                 kept, reason = self._accept(t, kept, stream, eos, n_prompt, max_new_tokens)
                 if reason is not None:
                     break
+            if reason is not None:
+                break
+            if self.ring_sinks is not None:
+                chunk = queue_chunk(state, len(kept), fed)
         decode_s = time.perf_counter() - t1 - (self.programs.compile_s - compile_mid)
         stream.finish()
 
