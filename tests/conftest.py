@@ -84,8 +84,8 @@ def make_tiny_chat_model(out_dir: str, arch: str = "llama", seed: int = 0) -> st
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,  # heads of 32: the smallest the Pallas decode kernel takes (two rope halves of 16)
+        num_key_value_heads=1,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,

@@ -29,7 +29,7 @@ from yalm_jax.errors import UserError  # noqa: E402
 from yalm_jax.sampling import SamplingParams  # noqa: E402
 
 _BASE = dict(
-    vocab_size=96, dim=64, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=16,
+    vocab_size=96, dim=64, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32,
     norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64,
 )  # fmt: skip
 CONFIGS = {
@@ -52,7 +52,9 @@ STEPS = 32
 def logits_and_decode(w, cfg, backend):
     cache = model.init_cache(cfg, CACHE)
     n = len(PROMPT)
-    prefill, cache = model.forward(w, cache, jnp.asarray(PROMPT, jnp.int32), jnp.arange(n, dtype=jnp.int32), cfg=cfg)
+    prefill, cache = model.forward(
+        w, cache, jnp.asarray(PROMPT, jnp.int32), jnp.arange(n, dtype=jnp.int32), cfg=cfg, backend=backend
+    )
     step, cache = model.forward(
         w, cache, jnp.asarray([7], jnp.int32), jnp.asarray([n], jnp.int32), cfg=cfg, backend=backend
     )
@@ -111,6 +113,8 @@ def main():
                     "decode_err": float(np.abs(step - ref[b][1]).max()),
                     "scale": float(np.abs(ref[b][0]).max()),
                 }
+            # The kernels themselves, on one device, against the xla path.
+            r["pallas_vs_xla"] = [float(np.abs(ref["pallas"][i] - ref["xla"][i]).max()) for i in (0, 1)]
             r["tokens"] = greedy(w, c, "xla")
             r["ref_tokens"] = ref_tokens
             results[f"{name}/tp{tp}"] = r

@@ -40,6 +40,8 @@ def test_sharded_logits_equal_single_device(results, case):
         if backend in r:
             assert r[backend]["prefill_err"] <= TOL * r[backend]["scale"], (backend, r[backend])
             assert r[backend]["decode_err"] <= TOL * r[backend]["scale"], (backend, r[backend])
+    # And the Pallas kernels (prefill and decode, unsharded) give the xla path's logits.
+    assert max(r["pallas_vs_xla"]) <= TOL * r["xla"]["scale"], r["pallas_vs_xla"]
 
 
 @pytest.mark.parametrize("case", CASES)
