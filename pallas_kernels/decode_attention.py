@@ -68,6 +68,10 @@ def _partials_kernel(
     # With a new token, the cache holds valid slots below length - 1 and the token itself is slot length - 1.
     cached = length - 1 if has_new else length
 
+    if rope:  # the token's angles, once for its queries and its key
+        angle = (length - 1).astype(f32) * freq_ref[...]
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+
     def prepare(x1, x2, norm_ref):
         """The halves (f32) of a query or key as the model uses them: RMS-normed per head, then rotated."""
         if norm_ref is not None:
@@ -76,8 +80,6 @@ def _partials_kernel(
             x1 = ((x1 * r).astype(in_dtype) * norm_ref[pl.ds(0, half)]).astype(f32)
             x2 = ((x2 * r).astype(in_dtype) * norm_ref[pl.ds(half, half)]).astype(f32)
         if rope:
-            angle = (length - 1).astype(f32) * freq_ref[...]
-            cos, sin = jnp.cos(angle), jnp.sin(angle)
             x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
         return x1, x2
 

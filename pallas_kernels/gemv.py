@@ -88,16 +88,11 @@ def activate(y: jax.Array, activation: str) -> jax.Array:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def _gemv_kernel(*refs, k, bn, bk, gated, activation, has_norm, has_bias, has_res, eps, out_dtype):
+def _gemv_kernel(*refs, k, bn, bk, gated, activation, has_norm, has_bias, has_res, eps):
     refs = list(refs)
     x_ref = refs.pop(0)
     g_ref = refs.pop(0) if has_norm else None
     w_refs = [refs.pop(0)] + ([refs.pop(0)] if gated else [])
-    b_ref = refs.pop(0) if has_bias else None
-    r_ref = refs.pop(0) if has_res else None
-    if len(refs) == 2:  # a poison buffer aliased to the output (tests)
-        refs.pop(0)
-    (o_ref,) = refs
     x_dtype = x_ref.dtype
 
     scale = _rms_scale(x_ref, k, bk, eps) if has_norm else None
@@ -113,13 +108,7 @@ def _gemv_kernel(*refs, k, bn, bk, gated, activation, has_norm, has_bias, has_re
 
     zeros = tuple(jnp.zeros((bn, bk), jnp.float32) for _ in w_refs)
     accs = lax.fori_loop(0, pl.cdiv(k, bk), body, zeros)
-    ys = [jnp.sum(a, axis=1) for a in accs]
-    y = activate(ys[0], activation) * ys[1] if gated else ys[0]
-    if has_bias:
-        y = y + b_ref[...].astype(jnp.float32)
-    if has_res:
-        y = y + r_ref[...].astype(jnp.float32)
-    o_ref[...] = y.astype(out_dtype)
+    write_epilogue(refs, [jnp.sum(a, axis=1) for a in accs], gated, activation, has_bias, has_res)
 
 
 def gemv(
@@ -180,7 +169,6 @@ def gemv(
         has_bias=bias is not None,
         has_res=residual is not None,
         eps=float(norm[1]) if norm is not None else 0.0,
-        out_dtype=x.dtype,
     )
     return pl.pallas_call(
         kernel,
@@ -193,6 +181,18 @@ def gemv(
         interpret=interpret,
         name="gemv_gated" if gated else "gemv",
     )(*operands)
+
+
+def write_epilogue(refs: list, ys: list, gated: bool, activation: str, has_bias: bool, has_res: bool) -> None:
+    """The kernel side of `append_epilogue`: from the row sums `ys` (f32; gate and up when gated), adds the
+    bias and residual among the remaining `refs` and writes the output ref, the last of them."""
+    y = activate(ys[0], activation) * ys[1] if gated else ys[0]
+    if has_bias:
+        y = y + refs.pop(0)[...].astype(jnp.float32)
+    if has_res:
+        y = y + refs.pop(0)[...].astype(jnp.float32)
+    o_ref = refs[-1]  # any ref before it is a poison buffer aliased to it (tests)
+    o_ref[...] = y.astype(o_ref.dtype)
 
 
 def append_epilogue(operands: list, specs: list, vec_n, bias, residual, out) -> dict[int, int]:

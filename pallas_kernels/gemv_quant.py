@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.gemv import _load_w, _pow2_divisor, activate, append_epilogue, gemv_reference
+from pallas_kernels.gemv import _load_w, _pow2_divisor, append_epilogue, gemv_reference, write_epilogue
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (bits a weight, n_out, k, gated): int8 and
 # fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4) on
@@ -77,11 +77,6 @@ def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, ha
     q_refs = [refs.pop(0) for _ in range(n_w)]
     s_refs = [refs.pop(0) for _ in range(n_w)]
     m_refs = [refs.pop(0) for _ in range(n_w)] if has_min else None
-    b_ref = refs.pop(0) if has_bias else None
-    r_ref = refs.pop(0) if has_res else None
-    if len(refs) == 2:  # a poison buffer aliased to the output (tests)
-        refs.pop(0)
-    (o_ref,) = refs
     f32 = jnp.float32
     int4 = fmt == "int4"
     n_chunks = x_ref.shape[0] // ng
@@ -124,12 +119,7 @@ def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, ha
     ys = [jnp.sum(a.reshape(bn, -1), axis=1) for a in accs]
     if per_channel:
         ys = [y * s[...].astype(f32)[:, 0] for y, s in zip(ys, s_refs)]
-    y = activate(ys[0], activation) * ys[1] if gated else ys[0]
-    if has_bias:
-        y = y + b_ref[...].astype(f32)
-    if has_res:
-        y = y + r_ref[...].astype(f32)
-    o_ref[...] = y.astype(o_ref.dtype)
+    write_epilogue(refs, ys, gated, activation, has_bias, has_res)
 
 
 def gemv_quant(

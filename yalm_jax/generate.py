@@ -481,14 +481,15 @@ class Generator:
             )  # fmt: skip
             return tokens, state, n_steps
 
+        # The next chunk is queued before this one's tokens are read, so the device does not wait on the
+        # host between chunks. If this chunk ends the call, the next one's tokens are dropped and its cache
+        # writes sit past the kept tokens, in slots nothing reads; a ring cache has no such slots (they
+        # hold the window), so it runs one chunk at a time.
+        ahead = self.ring_sinks is None
         chunk = queue_chunk(state, len(kept), fed) if reason is None else None
         while chunk is not None:
             tokens, state, n_steps = chunk
-            # The next chunk is queued before this one's tokens are read, so the device does not wait on
-            # the host between chunks. If this chunk ends the call, the next one's tokens are dropped and
-            # its cache writes sit past the kept tokens, in slots nothing reads; a ring cache has no such
-            # slots (they hold the window), so it runs one chunk at a time.
-            chunk = queue_chunk(state, len(kept) + n_steps, fed + n_steps) if self.ring_sinks is None else None
+            chunk = queue_chunk(state, len(kept) + n_steps, fed + n_steps) if ahead else None
             if chunk is not None:
                 state = chunk[1]  # this chunk's state was donated to the next one, which carries it on
             tokens = np.asarray(tokens)
@@ -500,7 +501,7 @@ class Generator:
                     break
             if reason is not None:
                 break
-            if self.ring_sinks is not None:
+            if not ahead:
                 chunk = queue_chunk(state, len(kept), fed)
         decode_s = time.perf_counter() - t1 - (self.programs.compile_s - compile_mid)
         stream.finish()
