@@ -183,11 +183,17 @@ def test_corrupt_safetensors(tmp_path, content):
     assert "model.safetensors" in _one_line(e)
 
 
-def test_header_offsets_inconsistent_with_shape(tmp_path):
+def _model_with_header(tmp_path, header: dict, n_data: int) -> str:
+    """A model directory whose model.safetensors has `header` and `n_data` zero bytes of data."""
     d = write_model(tmp_path, {})
-    raw = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    raw = json.dumps(header).encode()
     with open(os.path.join(d, "model.safetensors"), "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw + bytes(16))
+        f.write(len(raw).to_bytes(8, "little") + raw + bytes(n_data))
+    return d
+
+
+def test_header_offsets_inconsistent_with_shape(tmp_path):
+    d = _model_with_header(tmp_path, {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 16)
     with pytest.raises(UserError) as e:
         hf.SafetensorsSource(d)
     assert "inconsistent" in _one_line(e)
@@ -217,11 +223,8 @@ def test_tensor_of_wrong_shape(tmp_path):
 
 
 def test_unsupported_tensor_dtype(tmp_path):
-    d = write_model(tmp_path, {})
     # Complex tensors: a dtype safetensors knows and no model of ours uses.
-    raw = json.dumps({"x": {"dtype": "C64", "shape": [4], "data_offsets": [0, 32]}}).encode()
-    with open(os.path.join(d, "model.safetensors"), "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw + bytes(32))
+    d = _model_with_header(tmp_path, {"x": {"dtype": "C64", "shape": [4], "data_offsets": [0, 32]}}, 32)
     with pytest.raises(UserError) as e:
         hf.SafetensorsSource(d).get("x")
     assert "C64" in _one_line(e)
