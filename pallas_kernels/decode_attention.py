@@ -18,8 +18,15 @@ key, in f32 in registers; both act on the two halves of a head (rope's
 rotate-half layout), so q, K and the new key are handled as halves throughout.
 A program walks its split in blocks of `block_t` slots with an online softmax
 in f32, and only over the blocks that hold valid slots: the loop bounds come
-from `length`, so blocks past it are never read. Each program writes its
-partial (max, sum, output); a small jnp step combines the splits.
+from `length`, so blocks past it are never read; splits with no valid slot
+return at once. When one split holds every valid slot (short contexts) it
+writes the output itself. Otherwise each active split writes its partial
+(max, sum, output) and counts itself in its kv head's slot of
+`split_counter`; the last of a head's splits to arrive merges them and writes
+the output, so attention is one kernel, not a kernel plus a combine step (at
+batch 1 a small model's step is bound by its kernel count). The counter must
+be zero on entry and is left zero: callers thread one array through the
+layers (`new_split_counter`), so no memset runs per call.
 
 `decode_attention_reference` is attention over a cache in plain jnp; the
 update form's query/key preparation is the model's own (yalm_jax.ops.rms_norm
@@ -48,19 +55,19 @@ def supported(t: int, hd: int) -> bool:
     return hd >= 32 and hd & (hd - 1) == 0 and t % 16 == 0
 
 
-def _partials_kernel(
-    len_ref, rows_ref, *refs, n_heads, group, bt, split_t, window, scale, has_new, rope, norm_eps, dot_dtype
-):
+def _attention_kernel(
+    len_ref, rows_ref, *refs, n_heads, group, bt, split_t, n_splits, window, scale, has_new, rope, norm_eps,
+    dot_dtype, sync_threads,
+):  # fmt: skip
     refs = list(refs)
     freq_ref = refs.pop(0) if rope else None
     q_norm_ref, k_norm_ref = (refs.pop(0), refs.pop(0)) if norm_eps is not None else (None, None)
     k_ref, v_ref = refs[:2]
-    if has_new:
-        acc_ref, m_ref, l_ref, k_out, v_out = refs[-5:]
-    else:
-        acc_ref, m_ref, l_ref = refs[-3:]  # any refs between are poison buffers aliased to these
+    # The refs between are the inputs aliased to the outputs (the counter, a poisoned output).
+    o_ref, counter_ref, acc_ref, m_ref, l_ref = refs[-7:-2] if has_new else refs[-5:]
+    k_out, v_out = refs[-2:] if has_new else (None, None)
     h, s = pl.program_id(0), pl.program_id(1)
-    gp, hd = acc_ref.shape
+    _, gp, hd = acc_ref.shape
     half = hd // 2
     f32 = jnp.float32
     in_dtype = rows_ref.dtype
@@ -83,90 +90,134 @@ def _partials_kernel(
             x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
         return x1, x2
 
-    # This kv head's query rows; the block is padded to gp rows by the mask, never by a copy.
-    is_query = lax.broadcasted_iota(jnp.int32, (gp, half), 0) < group
-    q1, q2 = (
-        plt.load(rows_ref.at[pl.ds(h * group, gp), pl.ds(c * half, half)], mask=is_query, other=0).astype(f32)
-        for c in (0, 1)
-    )
-    q1, q2 = prepare(q1, q2, q_norm_ref)
-    q1, q2 = q1.astype(dot_dtype), q2.astype(dot_dtype)
-    precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+    # The splits that hold valid slots: from the window's start (or 0) to the one of slot length - 1. The others
+    # do nothing, not even count themselves.
+    first = 0 if window is None else lax.div(jnp.maximum(length - window, 0), split_t)
+    last = lax.div(length - 1, split_t) + 1
 
-    lo = s * split_t
-    hi = jnp.minimum(lo + split_t, cached)
-    if window is not None:
-        lo = jnp.maximum(lo, length - window)
+    @pl.when((s >= first) & (s < last))
+    def _():
+        # This kv head's query rows; the block is padded to gp rows by the mask, never by a copy.
+        is_query = lax.broadcasted_iota(jnp.int32, (gp, half), 0) < group
+        q1, q2 = (
+            plt.load(rows_ref.at[pl.ds(h * group, gp), pl.ds(c * half, half)], mask=is_query, other=0).astype(f32)
+            for c in (0, 1)
+        )
+        q1, q2 = prepare(q1, q2, q_norm_ref)
+        q1, q2 = q1.astype(dot_dtype), q2.astype(dot_dtype)
+        precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
 
-    def body(b, carry):
-        m, l, acc = carry
-        t0 = pl.multiple_of(b * bt, bt)
-        pos = t0 + lax.broadcasted_iota(jnp.int32, (bt,), 0)
-        valid = pos < cached
+        lo = s * split_t
+        hi = jnp.minimum(lo + split_t, cached)
         if window is not None:
-            valid &= pos >= length - window
-        k1 = k_ref[pl.ds(t0, bt), pl.ds(0, half)].astype(dot_dtype)
-        k2 = k_ref[pl.ds(t0, bt), pl.ds(half, half)].astype(dot_dtype)
-        scores = plt.dot(q1, k1, trans_b=True, precision=precision) + plt.dot(q2, k2, trans_b=True, precision=precision)
-        scores = jnp.where(valid[None, :], scores * scale, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(scores - m_new[:, None])
-        l = alpha * l + jnp.sum(p, axis=1)
-        v = v_ref[pl.ds(t0, bt), :].astype(dot_dtype)
-        v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unwritten slots may hold anything
-        acc = alpha[:, None] * acc + plt.dot(p.astype(v.dtype), v, precision=precision)
-        return m_new, l, acc
+            lo = jnp.maximum(lo, length - window)
 
-    init = (jnp.full((gp,), -jnp.inf, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, hd), f32))
-    m, l, acc = lax.fori_loop(lax.div(lo, bt), lax.div(hi + bt - 1, bt), body, init)
-    if has_new:
-        # The split holding slot length - 1 adds the new token and writes it into the cache.
-        owner = s == lax.div(length - 1, split_t)
-        k_row, v_row = n_heads + h, n_heads + n_heads // group + h
-        kn1, kn2 = (rows_ref[pl.ds(k_row, 1), pl.ds(c * half, half)].astype(f32) for c in (0, 1))
-        # The new key and value as the cache stores them (a narrower cache rounds them), as every
-        # later step will read them.
-        kn1, kn2 = (x.astype(k_out.dtype).astype(f32) for x in prepare(kn1, kn2, k_norm_ref))
-        vn = rows_ref[pl.ds(v_row, 1), :].astype(v_out.dtype)
-        s_new = jnp.sum(q1.astype(f32) * kn1 + q2.astype(f32) * kn2, axis=1) * scale
-        m2 = jnp.maximum(m, s_new)
-        alpha = jnp.exp(m - m2)
-        p_new = jnp.exp(s_new - m2)
-        m = jnp.where(owner, m2, m)
-        l = jnp.where(owner, alpha * l + p_new, l)
-        acc = jnp.where(owner, alpha[:, None] * acc + p_new[:, None] * vn.astype(f32), acc)
+        def body(b, carry):
+            m, l, acc = carry
+            t0 = pl.multiple_of(b * bt, bt)
+            pos = t0 + lax.broadcasted_iota(jnp.int32, (bt,), 0)
+            valid = pos < cached
+            if window is not None:
+                valid &= pos >= length - window
+            k1 = k_ref[pl.ds(t0, bt), pl.ds(0, half)].astype(dot_dtype)
+            k2 = k_ref[pl.ds(t0, bt), pl.ds(half, half)].astype(dot_dtype)
+            scores = plt.dot(q1, k1, trans_b=True, precision=precision)
+            scores += plt.dot(q2, k2, trans_b=True, precision=precision)
+            scores = jnp.where(valid[None, :], scores * scale, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(scores - m_new[:, None])
+            l = alpha * l + jnp.sum(p, axis=1)
+            v = v_ref[pl.ds(t0, bt), :].astype(dot_dtype)
+            v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unwritten slots may hold anything
+            acc = alpha[:, None] * acc + plt.dot(p.astype(v.dtype), v, precision=precision)
+            return m_new, l, acc
 
-        @pl.when(owner)
+        init = (jnp.full((gp,), -jnp.inf, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, hd), f32))
+        m, l, acc = lax.fori_loop(lax.div(lo, bt), lax.div(hi + bt - 1, bt), body, init)
+        if has_new:
+            # The split holding slot length - 1 adds the new token and writes it into the cache.
+            owner = s == last - 1
+            k_row, v_row = n_heads + h, n_heads + n_heads // group + h
+            kn1, kn2 = (rows_ref[pl.ds(k_row, 1), pl.ds(c * half, half)].astype(f32) for c in (0, 1))
+            # The new key and value as the cache stores them (a narrower cache rounds them), as every
+            # later step will read them.
+            kn1, kn2 = (x.astype(k_out.dtype).astype(f32) for x in prepare(kn1, kn2, k_norm_ref))
+            vn = rows_ref[pl.ds(v_row, 1), :].astype(v_out.dtype)
+            s_new = jnp.sum(q1.astype(f32) * kn1 + q2.astype(f32) * kn2, axis=1) * scale
+            m2 = jnp.maximum(m, s_new)
+            alpha = jnp.exp(m - m2)
+            p_new = jnp.exp(s_new - m2)
+            m = jnp.where(owner, m2, m)
+            l = jnp.where(owner, alpha * l + p_new, l)
+            acc = jnp.where(owner, alpha[:, None] * acc + p_new[:, None] * vn.astype(f32), acc)
+
+            @pl.when(owner)
+            def _():
+                k_out[pl.ds(length - 1, 1), pl.ds(0, half)] = kn1.astype(k_out.dtype)
+                k_out[pl.ds(length - 1, 1), pl.ds(half, half)] = kn2.astype(k_out.dtype)
+                v_out[pl.ds(length - 1, 1), :] = vn
+
+        def write_output(o_sum, l_sum):
+            is_head = lax.broadcasted_iota(jnp.int32, (gp, hd), 0) < group
+            plt.store(o_ref.at[pl.ds(h * group, gp), :], (o_sum / l_sum[:, None]).astype(o_ref.dtype), mask=is_head)
+
+        # At short contexts one split holds every valid slot: it writes the output itself.
+        pl.when(last - first == 1)(lambda: write_output(acc, l))
+
+        @pl.when(last - first > 1)
         def _():
-            k_out[pl.ds(length - 1, 1), pl.ds(0, half)] = kn1.astype(k_out.dtype)
-            k_out[pl.ds(length - 1, 1), pl.ds(half, half)] = kn2.astype(k_out.dtype)
-            v_out[pl.ds(length - 1, 1), :] = vn
+            acc_ref[s] = acc
+            m_ref[s] = m
+            l_ref[s] = l
+            if sync_threads:  # all threads' partials are stored before the count says so (the interpreter runs
+                plt.debug_barrier()  # programs one at a time, and has no barrier)
+            # acq_rel at GPU scope: the partials of the programs counted before are visible to the one that
+            # sees the count.
+            arrived = plt.atomic_add(counter_ref, h, jnp.int32(1))
 
-    acc_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+            @pl.when(arrived == last - first - 1)
+            def _():
+                counter_ref[h] = jnp.int32(0)  # every active split of this head has counted: none reads it again
+
+                def partial(ref, i):  # written by other SMs: a volatile load, never this SM's L1
+                    return plt.load(ref.at[i], volatile=True)
+
+                m_all = lax.fori_loop(
+                    first, last, lambda i, mx: jnp.maximum(mx, partial(m_ref, i)), jnp.full((gp,), -jnp.inf, f32)
+                )
+
+                def merge(i, carry):
+                    o_sum, l_sum = carry
+                    w = jnp.exp(partial(m_ref, i) - m_all)  # every active split holds a valid slot: m is finite
+                    return o_sum + w[:, None] * partial(acc_ref, i), l_sum + w * partial(l_ref, i)
+
+                write_output(*lax.fori_loop(first, last, merge, (jnp.zeros((gp, hd), f32), jnp.zeros((gp,), f32))))
 
 
-def decode_attention_partials(
-    rows, k_cache, v_cache, length, *, n_heads, has_new=False, rope_inv_freq=None, qk_norm=None, window=None,
-    scale=None, config=None, init=None, interpret=False,
+def new_split_counter(n_kv: int) -> jax.Array:
+    """The zeroed counter the kernel merges its splits with, one slot a kv head; every call leaves it zero."""
+    return jnp.zeros((n_kv,), jnp.int32)
+
+
+def _decode_attention_call(
+    rows, k_cache, v_cache, length, split_counter, *, n_heads, has_new, rope_inv_freq=None, qk_norm=None,
+    window=None, scale=None, config=None, out=None, interpret=False,
 ):  # fmt: skip
-    """Per split: (acc (n_kv, S, Gp, hd), m (n_kv, S, Gp), l (n_kv, S, Gp)), all f32.
+    """(out (n_heads, hd) in rows' dtype, split_counter), then with `has_new` the two updated caches.
 
     rows: (n_heads, hd) queries, or with `has_new` (n_heads + 2 n_kv, hd): the
     queries, the new token's keys, then its values. Scores are q.k * scale
-    (default head_dim ** -0.5). acc is the unnormalised sum of exp(score - m) * v
-    over the split's valid slots; a split with none has m = -inf, l = 0,
-    acc = 0. `init`, if given, is a tuple of buffers of those shapes aliased to
-    the outputs (tests poison them).
+    (default head_dim ** -0.5), over slots < length (and >= length - window);
+    length >= 1. `out`, if given, is a buffer of the output's shape aliased to
+    it (tests poison it).
 
     With `has_new`, the token at position length - 1 is not in the cache yet:
-    the kernel attends over slots < length - 1 plus the new token, writes the
-    token into slot length - 1 of the caches (aliased, in place), and returns
-    the two updated caches after the partials. `qk_norm` = (q_weight, k_weight,
-    eps) RMS-norms each query and key head first; `rope_inv_freq` (hd/2,) then
-    rotates them at position length - 1 (rotate-half layout).
+    the kernel attends over slots < length - 1 plus the new token and writes
+    the token into slot length - 1 of the caches (aliased, in place).
+    `qk_norm` = (q_weight, k_weight, eps) RMS-norms each query and key head
+    first; `rope_inv_freq` (hd/2,) then rotates them at position length - 1
+    (rotate-half layout).
     """
     n_kv, t, hd = k_cache.shape
     group = n_heads // n_kv
@@ -181,20 +232,24 @@ def decode_attention_partials(
     dot_dtype = jnp.dtype(rows.dtype if fp8_cache else jnp.promote_types(rows.dtype, k_cache.dtype))
     length = jnp.asarray(length, jnp.int32).reshape(1)
 
+    def whole(a):
+        return pl.BlockSpec(a.shape, lambda h, s: (0,) * len(a.shape))
+
+    # The output and the counter are shared by all programs; each kv head's partials by its splits.
     out_shape = (
+        jax.ShapeDtypeStruct((n_heads, hd), rows.dtype),
+        jax.ShapeDtypeStruct((n_kv,), jnp.int32),
         jax.ShapeDtypeStruct((n_kv, n_splits, gp, hd), jnp.float32),
         jax.ShapeDtypeStruct((n_kv, n_splits, gp), jnp.float32),
         jax.ShapeDtypeStruct((n_kv, n_splits, gp), jnp.float32),
     )
     out_specs = (
-        pl.BlockSpec((None, None, gp, hd), lambda h, s: (h, s, 0, 0)),
-        pl.BlockSpec((None, None, gp), lambda h, s: (h, s, 0)),
-        pl.BlockSpec((None, None, gp), lambda h, s: (h, s, 0)),
+        whole(out_shape[0]),
+        whole(out_shape[1]),
+        pl.BlockSpec((None, n_splits, gp, hd), lambda h, s: (h, 0, 0, 0)),
+        pl.BlockSpec((None, n_splits, gp), lambda h, s: (h, 0, 0)),
+        pl.BlockSpec((None, n_splits, gp), lambda h, s: (h, 0, 0)),
     )
-
-    def whole(a):
-        return pl.BlockSpec(a.shape, lambda h, s: (0,) * a.ndim)
-
     kv_spec = pl.BlockSpec((None, t, hd), lambda h, s: (h, 0, 0))
     operands = [length, rows]
     if rope_inv_freq is not None:
@@ -203,15 +258,15 @@ def decode_attention_partials(
         operands += [w.astype(rows.dtype) for w in qk_norm[:2]]
     in_specs = [whole(a) for a in operands]
     cache_at = len(operands)
-    operands += [k_cache, v_cache]
-    in_specs += [kv_spec, kv_spec]
-    aliases = {}
-    if init is not None:
-        aliases = {len(operands) + i: i for i in range(3)}
-        operands += list(init)
-        in_specs += list(out_specs)
+    operands += [k_cache, v_cache, split_counter]
+    in_specs += [kv_spec, kv_spec, out_specs[1]]
+    aliases = {cache_at + 2: 1}
+    if out is not None:
+        aliases[len(operands)] = 0
+        operands.append(out)
+        in_specs.append(out_specs[0])
     if has_new:
-        aliases |= {cache_at: 3, cache_at + 1: 4}
+        aliases |= {cache_at: 5, cache_at + 1: 6}
         out_shape += (
             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
@@ -219,11 +274,11 @@ def decode_attention_partials(
         out_specs += (kv_spec, kv_spec)
 
     kernel = functools.partial(
-        _partials_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, window=window,
+        _attention_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, n_splits=n_splits, window=window,
         scale=hd**-0.5 if scale is None else scale, has_new=has_new, rope=rope_inv_freq is not None,
-        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype,
+        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, sync_threads=not interpret,
     )  # fmt: skip
-    return pl.pallas_call(
+    o, split_counter, _, _, _, *caches = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(n_kv, n_splits),
@@ -234,44 +289,41 @@ def decode_attention_partials(
         interpret=interpret,
         name="decode_attention",
     )(*operands)
+    return o, split_counter, *caches
 
 
-def combine_partials(acc, m, l, n_heads: int, dtype) -> jax.Array:
-    """Merge the splits' partial softmaxes into the output (n_heads, hd)."""
-    n_kv, _, _, hd = acc.shape
-    m_all = jnp.max(m, axis=1, keepdims=True)
-    w = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - m_all))
-    out = jnp.sum(w[..., None] * acc, axis=1) / jnp.sum(w * l, axis=1)[..., None]
-    return out[:, : n_heads // n_kv].reshape(n_heads, hd).astype(dtype)
-
-
-def decode_attention(q, k_cache, v_cache, length, *, window=None, scale=None, config=None, interpret=False):
+def decode_attention(
+    q, k_cache, v_cache, length, *, window=None, scale=None, config=None, out=None, interpret=False
+):  # fmt: skip
     """softmax(q K^T * scale) V over the valid slots (scale default 1 / sqrt(hd)); (n_heads, hd) in q's dtype."""
-    n_heads = q.shape[0]
-    acc, m, l = decode_attention_partials(
-        q, k_cache, v_cache, length, n_heads=n_heads, window=window, scale=scale, config=config, interpret=interpret
-    )
-    return combine_partials(acc, m, l, n_heads, q.dtype)
+    o, _ = _decode_attention_call(
+        q, k_cache, v_cache, length, new_split_counter(k_cache.shape[0]), n_heads=q.shape[0], has_new=False,
+        window=window, scale=scale, config=config, out=out, interpret=interpret,
+    )  # fmt: skip
+    return o
 
 
 def decode_attention_update(
-    qkv, k_cache, v_cache, pos, *, n_heads, rope_inv_freq=None, qk_norm=None, window=None, scale=None, config=None,
-    interpret=False,
+    qkv, k_cache, v_cache, pos, split_counter=None, *, n_heads, rope_inv_freq=None, qk_norm=None, window=None,
+    scale=None, config=None, interpret=False,
 ):  # fmt: skip
     """Attention of the token at position `pos` over the cache, which it also enters.
 
     qkv: (n_heads + 2 n_kv, hd), the token's query heads, key heads and value
     heads, queries and keys before `qk_norm` and rope (see
-    `decode_attention_partials`). Reads slots < pos of the caches and the new
+    `_decode_attention_call`). Reads slots < pos of the caches and the new
     key/value, and writes them (the key normed and rotated) into slot pos in the
-    same kernel (the caches are updated in place when donated).
-    Returns (out (n_heads, hd), k_cache, v_cache).
+    same kernel (the caches are updated in place when donated). `split_counter`
+    (`new_split_counter`, made here if not given) comes back zeroed for the next call.
+    Returns (out (n_heads, hd), k_cache, v_cache, split_counter).
     """
-    acc, m, l, k_cache, v_cache = decode_attention_partials(
-        qkv, k_cache, v_cache, pos + 1, n_heads=n_heads, has_new=True, rope_inv_freq=rope_inv_freq,
+    if split_counter is None:
+        split_counter = new_split_counter(k_cache.shape[0])
+    out, split_counter, k_cache, v_cache = _decode_attention_call(
+        qkv, k_cache, v_cache, pos + 1, split_counter, n_heads=n_heads, has_new=True, rope_inv_freq=rope_inv_freq,
         qk_norm=qk_norm, window=window, scale=scale, config=config, interpret=interpret,
     )  # fmt: skip
-    return combine_partials(acc, m, l, n_heads, qkv.dtype), k_cache, v_cache
+    return out, k_cache, v_cache, split_counter
 
 
 def decode_attention_reference(q, k_cache, v_cache, length, *, window=None, scale=None):

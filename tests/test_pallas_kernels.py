@@ -21,12 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import (
-    combine_partials,
-    decode_attention,
-    decode_attention_partials,
-    decode_attention_reference,
-)
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.gemv import gemv, gemv_reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -121,20 +116,10 @@ def _check_attention(n_heads, n_kv, t, hd, length, window, dtype, config):
         vc = vc.at[:, length:].set(jnp.nan)
 
     def run(q, kc, vc, length):
-        shapes = jax.eval_shape(
-            lambda: decode_attention_partials(
-                q, kc, vc, length, n_heads=n_heads, window=window, config=config, interpret=INTERPRET
-            )
-        )
-        init = tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes)
-        acc, m, l = decode_attention_partials(
-            q, kc, vc, length, n_heads=n_heads, window=window, config=config, init=init, interpret=INTERPRET
-        )
-        return acc, m, l, combine_partials(acc, m, l, n_heads, q.dtype)
+        poisoned = jnp.full(q.shape, jnp.nan, q.dtype)
+        return decode_attention(q, kc, vc, length, window=window, config=config, out=poisoned, interpret=INTERPRET)
 
-    acc, m, l, out = jax.jit(run)(q, kc, vc, jnp.int32(length))
-    for part in (acc, m, l):
-        assert not np.isnan(np.asarray(part)).any(), "a split left its partial unwritten"
+    out = jax.jit(run)(q, kc, vc, jnp.int32(length))
     ref = decode_attention_reference(q, jnp.nan_to_num(kc), jnp.nan_to_num(vc), length, window=window)
     assert out.shape == (n_heads, hd) and out.dtype == dtype
     assert _rel_err(out, ref) < TOL[dtype]
@@ -235,8 +220,8 @@ def test_decode_attention_update_writes_the_token(dtype, n_heads, pos, window, s
     new key as the model does, attends over slots < pos plus the new token, and writes it into slot pos."""
     from pallas_kernels.decode_attention import decode_attention_update
 
-    n_kv, t, hd = 2, 128, 32
-    k1, k2, k3, k4, k5 = jax.random.split(_key(), 5)
+    n_kv, t, hd = 2, 144, 32  # the last of the 5 splits is short
+    k1, k2, k3, k4, k5, k6 = jax.random.split(_key(), 6)
     qkv = jax.random.normal(k1, (n_heads + 2 * n_kv, hd), dtype)
     kc = jax.random.normal(k2, (n_kv, t, hd), dtype).at[:, pos:].set(jnp.nan)  # slots >= pos are stale
     vc = jax.random.normal(k3, (n_kv, t, hd), dtype).at[:, pos:].set(jnp.nan)
@@ -255,10 +240,19 @@ def test_decode_attention_update_writes_the_token(dtype, n_heads, pos, window, s
     vn = qkv[n_heads + n_kv :]
     k_ref = jnp.nan_to_num(kc).astype(jnp.float32).at[:, pos].set(kn)
     v_ref = jnp.nan_to_num(vc).at[:, pos].set(vn)
-    out, kc2, vc2 = f(qkv, kc, vc, jnp.int32(pos))  # kc, vc are donated
+    out, kc2, vc2, counter = f(qkv, kc, vc, jnp.int32(pos))  # kc, vc are donated
     ref = decode_attention_reference(q, k_ref, v_ref, pos + 1, window=window, scale=scale)
     assert _rel_err(out, ref) < TOL[dtype]
     assert _rel_err(kc2[:, pos], kn) < TOL[dtype] / 2  # the stored key: rotated, rounded once to the cache dtype
     np.testing.assert_array_equal(np.asarray(vc2[:, pos], np.float32), np.asarray(vn, np.float32))
     np.testing.assert_array_equal(np.asarray(kc2[:, :pos], np.float32), np.asarray(k_ref[:, :pos], np.float32))
     assert np.isnan(np.asarray(kc2[:, pos + 1 :], np.float32)).all()  # nothing else touched
+    # The split counter comes back zeroed, so the next token's call (the next layer's, in a model) reuses it.
+    np.testing.assert_array_equal(np.asarray(counter), 0)
+    qkv2 = jax.random.normal(k6, (n_heads + 2 * n_kv, hd), dtype)
+    q2, kn2 = _model_qk(qkv2[:n_heads], qkv2[n_heads : n_heads + n_kv], pos + 1, inv_freq, norm)
+    out2, kc3, vc3, counter = f(qkv2, kc2, vc2, jnp.int32(pos + 1), counter)
+    k_ref = jnp.nan_to_num(kc3).astype(jnp.float32).at[:, pos + 1].set(kn2)
+    ref2 = decode_attention_reference(q2, k_ref, jnp.nan_to_num(vc3), pos + 2, window=window, scale=scale)
+    assert _rel_err(out2, ref2) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(counter), 0)

@@ -338,7 +338,7 @@ def test_decode_attention_kernel_reads_and_writes_an_fp8_cache(rng):
     kn, vn = (jnp.asarray(rng.standard_normal((n_kv, hd)), jnp.float32) for _ in range(2))
     kc, vc = (jnp.asarray(rng.standard_normal((n_kv, t, hd)), jnp.float8_e4m3fn) for _ in range(2))
     qkv = jnp.concatenate([q, kn, vn])
-    out, kc2, vc2 = decode_attention_update(
+    out, kc2, vc2, _ = decode_attention_update(
         qkv, kc, vc, pos, n_heads=n_heads, config=(16, 32, 4, 2), interpret=INTERPRET
     )
     assert kc2.dtype == jnp.float8_e4m3fn

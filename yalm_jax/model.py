@@ -61,10 +61,12 @@ def init_cache(cfg: ModelConfig, max_context: int, dtype: str | None = None, rin
 
 
 def attention_block(
-    x, layer: LayerWeights, k_cache, v_cache, positions, cfg: ModelConfig, attn_len, backend, i: int | None = None,
-    ring_sinks: int | None = None,
+    x, layer: LayerWeights, k_cache, v_cache, split_counter, positions, cfg: ModelConfig, attn_len, backend,
+    i: int | None = None, ring_sinks: int | None = None,
 ):  # fmt: skip
     """x + attention(rms_norm(x)) for layer i; the norm and the residual add fuse into the projections.
+
+    Returns it with the layer's new caches and `split_counter` (ops.attention's scratch, passed on to the next layer).
 
     With cfg.qk_norm each head's query and key are RMS-normed before rope; with
     cfg.post_norms the attention output is RMS-normed before the residual add.
@@ -74,14 +76,15 @@ def attention_block(
     qkv = ops.linear(x, layer.wqkv, layer.bqkv, norm=(layer.attn_norm, cfg.norm_eps), backend=backend)
     qk_norm = (layer.q_norm, layer.k_norm, cfg.norm_eps) if cfg.qk_norm else None
     window = cfg.sliding_window if i is None else cfg.layer_window(i)
-    out, k_cache, v_cache = ops.attention(
-        qkv, k_cache, v_cache, positions, n_heads=cfg.n_heads, rope_inv_freq=cfg.rope_inv_freq(i), qk_norm=qk_norm,
+    out, k_cache, v_cache, split_counter = ops.attention(
+        qkv, k_cache, v_cache, positions, split_counter, n_heads=cfg.n_heads, rope_inv_freq=cfg.rope_inv_freq(i), qk_norm=qk_norm,
         attn_len=attn_len, window=window, scale=cfg.attn_scale, ring_sinks=ring_sinks, backend=backend,
     )  # fmt: skip
     if cfg.post_norms:
         y = ops.linear(out, layer.wo, reduce_axis=cfg.tp_axis, backend=backend)
-        return x + ops.rms_norm(y, layer.attn_post_norm, cfg.norm_eps), k_cache, v_cache
-    return ops.linear(out, layer.wo, residual=x, reduce_axis=cfg.tp_axis, backend=backend), k_cache, v_cache
+        return x + ops.rms_norm(y, layer.attn_post_norm, cfg.norm_eps), k_cache, v_cache, split_counter
+    y = ops.linear(out, layer.wo, residual=x, reduce_axis=cfg.tp_axis, backend=backend)
+    return y, k_cache, v_cache, split_counter
 
 
 def route(x: jax.Array, router: jax.Array, k: int, backend: str) -> tuple[jax.Array, jax.Array]:
@@ -140,10 +143,11 @@ def forward_hidden(
     if cfg.embed_scale is not None:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the compute dtype first, as transformers does
     new_k, new_v = [], []
+    split_counter = ops.new_split_counter(cache.k[0])  # one for all layers: the kernels leave it zeroed
     for i, (layer, k_cache, v_cache) in enumerate(zip(weights.layers, cache.k, cache.v)):
         with jax.named_scope("attention"):
-            x, k_cache, v_cache = attention_block(
-                x, layer, k_cache, v_cache, positions, cfg, attn_len, backend, i, cache.ring_sinks
+            x, k_cache, v_cache, split_counter = attention_block(
+                x, layer, k_cache, v_cache, split_counter, positions, cfg, attn_len, backend, i, cache.ring_sinks
             )
         with jax.named_scope("ffn"):
             x = ffn_block(x, layer, cfg, backend)

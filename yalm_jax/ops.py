@@ -200,6 +200,7 @@ def attention(
     k_cache: jax.Array,
     v_cache: jax.Array,
     q_pos: jax.Array,
+    split_counter: jax.Array | None = None,
     *,
     n_heads: int,
     rope_inv_freq: np.ndarray,
@@ -209,7 +210,7 @@ def attention(
     scale: float | None = None,
     ring_sinks: int | None = None,
     backend: str = "xla",
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Causal attention of a chunk of S consecutive tokens; writes the chunk into the cache.
 
     qkv: (S, (n_heads + 2 n_kv) * head_dim), the fused projection's output: each
@@ -222,8 +223,10 @@ def attention(
     positions <= p (and > p - window with a sliding window). The xla path reads
     only the first `attn_len` slots; the pallas path (a decode kernel for one
     token, a flash-attention kernel for a chunk) only the slots up to the chunk's end. Scores are q.k * scale (default
-    head_dim ** -0.5). Returns the output (S, n_heads * head_dim) and the
-    updated caches.
+    head_dim ** -0.5). Returns the output (S, n_heads * head_dim), the
+    updated caches and `split_counter`: the decode kernel's zeroed scratch
+    (`new_split_counter`), which callers thread through the layers so that it is
+    made once a step; the other paths pass it through.
 
     With `ring_sinks` set, the cache is a ring with that many attention sinks
     instead (see `ring_attention`).
@@ -233,11 +236,11 @@ def attention(
     if ring_sinks is None and _decode(qkv, backend) and _attn.supported(max_context, hd):
         # One kernel normalises and rotates q and k, reads the cache blocks below q_pos (so
         # attn_len is not needed), adds the new token and writes it into slot q_pos in place.
-        out, k_cache, v_cache = _attn.decode_attention_update(
-            qkv[0].reshape(-1, hd), k_cache, v_cache, q_pos[0], n_heads=n_heads, rope_inv_freq=rope_inv_freq,
-            qk_norm=qk_norm, window=window, scale=scale, interpret=_interpret(),
+        out, k_cache, v_cache, split_counter = _attn.decode_attention_update(
+            qkv[0].reshape(-1, hd), k_cache, v_cache, q_pos[0], split_counter, n_heads=n_heads,
+            rope_inv_freq=rope_inv_freq, qk_norm=qk_norm, window=window, scale=scale, interpret=_interpret(),
         )  # fmt: skip
-        return out.reshape(1, n_heads * hd), k_cache, v_cache
+        return out.reshape(1, n_heads * hd), k_cache, v_cache, split_counter
     heads = qkv.reshape(s, n_heads + 2 * n_kv, hd)
     q, k, v = heads[:, :n_heads], heads[:, n_heads : n_heads + n_kv], heads[:, n_heads + n_kv :]
     if qk_norm is not None:
@@ -247,7 +250,7 @@ def attention(
             q, k, v, k_cache, v_cache, q_pos, rope_inv_freq=rope_inv_freq, sinks=ring_sinks, attn_len=attn_len,
             window=window, scale=scale,
         )  # fmt: skip
-        return out.reshape(s, n_heads * hd), k_cache, v_cache
+        return out.reshape(s, n_heads * hd), k_cache, v_cache, split_counter
     q, k = rope(q, q_pos, rope_inv_freq), rope(k, q_pos, rope_inv_freq)
     if backend == "pallas" and _prefill.supported(max_context, hd):
         # A chunk: written into the cache first, then one flash-attention kernel reads it (slots up to
@@ -255,7 +258,7 @@ def attention(
         k_cache, v_cache = write_cache(k_cache, k, q_pos), write_cache(v_cache, v, q_pos)
         out = _prefill.prefill_attention(q, k_cache, v_cache, q_pos[0], window=window, scale=scale,
                                          interpret=_interpret())  # fmt: skip
-        return out.reshape(s, n_heads * hd), k_cache, v_cache
+        return out.reshape(s, n_heads * hd), k_cache, v_cache, split_counter
     # Attend over the cache as it was plus the chunk itself, then write the chunk:
     # reading the cache after the write makes XLA fuse the write into the read
     # and copy every layer's whole cache on every step to keep both alive.
@@ -265,7 +268,12 @@ def attention(
     if window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - window
     out = _attend(q, k, v, k_cache, v_cache, visible, attn_len=attn_len, scale=scale)
-    return (out.reshape(s, n_heads * hd), *_write_after_read(out, k, v, k_cache, v_cache, q_pos[0]))
+    return (out.reshape(s, n_heads * hd), *_write_after_read(out, k, v, k_cache, v_cache, q_pos[0]), split_counter)
+
+
+def new_split_counter(k_cache: jax.Array) -> jax.Array:
+    """The scratch `attention` takes and returns, for a cache of k_cache's shape (see decode_attention)."""
+    return _attn.new_split_counter(k_cache.shape[0])
 
 
 def _attention_dtype(cache_dtype) -> jnp.dtype:
