@@ -536,12 +536,8 @@ def part_cmdbuf(res, roof, smoke, out_dir):
                 1 / t, t * 1e3, r["gb_s"], roof, "XLA_FLAGS command buffers +WHILE,+CONDITIONAL")  # fmt: skip
 
 
-def gpu_kernel_profile(fn, n_steps: int, label: str, trace_dir: str) -> dict:
-    """Runs fn() once under jax.profiler and sums the GPU's kernel events (CUPTI) per step.
-
-    busy: the union of kernel intervals; span: first kernel start to last kernel end; both per step.
-    span - busy is the time the GPU sat idle between kernels (launch gaps, host waits).
-    """
+def gpu_kernel_events(fn, label: str, trace_dir: str) -> list[dict] | dict:
+    """Runs fn() once under jax.profiler; the GPU's kernel events (CUPTI; name, ts, dur in us), or an error dict."""
     import glob
     import gzip
     import shutil
@@ -569,6 +565,18 @@ def gpu_kernel_profile(fn, n_steps: int, label: str, trace_dir: str) -> dict:
             and "memcpy" not in e["name"].lower() and "memset" not in e["name"].lower()]  # fmt: skip
     if not kern:
         return {"error": "no GPU kernel events", "processes": list(procs.values()), "lines": sorted(set(lines.values()))}
+    return kern
+
+
+def gpu_kernel_profile(fn, n_steps: int, label: str, trace_dir: str) -> dict:
+    """Runs fn() once under jax.profiler and sums the GPU's kernel events (CUPTI) per step.
+
+    busy: the union of kernel intervals; span: first kernel start to last kernel end; both per step.
+    span - busy is the time the GPU sat idle between kernels (launch gaps, host waits).
+    """
+    kern = gpu_kernel_events(fn, label, trace_dir)
+    if isinstance(kern, dict):
+        return kern
     iv = sorted((e["ts"], e["ts"] + e["dur"]) for e in kern)
     busy, cur_s, cur_e = 0.0, *iv[0]
     for s_, e_ in iv[1:]:
@@ -588,7 +596,6 @@ def gpu_kernel_profile(fn, n_steps: int, label: str, trace_dir: str) -> dict:
         "busy_us_per_step": busy / n_steps,
         "span_us_per_step": span / n_steps,
         "kernel_sum_us_per_step": sum(e["dur"] for e in kern) / n_steps,
-        "lines": sorted(set(lines.values())),
         "top": [
             {"name": n[:90], "per_step": len(v) / n_steps, "mean_us": sum(v) / len(v), "us_per_step": sum(v) / n_steps}
             for n, v in top
