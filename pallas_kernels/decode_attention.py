@@ -183,16 +183,19 @@ def _attention_kernel(
                 def partial(ref, i):  # written by other SMs: a volatile load, never this SM's L1
                     return plt.load(ref.at[i], volatile=True)
 
-                m_all = lax.fori_loop(
-                    first, last, lambda i, mx: jnp.maximum(mx, partial(m_ref, i)), jnp.full((gp,), -jnp.inf, f32)
-                )
-
                 def merge(i, carry):
-                    o_sum, l_sum = carry
-                    w = jnp.exp(partial(m_ref, i) - m_all)  # every active split holds a valid slot: m is finite
-                    return o_sum + w[:, None] * partial(acc_ref, i), l_sum + w * partial(l_ref, i)
+                    # One pass, rescaling as the running max grows (as within a split), so each split costs
+                    # one round of loads from L2, not two. Every active split holds a valid slot: m_i is
+                    # finite, and exp(-inf) = 0 drops the empty initial state.
+                    o_sum, l_sum, m_run = carry
+                    m_i = partial(m_ref, i)
+                    m_new = jnp.maximum(m_run, m_i)
+                    a, b = jnp.exp(m_run - m_new), jnp.exp(m_i - m_new)
+                    return a[:, None] * o_sum + b[:, None] * partial(acc_ref, i), a * l_sum + b * partial(l_ref, i), m_new
 
-                write_output(*lax.fori_loop(first, last, merge, (jnp.zeros((gp, hd), f32), jnp.zeros((gp,), f32))))
+                init = (jnp.zeros((gp, hd), f32), jnp.zeros((gp,), f32), jnp.full((gp,), -jnp.inf, f32))
+                o_sum, l_sum, _ = lax.fori_loop(first, last, merge, init)
+                write_output(o_sum, l_sum)
 
 
 def new_split_counter(n_kv: int) -> jax.Array:
