@@ -191,7 +191,8 @@ def _attention_kernel(
                     m_i = partial(m_ref, i)
                     m_new = jnp.maximum(m_run, m_i)
                     a, b = jnp.exp(m_run - m_new), jnp.exp(m_i - m_new)
-                    return a[:, None] * o_sum + b[:, None] * partial(acc_ref, i), a * l_sum + b * partial(l_ref, i), m_new
+                    o_sum = a[:, None] * o_sum + b[:, None] * partial(acc_ref, i)
+                    return o_sum, a * l_sum + b * partial(l_ref, i), m_new
 
                 init = (jnp.zeros((gp, hd), f32), jnp.zeros((gp,), f32), jnp.full((gp,), -jnp.inf, f32))
                 o_sum, l_sum, _ = lax.fori_loop(first, last, merge, init)
