@@ -1,0 +1,197 @@
+"""The Pallas kernels lower for the GPU from any machine, at the real models' shapes, and a decode step
+launches exactly the kernels we count.
+
+Lowering for CUDA runs the whole Pallas-to-Triton translation on the host; only the PTX compile needs
+the card. So CI catches what the GPU would reject while tracing (a load modifier the Triton lowering
+does not take once reached the card that way) for every kernel form and weight format, without
+device time. And since at batch 1 a small model's step time is set by how many kernels it runs, the
+step's Triton kernels are counted: a change that sends a projection or the attention off its kernel
+(to XLA's slower, many-kernel path) fails here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention as attn
+from pallas_kernels import gemv
+from pallas_kernels import gemv_quant
+from pallas_kernels import prefill_attention as prefill
+from yalm_jax import model, ops, quant
+from yalm_jax.config import ModelConfig
+from yalm_jax.weights import LayerWeights, Weights
+
+SDS = jax.ShapeDtypeStruct
+
+
+def triton_kernels(fn, *args) -> list[str]:
+    """The names of the Triton kernels `fn(*args)` launches on the GPU, in program order (lowered, not run)."""
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return [re.findall(r'name = "([^"]+)"', line)[-1] for line in text.splitlines() if "xla.gpu.triton" in line]
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch):
+    # On this CPU ops sends the kernels to Pallas' interpreter; lowering for the GPU needs them compiled.
+    monkeypatch.setattr(ops, "_interpret", lambda: False)
+
+
+def quantized(n: int, k: int, fmt: str, dtype: str, with_min: bool = False) -> quant.QuantizedMatrix:
+    """An abstract (n, k) QuantizedMatrix in `fmt`, its parts' dtypes and widths taken from a real one."""
+    name, group = quant.parse_choice(fmt)
+    fmt = {"fp8": "fp8_e4m3"}.get(name, name)
+    probe = quant.quantize(np.random.default_rng().standard_normal((2, k)), fmt, group, with_min=with_min)
+    part = lambda a: None if a is None else SDS((n, a.shape[1]), a.dtype)  # noqa: E731
+    return quant.QuantizedMatrix(part(probe.q), part(probe.scale), part(probe.min), probe.fmt, probe.group, dtype)
+
+
+def abstract_weights(cfg: ModelConfig, fmt: str | None = None) -> Weights:
+    """The weights pytree of `cfg` as shapes; with `fmt`, the matrices the GEMV kernels read are quantized."""
+    dt = cfg.dtype
+
+    def matrix(n, k):
+        return SDS((n, k), dt) if fmt is None else quantized(n, k, fmt, dt)
+
+    def vec(n, present=True):
+        return SDS((n,), dt) if present else None
+
+    layer = LayerWeights(
+        attn_norm=vec(cfg.dim), wqkv=matrix(cfg.q_dim + 2 * cfg.kv_dim, cfg.dim),
+        bqkv=vec(cfg.q_dim + 2 * cfg.kv_dim, cfg.qkv_bias), wo=matrix(cfg.dim, cfg.q_dim), ffn_norm=vec(cfg.dim),
+        w13=matrix(2 * cfg.hidden_dim, cfg.dim), w2=matrix(cfg.dim, cfg.hidden_dim),
+        q_norm=vec(cfg.head_dim, cfg.qk_norm), k_norm=vec(cfg.head_dim, cfg.qk_norm),
+        attn_post_norm=vec(cfg.dim, cfg.post_norms), ffn_post_norm=vec(cfg.dim, cfg.post_norms),
+    )  # fmt: skip
+    return Weights(
+        embed=SDS((cfg.vocab_size, cfg.dim), dt), layers=[layer] * cfg.n_layers, final_norm=vec(cfg.dim),
+        lm_head=None if cfg.tie_embeddings else matrix(cfg.vocab_size, cfg.dim),
+    )  # fmt: skip
+
+
+# Real models' layer shapes, two layers each (the count is per layer).
+MODELS = {
+    "smollm2": dict(arch="llama", dim=576, hidden_dim=1536, n_heads=9, n_kv_heads=3, head_dim=64,
+                    vocab_size=49152, tie_embeddings=True),
+    "mistral7b": dict(arch="llama", dim=4096, hidden_dim=14336, n_heads=32, n_kv_heads=8, head_dim=128,
+                      vocab_size=32000),
+    "qwen2_0.5b": dict(arch="qwen2", dim=896, hidden_dim=4864, n_heads=14, n_kv_heads=2, head_dim=64,
+                       vocab_size=151936, qkv_bias=True, tie_embeddings=True),
+    "qwen3_0.6b": dict(arch="qwen3", dim=1024, hidden_dim=3072, n_heads=16, n_kv_heads=8, head_dim=128,
+                       vocab_size=151936, qk_norm=True, tie_embeddings=True),
+    "gemma3_270m": dict(arch="gemma3", dim=640, hidden_dim=2048, n_heads=4, n_kv_heads=1, head_dim=256,
+                        vocab_size=262144, qk_norm=True, post_norms=True, activation="gelu_tanh",
+                        norm_weight_offset=1.0, embed_scale=640**0.5, attn_scale=256**-0.5, tie_embeddings=True,
+                        sliding_window=512, sliding_layers=(True, False)),
+}  # fmt: skip
+
+
+def make_cfg(name: str, dtype: str) -> ModelConfig:
+    return ModelConfig(n_layers=2, norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192, dtype=dtype,
+                       **MODELS[name])  # fmt: skip
+
+
+def decode_step_kernels(cfg: ModelConfig, fmt: str | None = None, kv_dtype: str | None = None) -> list[str]:
+    weights = abstract_weights(cfg, fmt)
+    cache = jax.eval_shape(lambda: model.init_cache(cfg, 4096, kv_dtype))
+    token, pos = SDS((1,), jnp.int32), SDS((1,), jnp.int32)
+    return triton_kernels(lambda w, c, t, p: model.forward(w, c, t, p, cfg=cfg, backend="pallas"),
+                          weights, cache, token, pos)  # fmt: skip
+
+
+def expected_step(cfg: ModelConfig, gemv_kind: str = "gemv") -> list[str]:
+    """Five kernels a layer (the norm, rope, residual, KV write and split merge all inside them) and the output."""
+    layer = [
+        f"{gemv_kind}_{cfg.q_dim + 2 * cfg.kv_dim}x{cfg.dim}_", "decode_attention",
+        f"{gemv_kind}_{cfg.dim}x{cfg.q_dim}_", f"{gemv_kind}_gated_{cfg.hidden_dim}x{cfg.dim}_",
+        f"{gemv_kind}_{cfg.dim}x{cfg.hidden_dim}_",
+    ]  # fmt: skip
+    return layer * cfg.n_layers + [f"{gemv_kind}_{cfg.vocab_size}x{cfg.dim}_"]
+
+
+def assert_kernels(got: list[str], want_prefixes: list[str]) -> None:
+    assert len(got) == len(want_prefixes), f"{len(got)} Triton kernels a step, expected {len(want_prefixes)}: {got}"
+    for name, prefix in zip(got, want_prefixes):
+        assert name.startswith(prefix), f"kernel {name!r} where {prefix!r}... was expected, in {got}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_decode_step_is_five_kernels_a_layer(compiled_kernels, name, dtype):
+    cfg = make_cfg(name, dtype)
+    assert_kernels(decode_step_kernels(cfg), expected_step(cfg))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8", "fp8_e5m2"])
+def test_quantized_decode_step_dequantizes_in_the_kernels(compiled_kernels, fmt):
+    cfg = make_cfg("mistral7b", "bfloat16")
+    kind = {"fp8": "gemv_fp8_e4m3"}.get(fmt, f"gemv_{fmt}")
+    assert_kernels(decode_step_kernels(cfg, fmt, kv_dtype="float8_e4m3fn"), expected_step(cfg, kind))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "n,k,form",
+    [(6144, 4096, dict(norm=True)), (28672, 4096, dict(gated=True, norm=True)), (4096, 14336, dict(residual=True)),
+     (3072, 576, dict(gated=True, norm=True, activation="gelu_tanh")), (1152, 896, dict(bias=True)),
+     (32000, 4096, {})],
+)  # fmt: skip
+def test_gemv_forms_lower(dtype, n, k, form):
+    form = dict(form)
+    n_out = n // 2 if form.get("gated") else n
+    extra = {field: SDS((n_out,), dtype) for field in ("bias", "residual") if form.pop(field, False)}
+    norm = SDS((k,), dtype) if form.pop("norm", False) else None
+
+    def run(w, x, g, extra):
+        return gemv.gemv(w, x, norm=None if g is None else (g, 1e-5), **extra, **form)
+
+    names = triton_kernels(run, SDS((n, k), dtype), SDS((k,), dtype), norm, extra)
+    assert len(names) == 1 and names[0].startswith(f"gemv{'_gated' if form.get('gated') else ''}_{n_out}x{k}_")
+
+
+@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int4:128", False),
+                                          ("fp8", False), ("fp8_e5m2", False)])  # fmt: skip
+@pytest.mark.parametrize("n,k,form", [(6144, 4096, dict(norm=True)), (28672, 4096, dict(gated=True, norm=True)),
+                                      (4096, 14336, dict(residual=True))])  # fmt: skip
+def test_quantized_gemv_forms_lower(fmt, with_min, n, k, form):
+    w = quantized(n, k, fmt, "bfloat16", with_min)
+    n_out = n // 2 if form.get("gated") else n
+    norm = SDS((k,), jnp.bfloat16) if form.get("norm") else None
+    residual = SDS((n_out,), jnp.bfloat16) if form.get("residual") else None
+    gated = form.get("gated", False)
+
+    def run(w, x, g, r):
+        return gemv_quant.gemv_quant(w, x, norm=None if g is None else (g, 1e-5), residual=r, gated=gated)
+
+    names = triton_kernels(run, w, SDS((k,), jnp.bfloat16), norm, residual)
+    assert len(names) == 1 and names[0].startswith(f"gemv_{w.fmt}{'_gated' if gated else ''}_{n_out}x{k}_")
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("qk_norm,window", [(False, None), (True, 1024)])
+def test_decode_attention_lowers(cache_dtype, qk_norm, window):
+    n_heads, n_kv, hd, t = 32, 8, 128, 8192
+    compute = jnp.float32 if cache_dtype == jnp.float32 else jnp.bfloat16
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
+    norm = (SDS((hd,), compute), SDS((hd,), compute)) if qk_norm else None
+    cache = SDS((n_kv, t, hd), cache_dtype)
+
+    def step(qkv, k, v, pos, norm):
+        return attn.decode_attention_update(qkv, k, v, pos, n_heads=n_heads, rope_inv_freq=inv_freq,
+                                            qk_norm=None if norm is None else (*norm, 1e-6), window=window)  # fmt: skip
+
+    qkv = SDS((n_heads + 2 * n_kv, hd), compute)
+    assert triton_kernels(step, qkv, cache, cache, SDS((), jnp.int32), norm) == ["decode_attention"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_prefill_attention_lowers(dtype):
+    s, n_heads, n_kv, hd, t = 512, 32, 8, 128, 4096
+    q, cache = SDS((s, n_heads, hd), dtype), SDS((n_kv, t, hd), dtype)
+    names = triton_kernels(lambda q, k, v, start: prefill.prefill_attention(q, k, v, start), q, cache, cache,
+                           SDS((), jnp.int32))  # fmt: skip
+    assert names == ["prefill_attention"]
