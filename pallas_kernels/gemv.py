@@ -185,10 +185,9 @@ def gemv(
     )(*operands)
 
 
-def kernel_name(kind: str, n_out: int, k: int, gated: bool, tile: tuple[int, int, int]) -> str:
-    """A GEMV kernel's name with its shape and tile (block_n x block_k, warps), so a profile tells them apart."""
-    bn, bk, warps = tile
-    return f"{kind}{'_gated' if gated else ''}_{n_out}x{k}_{bn}x{bk}w{warps}"
+def kernel_name(kind: str, n_out: int, k: int, gated: bool, tile: tuple[int, ...]) -> str:
+    """A GEMV kernel's name with its shape and tile (its config), so a profile tells them apart."""
+    return f"{kind}{'_gated' if gated else ''}_{n_out}x{k}_{'x'.join(map(str, tile))}"
 
 
 def write_epilogue(refs: list, ys: list, gated: bool, activation: str, has_bias: bool, has_res: bool) -> None:

@@ -4,7 +4,8 @@
 
 Phases: roof (read bandwidth: jnp.sum and torch.sum over 8 GiB), sweep (GEMV
 block configs per Mistral shape, vs XLA's dot; `sweep:FORMAT[:SHAPES]` for
-int8 / int4 / fp8_e4m3 weights or float32, and SmolLM2's shapes), attn (decode attention at
+int8 / int4 / fp8_e4m3 weights or float32, and SmolLM2's shapes), mosaic[:SHAPES] (the plain
+GEMV through Mosaic GPU beside the Triton kernel, by the GPU's kernel times), attn (decode attention at
 T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
 through yalm_jax.model.forward in a jitted lax.scan, pallas vs xla, at context
 128 and 4096). `--smoke` runs every phase at toy shapes in interpret mode on
@@ -246,6 +247,47 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         )
         LOG["sweep"][f"{fmt} {name}"] = {str(c): v for c, v in res.items()} | {"best": b}
     return best
+
+
+# Mosaic GPU tiles tried per shape: (block_n, block_k, stages); block_n a multiple of 64, block_k <= 256.
+MOSAIC_GRID = [(64, 128, 4), (64, 256, 3), (128, 128, 4), (64, 64, 8), (128, 256, 2)]
+
+
+def phase_mosaic(smoke, roof, shapes="mistral"):
+    """The plain GEMV (no fused norm, gate or residual) through Mosaic GPU (gemv_mosaic.py) beside the Triton
+    kernel with its tuned config, on the same stream of weights: the lowering choice, by the GPU's kernel times."""
+    from pallas_kernels.gemv_mosaic import gemv_mosaic
+
+    LOG.setdefault("mosaic", {})
+    for name, n, k, form in GEMV_SHAPES["smoke" if smoke else shapes]:
+        if form.get("gated"):
+            n //= 2  # the gate's rows alone: a plain matrix of the same width
+        copies = 2 if smoke else max(4, min(64, int(1.5e9 // (n * k * 2))))
+        ws, x, _ = _gemv_inputs(n, k, {}, copies)
+        ref = gemv_mod.gemv_reference(ws[0], x)
+        fns, errs, walls = {}, {}, {}
+        candidates = [("triton", None)] + [("mosaic", c) for c in MOSAIC_GRID]
+        for kind, cfg in candidates:
+            try:
+                if kind == "triton":
+                    fn = jax.jit(lambda ws, x: [gemv_mod.gemv(w, x, interpret=smoke) for w in ws])
+                else:
+                    fn = jax.jit(lambda ws, x, cfg=cfg: [gemv_mosaic(w, x, config=cfg) for w in ws])
+                out = fn(ws, x)[0]
+                diff = (out - ref).astype(jnp.float32)
+                errs[(kind, cfg)] = float(jnp.linalg.norm(diff) / jnp.linalg.norm(ref.astype(jnp.float32)))
+                walls[(kind, cfg)] = timed(fn, ws, x, reps=3 if smoke else 5)[0] / copies * 1e6
+                fns[(kind, cfg)] = fn
+            except Exception as e:  # noqa: BLE001
+                print(f"  mosaic {name} {kind} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        gpu_us = _kernel_us(fns, ws, x, copies, f"mosaic_{n}x{k}")
+        nbytes = n * k * 2
+        for key in fns:
+            us = gpu_us.get(key, walls[key])
+            gbs = nbytes / us / 1e3
+            row(f"mosaic {name:16s} {n}x{k} {key[0]:6s} {str(key[1]):14s} {'GPU' if key in gpu_us else 'wall'} "
+                f"{us:7.2f} us {gbs:5.0f} GB/s ({gbs / roof:4.0%} roof) err {errs[key]:.1e}")
+        LOG["mosaic"][name] = {f"{kd} {c}": [gpu_us.get((kd, c)), walls[(kd, c)], errs[(kd, c)]] for kd, c in fns}
 
 
 # -- attention -----------------------------------------------------------------------
@@ -500,6 +542,9 @@ def main():
                 parts = ph.split(":")
                 fmt = parts[1] if len(parts) > 1 else "bfloat16"
                 phase_sweep(args.smoke, roof, fmt, parts[2] if len(parts) > 2 else "mistral")
+            elif ph.startswith("mosaic"):  # mosaic[:shapes]
+                parts = ph.split(":")
+                phase_mosaic(args.smoke, roof, parts[1] if len(parts) > 1 else "mistral")
             elif ph == "attn":
                 phase_attn(args.smoke, roof)
             elif ph == "model":

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention as attn
-from pallas_kernels import gemv
-from pallas_kernels import gemv_quant
+from pallas_kernels import gemv, gemv_mosaic, gemv_quant
 from pallas_kernels import prefill_attention as prefill
 from yalm_jax import model, ops, quant
 from yalm_jax.config import ModelConfig
@@ -29,10 +28,15 @@ from yalm_jax.weights import LayerWeights, Weights
 SDS = jax.ShapeDtypeStruct
 
 
+def gpu_lowering(fn, *args) -> str:
+    """`fn(*args)` lowered for the GPU (StableHLO text), on any machine."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def triton_kernels(fn, *args) -> list[str]:
     """The names of the Triton kernels `fn(*args)` launches on the GPU, in program order (lowered, not run)."""
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return [re.findall(r'name = "([^"]+)"', line)[-1] for line in text.splitlines() if "xla.gpu.triton" in line]
+    lines = gpu_lowering(fn, *args).splitlines()
+    return [re.findall(r'name = "([^"]+)"', line)[-1] for line in lines if "xla.gpu.triton" in line]
 
 
 @pytest.fixture
@@ -195,3 +199,13 @@ def test_prefill_attention_lowers(dtype):
     names = triton_kernels(lambda q, k, v, start: prefill.prefill_attention(q, k, v, start), q, cache, cache,
                            SDS((), jnp.int32))  # fmt: skip
     assert names == ["prefill_attention"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (14336, 4096), (4096, 14336), (32000, 4096), (960, 576)])
+def test_mosaic_gemv_lowers(dtype, n, k):
+    """The Mosaic GPU GEMV that scripts/gpu_check.py times against the Triton one (its default tile, or 64 x 64
+    where K = 576 takes no 128-wide chunks) lowers: TMA copies, swizzled tiles and register layouts accepted."""
+    config = None if k % 128 == 0 else (64, 64, 8)
+    text = gpu_lowering(lambda w, x: gemv_mosaic.gemv_mosaic(w, x, config=config), SDS((n, k), dtype), SDS((k,), dtype))
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1

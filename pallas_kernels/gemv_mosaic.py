@@ -1,0 +1,74 @@
+"""The dense GEMV y = W x through Pallas' Mosaic GPU lowering, to measure it against the Triton one.
+
+jax 0.11 makes Mosaic GPU Pallas' default GPU lowering and keeps Triton deprecated; the issue asks to
+choose between them by measurement. The model's kernels (gemv.py) are Triton; this is the same
+product in Mosaic GPU's model, for `scripts/gpu_check.py --phases mosaic` to check and time beside
+them. It is not on the model's path.
+
+Mosaic GPU programs a warpgroup (128 threads) at a time and stages operands in shared memory through
+the TMA copy engine: each CTA owns `block_n` rows and `emit_pipeline` streams their (block_n, block_k)
+tiles and x's chunks through `stages` shared-memory buffers, so several tiles' loads are in flight
+while one is reduced (the Triton kernel's K loop is not software-pipelined). A tile is read from
+shared memory in the WGMMA register layout (rows spread over the warpgroup; swizzled so the reads
+are free of bank conflicts); x's chunk in that layout's column form, broadcast along the rows for
+free; the row sums come out in the row form, accumulated in f32 across the pipeline. Limits of the
+lowering, found by lowering on the CPU: TMA copies move at most 256 elements a dimension, and the
+layout wants block_n a multiple of 64.
+
+`gemv.gemv_reference` is its reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gemv import kernel_name
+
+DEFAULT_CONFIG = (64, 128, 4)  # block_n, block_k, stages: a guess, to sweep on the card
+
+
+def gemv_mosaic(w: jax.Array, x: jax.Array, *, config: tuple[int, int, int] | None = None) -> jax.Array:
+    """y = W x in x's dtype, accumulated in f32; w (N, K) bf16/f16, N and K multiples of the tile."""
+    n, k = w.shape
+    bn, bk, stages = config or DEFAULT_CONFIG
+    if n % bn or k % bk or bn % 64 or bk > 256:
+        raise ValueError(f"gemv_mosaic needs N % {bn} == 0, K % {bk} == 0, block_n % 64 == 0, block_k <= 256")
+    tile = plgpu.Layout.WGMMA
+    swizzle = min(128, bk * w.dtype.itemsize)
+
+    def body(w_gmem, x_gmem, o_gmem, o_smem):
+        i = lax.axis_index("rows")
+
+        def step(_, w_smem, x_smem, acc):
+            wt = plgpu.load(w_smem, (), layout=tile).astype(jnp.float32)
+            xt = plgpu.load(x_smem, (), layout=tile.reduce(0)).astype(jnp.float32)
+            return acc + jnp.sum(wt * lax.broadcast_in_dim(xt, (bn, bk), (1,)), axis=1)
+
+        stream = plgpu.emit_pipeline(
+            step,
+            grid=(k // bk,),
+            in_specs=[
+                plgpu.BlockSpec((bn, bk), lambda kk: (i, kk), transforms=(
+                    plgpu.TilingTransform((8, swizzle // w.dtype.itemsize)), plgpu.SwizzleTransform(swizzle))),
+                plgpu.BlockSpec((bk,), lambda kk: (kk,)),
+            ],  # fmt: skip
+            max_concurrent_steps=stages,
+            init_carry=plgpu.layout_cast(jnp.zeros((bn,), jnp.float32), tile.reduce(1)),
+        )
+        o_smem[...] = stream(w_gmem, x_gmem).astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(i * bn, bn)])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((n,), x.dtype),
+        grid=(n // bn,),
+        grid_names=("rows",),
+        scratch_types=[plgpu.SMEM((bn,), x.dtype)],
+        kernel_name=kernel_name("gemv_mosaic", n, k, False, (bn, bk, stages)),
+    )(w, x)
