@@ -56,7 +56,7 @@ def supported(t: int, hd: int) -> bool:
 
 
 def _attention_kernel(
-    len_ref, rows_ref, *refs, n_heads, group, bt, split_t, n_splits, window, scale, has_new, rope, norm_eps,
+    len_ref, rows_ref, *refs, n_heads, group, bt, split_t, window, scale, has_new, rope, norm_eps,
     dot_dtype, sync_threads,
 ):  # fmt: skip
     refs = list(refs)
@@ -278,7 +278,7 @@ def _decode_attention_call(
         out_specs += (kv_spec, kv_spec)
 
     kernel = functools.partial(
-        _attention_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, n_splits=n_splits, window=window,
+        _attention_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, window=window,
         scale=hd**-0.5 if scale is None else scale, has_new=has_new, rope=rope_inv_freq is not None,
         norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, sync_threads=not interpret,
     )  # fmt: skip
