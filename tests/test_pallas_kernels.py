@@ -158,37 +158,47 @@ def test_decode_attention_matches_reference_real(dtype, length, window):
 
 
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["qwen2", "qwen3"])
-def test_model_decode_pallas_matches_xla(qk_norm):
-    """A tiny model's prefill and decode step through backend="pallas" give the xla path's logits."""
+def test_model_decode_pallas_matches_xla(qk_norm, monkeypatch):
+    """A tiny model's prefill and decode step through backend="pallas" give the xla path's logits.
+
+    Splits of 16 slots make the decode step's 41 positions span three splits in each of the two layers,
+    so both layers merge their splits through the one counter the model threads between them."""
+    from pallas_kernels import decode_attention as attn_mod
     from yalm_jax import model
     from yalm_jax.config import ModelConfig
     from yalm_jax.weights import LayerWeights, Weights
 
+    monkeypatch.setattr(attn_mod, "DEFAULT_CONFIG", (16, 16, 4, 2))
     cfg = ModelConfig(
-        arch="qwen3" if qk_norm else "qwen2", vocab_size=64, dim=64, hidden_dim=128, n_layers=1, n_heads=6,
+        arch="qwen3" if qk_norm else "qwen2", vocab_size=64, dim=64, hidden_dim=128, n_layers=2, n_heads=6,
         n_kv_heads=2, head_dim=32, norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64,
         qkv_bias=not qk_norm, qk_norm=qk_norm, dtype="float32",
     )  # fmt: skip
-    keys = iter(jax.random.split(_key(), 16))
+    keys = iter(jax.random.split(_key(), 32))
 
     def rnd(*shape, scale=0.2):
         return scale * jax.random.normal(next(keys), shape, jnp.float32)
 
     qkv = cfg.q_dim + 2 * cfg.kv_dim
-    layer = LayerWeights(
-        attn_norm=1 + rnd(cfg.dim), wqkv=rnd(qkv, cfg.dim), bqkv=None if qk_norm else rnd(qkv), wo=rnd(cfg.dim, cfg.q_dim),
-        ffn_norm=1 + rnd(cfg.dim), w13=rnd(2 * cfg.hidden_dim, cfg.dim), w2=rnd(cfg.dim, cfg.hidden_dim),
-        q_norm=1 + rnd(cfg.head_dim) if qk_norm else None, k_norm=1 + rnd(cfg.head_dim) if qk_norm else None,
-    )  # fmt: skip
-    weights = Weights(embed=rnd(cfg.vocab_size, cfg.dim, scale=1.0), layers=[layer], final_norm=1 + rnd(cfg.dim), lm_head=None)
-    prompt = jax.random.randint(next(keys), (5,), 0, cfg.vocab_size)
+    layers = [
+        LayerWeights(
+            attn_norm=1 + rnd(cfg.dim), wqkv=rnd(qkv, cfg.dim), bqkv=None if qk_norm else rnd(qkv),
+            wo=rnd(cfg.dim, cfg.q_dim), ffn_norm=1 + rnd(cfg.dim), w13=rnd(2 * cfg.hidden_dim, cfg.dim),
+            w2=rnd(cfg.dim, cfg.hidden_dim), q_norm=1 + rnd(cfg.head_dim) if qk_norm else None,
+            k_norm=1 + rnd(cfg.head_dim) if qk_norm else None,
+        )
+        for _ in range(cfg.n_layers)
+    ]  # fmt: skip
+    weights = Weights(embed=rnd(cfg.vocab_size, cfg.dim, scale=1.0), layers=layers, final_norm=1 + rnd(cfg.dim), lm_head=None)
+    n = 40
+    prompt = jax.random.randint(next(keys), (n,), 0, cfg.vocab_size)
     logits = {}
     # The xla path's f32 dots may use TF32 on a GPU; ask for full f32 so both sides are exact.
     with jax.default_matmul_precision("highest"):
         for backend in ("xla", "pallas"):
-            cache = model.init_cache(cfg, 32)
-            pre, cache = model.forward(weights, cache, prompt, jnp.arange(5), cfg=cfg, backend=backend)
-            out, _ = model.forward(weights, cache, prompt[:1], jnp.array([5]), cfg=cfg, backend=backend)
+            cache = model.init_cache(cfg, 64)
+            pre, cache = model.forward(weights, cache, prompt, jnp.arange(n), cfg=cfg, backend=backend)
+            out, _ = model.forward(weights, cache, prompt[:1], jnp.array([n]), cfg=cfg, backend=backend)
             logits[backend] = pre, out
     # The prefill chunk (flash-attention kernel) and the decode step after it (decode kernels, reading
     # the cache the chunk wrote) both give the xla path's logits.
