@@ -34,7 +34,7 @@ flags.DEFINE_bool("llama_cpp", True, "Time llama.cpp too, when llama-cpp-python 
 flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
 flags.DEFINE_list("cpu_quant", [], "CPU: also time decode with these --quant choices dequantized in the graph "
                   "(e.g. native,int8,int4,fp8) beside dense f32, to check what the CPU default should be.")
-flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,quant,cmdbuf,profile", "GPU suite: which parts to run.")
+flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,quant,cmdbuf,pdl,profile", "GPU suite: which parts to run.")
 flags.DEFINE_bool("gpu_smoke", False, "GPU suite at toy shapes on any device (checks the script only).")
 flags.DEFINE_string("_worker", None, "Internal: run one timed generation in this process, print JSON.")
 

@@ -19,9 +19,9 @@ One run measures, on one GPU, with random normal weights built on the device:
   in the compiled HLO), the same step in a fixed-trip loop with a plain argmax
   (no `lax.cond` for greedy-vs-sampled, no stop-token bookkeeping: XLA:GPU
   reads each such predicate back to the host, which drains the GPU every
-  step), and `decode_chunk` with XLA's command buffers (CUDA graphs) extended
-  to while loops and conditionals (a subprocess, since XLA_FLAGS are read at
-  start-up);
+  step), and `decode_chunk` under XLA flags (FLAG_PARTS, each in a subprocess,
+  since XLA_FLAGS are read at start-up): command buffers (CUDA graphs) extended
+  to while loops and conditionals, and programmatic dependent launch;
 * profile: the GPU's own kernel timings (jax.profiler, CUPTI) of a SmolLM2 step (f32, bf16), a
   Mistral-7B step at context 128 and a 512-token prefill: kernels per step, busy time, the top kernels;
   and the prefill at chunk 256.
@@ -69,7 +69,14 @@ SHAPES = {
 }  # fmt: skip
 # The CLI's default cache: the model's context, at most 8192 (Mistral's xla path reads a power-of-two bucket of it).
 MAX_CONTEXT = 8192
-CMDBUF_FLAGS = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+# Parts that rerun the decode jobs in a subprocess with extra XLA_FLAGS (read once, at start-up): the flags
+# and the label of their rows. cmdbuf: the decode loop and its conditionals inside CUDA graphs; pdl:
+# programmatic dependent launch, which lets each kernel start while the one before it finishes (XLA puts
+# a wait for the predecessor's results at the start of each kernel it compiles, Triton ones included).
+FLAG_PARTS = {
+    "cmdbuf": ("--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL", "CUDA-graph loops"),
+    "pdl": ("--xla_gpu_enable_pdl=true", "PDL"),
+}
 
 ROWS: list[tuple] = []  # (workload, backend, tok/s, ms/tok, GB/s, % roof, note)
 
@@ -487,8 +494,8 @@ def part_smollm2(res, roof, smoke):
         del weights
 
 
-def part_cmdbuf_child(res, smoke):
-    """Run inside the subprocess that has CMDBUF_FLAGS in XLA_FLAGS: decode_chunk as in the main run."""
+def part_flags_child(res, smoke):
+    """Run inside the subprocess that has a FLAG_PARTS entry's flags in XLA_FLAGS: decode_chunk as in the main run."""
     jobs = [("smollm2", "float32", "pallas", 256),
             ("smollm2", "float32", "xla", 256), ("smollm2", "bfloat16", "pallas", 256),
             ("mistral7b", "bfloat16", "pallas", 64)]  # fmt: skip
@@ -508,32 +515,33 @@ def part_cmdbuf_child(res, smoke):
             del weights, cache
         except Exception as e:  # noqa: BLE001
             res[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-        log(f"cmdbuf {key}: {res[key].get('tok_s', res[key].get('error'))}")
+        log(f"{os.environ.get('XLA_FLAGS')} {key}: {res[key].get('tok_s', res[key].get('error'))}")
 
 
-def part_cmdbuf(res, roof, smoke, out_dir):
-    """decode_chunk with while loops and conditionals inside CUDA graphs (device-side predicates)."""
-    path = os.path.join(out_dir, "bench_gpu_cmdbuf.json")
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + CMDBUF_FLAGS).strip())
-    cmd = [sys.executable, os.path.abspath(__file__), "--child_cmdbuf", f"--json_out={path}"] + (["--smoke"] if smoke else [])
+def part_flags(res, roof, smoke, out_dir, part):
+    """decode_chunk under the XLA_FLAGS of FLAG_PARTS[part], in a subprocess; rows beside the main run's."""
+    flags, label = FLAG_PARTS[part]
+    path = os.path.join(out_dir, f"bench_gpu_{part}.json")
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+    cmd = [sys.executable, os.path.abspath(__file__), "--child_flags", f"--json_out={path}"] + (["--smoke"] if smoke else [])
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, check=False)
-    res["cmdbuf"] = {"flags": CMDBUF_FLAGS, "rc": p.returncode, "wall_s": time.perf_counter() - t}
+    res[part] = {"flags": flags, "rc": p.returncode, "wall_s": time.perf_counter() - t}
     if p.returncode or not os.path.exists(path):
-        res["cmdbuf"]["stderr"] = p.stderr[-2000:]
-        add_row(f"decode with XLA_FLAGS={CMDBUF_FLAGS}", "", note=f"FAILED rc {p.returncode}: {p.stderr[-200:]!r}")
+        res[part]["stderr"] = p.stderr[-2000:]
+        add_row(f"decode with XLA_FLAGS={flags}", "", note=f"FAILED rc {p.returncode}: {p.stderr[-200:]!r}")
         return
     with open(path) as f:
         child = json.load(f)
-    res["cmdbuf"]["runs"] = child
+    res[part]["runs"] = child
     for key, r in child.items():
         shape, dtype, backend, steps = key.rsplit("_", 3)
         if "error" in r:
-            add_row(f"{shape} {dtype} decode_chunk {steps[5:]} steps + CUDA-graph loops", backend, note="FAILED")
+            add_row(f"{shape} {dtype} decode_chunk {steps[5:]} steps + {label}", backend, note="FAILED")
             continue
         t = r["s_per_tok"]
-        add_row(f"{shape} {dtype} decode_chunk {steps[5:]} steps + CUDA-graph loops (ctx {r['ctx']})", backend,
-                1 / t, t * 1e3, r["gb_s"], roof, "XLA_FLAGS command buffers +WHILE,+CONDITIONAL")  # fmt: skip
+        add_row(f"{shape} {dtype} decode_chunk {steps[5:]} steps + {label} (ctx {r['ctx']})", backend,
+                1 / t, t * 1e3, r["gb_s"], roof, f"XLA_FLAGS={flags}")  # fmt: skip
 
 
 def gpu_kernel_events(fn, label: str, trace_dir: str) -> list[dict] | dict:
@@ -757,7 +765,7 @@ def part_quant(res, roof, smoke):
     del dense
 
 
-PARTS = ("roof", "mistral", "smollm2", "cmdbuf", "profile", "quant")
+PARTS = ("roof", "mistral", "smollm2", *FLAG_PARTS, "profile", "quant")
 
 
 def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
@@ -781,8 +789,8 @@ def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
                 part_mistral(res, roof, smoke)
             elif part == "smollm2":
                 part_smollm2(res, roof, smoke)
-            elif part == "cmdbuf":
-                part_cmdbuf(res, roof, smoke, out_dir)
+            elif part in FLAG_PARTS:
+                part_flags(res, roof, smoke, out_dir, part)
             elif part == "quant":
                 part_quant(res, roof, smoke)
             elif part == "profile":
@@ -813,11 +821,11 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--json_out", default=None)
-    ap.add_argument("--child_cmdbuf", action="store_true")
+    ap.add_argument("--child_flags", action="store_true")
     args = ap.parse_args(argv)
-    if args.child_cmdbuf:
+    if args.child_flags:
         res: dict = {}
-        part_cmdbuf_child(res, args.smoke)
+        part_flags_child(res, args.smoke)
         with open(args.json_out, "w") as f:
             json.dump(res, f, indent=1, default=str)
         return
