@@ -494,6 +494,18 @@ def part_smollm2(res, roof, smoke):
         del weights
 
 
+def pallas_vs_xla(weights, cfg, n_prompt: int) -> float:
+    """Relative error of one pallas decode step's logits against the xla path's, after the same prefill of
+    n_prompt random tokens: a flag that let a kernel start before its inputs were written would show here."""
+    tokens = jax.random.randint(jax.random.key(3), (n_prompt + 1,), 0, cfg.vocab_size)
+    logits = {}
+    for backend in ("xla", "pallas"):
+        cache = model.init_cache(cfg, 2048)
+        _, cache = model.forward(weights, cache, tokens[:-1], jnp.arange(n_prompt), cfg=cfg, backend="xla")
+        logits[backend], _ = model.forward(weights, cache, tokens[-1:], jnp.array([n_prompt]), cfg=cfg, backend=backend)
+    return float(jnp.linalg.norm(logits["pallas"] - logits["xla"]) / jnp.linalg.norm(logits["xla"]))
+
+
 def part_flags_child(res, smoke):
     """Run inside the subprocess that has a FLAG_PARTS entry's flags in XLA_FLAGS: decode_chunk as in the main run."""
     jobs = [("smollm2", "float32", "pallas", 256),
@@ -512,6 +524,8 @@ def part_flags_child(res, smoke):
                                    reps=2 if smoke else 5)  # fmt: skip
             nbytes = weight_bytes_per_token(weights, cfg) + kv_bytes_per_token(cfg, ctx + (n_steps - 1) / 2)
             res[key] = r | {"tok_s": 1 / r["s_per_tok"], "gb_s": nbytes / r["s_per_tok"] / 1e9, "ctx": ctx}
+            if backend == "pallas":  # 600 positions: the decode kernel merges two splits
+                res[key]["pallas_vs_xla"] = pallas_vs_xla(weights, cfg, 40 if smoke else 600)
             del weights, cache
         except Exception as e:  # noqa: BLE001
             res[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
@@ -540,8 +554,9 @@ def part_flags(res, roof, smoke, out_dir, part):
             add_row(f"{shape} {dtype} decode_chunk {steps[5:]} steps + {label}", backend, note="FAILED")
             continue
         t = r["s_per_tok"]
+        check = f"; pallas vs xla logits {r['pallas_vs_xla']:.1e}" if "pallas_vs_xla" in r else ""
         add_row(f"{shape} {dtype} decode_chunk {steps[5:]} steps + {label} (ctx {r['ctx']})", backend,
-                1 / t, t * 1e3, r["gb_s"], roof, f"XLA_FLAGS={flags}")  # fmt: skip
+                1 / t, t * 1e3, r["gb_s"], roof, f"XLA_FLAGS={flags}{check}")  # fmt: skip
 
 
 def gpu_kernel_events(fn, label: str, trace_dir: str) -> list[dict] | dict:
