@@ -66,7 +66,7 @@ def attention_block(
 ):  # fmt: skip
     """x + attention(rms_norm(x)) for layer i; the norm and the residual add fuse into the projections.
 
-    Returns it with the layer's new caches and `split_counter` (ops.attention's scratch, passed on to the next layer).
+    Returns it with the layer's new caches and `split_counter` (ops.attention's scratch, for the next layer).
 
     With cfg.qk_norm each head's query and key are RMS-normed before rope; with
     cfg.post_norms the attention output is RMS-normed before the residual add.
@@ -77,8 +77,9 @@ def attention_block(
     qk_norm = (layer.q_norm, layer.k_norm, cfg.norm_eps) if cfg.qk_norm else None
     window = cfg.sliding_window if i is None else cfg.layer_window(i)
     out, k_cache, v_cache, split_counter = ops.attention(
-        qkv, k_cache, v_cache, positions, split_counter, n_heads=cfg.n_heads, rope_inv_freq=cfg.rope_inv_freq(i), qk_norm=qk_norm,
-        attn_len=attn_len, window=window, scale=cfg.attn_scale, ring_sinks=ring_sinks, backend=backend,
+        qkv, k_cache, v_cache, positions, split_counter, n_heads=cfg.n_heads, rope_inv_freq=cfg.rope_inv_freq(i),
+        qk_norm=qk_norm, attn_len=attn_len, window=window, scale=cfg.attn_scale, ring_sinks=ring_sinks,
+        backend=backend,
     )  # fmt: skip
     if cfg.post_norms:
         y = ops.linear(out, layer.wo, reduce_axis=cfg.tp_axis, backend=backend)
