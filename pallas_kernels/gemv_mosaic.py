@@ -31,33 +31,43 @@ from pallas_kernels.gemv import kernel_name
 DEFAULT_CONFIG = (64, 128, 4)  # block_n, block_k, stages: a guess, to sweep on the card
 
 
-def gemv_mosaic(w: jax.Array, x: jax.Array, *, config: tuple[int, int, int] | None = None) -> jax.Array:
-    """y = W x in x's dtype, accumulated in f32; w (N, K) bf16/f16, N and K multiples of the tile."""
+def gemv_mosaic(
+    w: jax.Array, x: jax.Array, *, config: tuple[int, int, int] | None = None, interpret: bool = False
+) -> jax.Array:
+    """y = W x in x's dtype, accumulated in f32; w (N, K) bf16/f16, N and K multiples of the tile.
+
+    `interpret=True` runs it in Mosaic GPU's interpreter (any machine), which has no register layouts or
+    shared-memory transforms: the same pipeline, loads and sums without them.
+    """
     n, k = w.shape
     bn, bk, stages = config or DEFAULT_CONFIG
     if n % bn or k % bk or bn % 64 or bk > 256:
         raise ValueError(f"gemv_mosaic needs N % {bn} == 0, K % {bk} == 0, block_n % 64 == 0, block_k <= 256")
     tile = plgpu.Layout.WGMMA
     swizzle = min(128, bk * w.dtype.itemsize)
+    transforms = (plgpu.TilingTransform((8, swizzle // w.dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
+
+    def load(ref, layout):
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
     def body(w_gmem, x_gmem, o_gmem, o_smem):
         i = lax.axis_index("rows")
 
         def step(_, w_smem, x_smem, acc):
-            wt = plgpu.load(w_smem, (), layout=tile).astype(jnp.float32)
-            xt = plgpu.load(x_smem, (), layout=tile.reduce(0)).astype(jnp.float32)
+            wt = load(w_smem, tile).astype(jnp.float32)
+            xt = load(x_smem, tile.reduce(0)).astype(jnp.float32)
             return acc + jnp.sum(wt * lax.broadcast_in_dim(xt, (bn, bk), (1,)), axis=1)
 
+        acc = jnp.zeros((bn,), jnp.float32)
         stream = plgpu.emit_pipeline(
             step,
             grid=(k // bk,),
             in_specs=[
-                plgpu.BlockSpec((bn, bk), lambda kk: (i, kk), transforms=(
-                    plgpu.TilingTransform((8, swizzle // w.dtype.itemsize)), plgpu.SwizzleTransform(swizzle))),
+                plgpu.BlockSpec((bn, bk), lambda kk: (i, kk), transforms=() if interpret else transforms),
                 plgpu.BlockSpec((bk,), lambda kk: (kk,)),
-            ],  # fmt: skip
+            ],
             max_concurrent_steps=stages,
-            init_carry=plgpu.layout_cast(jnp.zeros((bn,), jnp.float32), tile.reduce(1)),
+            init_carry=acc if interpret else plgpu.layout_cast(acc, tile.reduce(1)),
         )
         o_smem[...] = stream(w_gmem, x_gmem).astype(o_smem.dtype)
         plgpu.commit_smem()
@@ -71,4 +81,12 @@ def gemv_mosaic(w: jax.Array, x: jax.Array, *, config: tuple[int, int, int] | No
         grid_names=("rows",),
         scratch_types=[plgpu.SMEM((bn,), x.dtype)],
         kernel_name=kernel_name("gemv_mosaic", n, k, False, (bn, bk, stages)),
+        interpret=_interpret_params() if interpret else None,
     )(w, x)
+
+
+def _interpret_params():
+    # Not exported by jax.experimental.pallas.mosaic_gpu in jax 0.10; only tests on the CPU ask for it.
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
