@@ -75,21 +75,6 @@ def _attention_kernel(
     # With a new token, the cache holds valid slots below length - 1 and the token itself is slot length - 1.
     cached = length - 1 if has_new else length
 
-    if rope:  # the token's angles, once for its queries and its key
-        angle = (length - 1).astype(f32) * freq_ref[...]
-        cos, sin = jnp.cos(angle), jnp.sin(angle)
-
-    def prepare(x1, x2, norm_ref):
-        """The halves (f32) of a query or key as the model uses them: RMS-normed per head, then rotated."""
-        if norm_ref is not None:
-            ss = jnp.sum(x1 * x1, axis=-1, keepdims=True) + jnp.sum(x2 * x2, axis=-1, keepdims=True)
-            r = lax.rsqrt(ss / hd + norm_eps)
-            x1 = ((x1 * r).astype(in_dtype) * norm_ref[pl.ds(0, half)]).astype(f32)
-            x2 = ((x2 * r).astype(in_dtype) * norm_ref[pl.ds(half, half)]).astype(f32)
-        if rope:
-            x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        return x1, x2
-
     # The splits that hold valid slots: from the window's start (or 0) to the one of slot length - 1. The others
     # do nothing, not even count themselves.
     first = 0 if window is None else lax.div(jnp.maximum(length - window, 0), split_t)
@@ -97,6 +82,21 @@ def _attention_kernel(
 
     @pl.when((s >= first) & (s < last))
     def _():
+        if rope:  # the token's angles, once for its queries and its key
+            angle = (length - 1).astype(f32) * freq_ref[...]
+            cos, sin = jnp.cos(angle), jnp.sin(angle)
+
+        def prepare(x1, x2, norm_ref):
+            """The halves (f32) of a query or key as the model uses them: RMS-normed per head, then rotated."""
+            if norm_ref is not None:
+                ss = jnp.sum(x1 * x1, axis=-1, keepdims=True) + jnp.sum(x2 * x2, axis=-1, keepdims=True)
+                r = lax.rsqrt(ss / hd + norm_eps)
+                x1 = ((x1 * r).astype(in_dtype) * norm_ref[pl.ds(0, half)]).astype(f32)
+                x2 = ((x2 * r).astype(in_dtype) * norm_ref[pl.ds(half, half)]).astype(f32)
+            if rope:
+                x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+            return x1, x2
+
         # This kv head's query rows; the block is padded to gp rows by the mask, never by a copy.
         is_query = lax.broadcasted_iota(jnp.int32, (gp, half), 0) < group
         q1, q2 = (
@@ -199,6 +199,14 @@ def _attention_kernel(
                 write_output(o_sum, l_sum)
 
 
+def attention_dot_dtype(q_dtype, cache_dtype) -> jnp.dtype:
+    """The dtype q and the cache blocks meet in for QK^T and PV (accumulating in f32): the wider of the two
+    (an f32 dot is exact, not tf32); with an fp8 cache (no implicit promotion) q's, each block upcast as loaded."""
+    if jnp.dtype(cache_dtype).itemsize == 1:
+        return jnp.dtype(q_dtype)
+    return jnp.dtype(jnp.promote_types(q_dtype, cache_dtype))
+
+
 def new_split_counter(n_kv: int) -> jax.Array:
     """The zeroed counter the kernel merges its splits with, one slot a kv head; every call leaves it zero."""
     return jnp.zeros((n_kv,), jnp.int32)
@@ -230,10 +238,7 @@ def _decode_attention_call(
     bt = _pow2_divisor(t, bt)
     split_t = max(bt, min(split_t, t) // bt * bt)
     n_splits = pl.cdiv(t, split_t)
-    # q and the cache meet in the wider of their dtypes (an f32 dot is exact, not tf32);
-    # an fp8 cache (no implicit promotion) is upcast to q's dtype as each block is loaded.
-    fp8_cache = jnp.dtype(k_cache.dtype).itemsize == 1
-    dot_dtype = jnp.dtype(rows.dtype if fp8_cache else jnp.promote_types(rows.dtype, k_cache.dtype))
+    dot_dtype = attention_dot_dtype(rows.dtype, k_cache.dtype)
     length = jnp.asarray(length, jnp.int32).reshape(1)
 
     def whole(a):

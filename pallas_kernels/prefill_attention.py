@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.decode_attention import attention_dot_dtype
 from pallas_kernels.gemv import _pow2_divisor
 
 # (block_rows, block_k, num_warps, num_stages): the best of a first sweep on one H100 80GB HBM3 (2026-11-25,
@@ -131,10 +132,7 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
     n_blocks = pl.cdiv(s, bq)
     rows = bq * gp
 
-    # q and the cache meet in the wider of their dtypes (an f32 dot is exact, not tf32);
-    # an fp8 cache (no implicit promotion) is upcast to q's dtype as each block is loaded.
-    fp8_cache = jnp.dtype(k_cache.dtype).itemsize == 1
-    dt = q.dtype if fp8_cache else jnp.promote_types(q.dtype, k_cache.dtype)
+    dt = attention_dot_dtype(q.dtype, k_cache.dtype)
     qg = _group_rows(q.astype(dt), n_kv, gp, n_blocks * bq)
     q_start = jnp.asarray(q_start, jnp.int32).reshape(1)
 
