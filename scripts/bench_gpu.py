@@ -539,7 +539,7 @@ def part_flags(res, roof, smoke, out_dir, part):
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
     cmd = [sys.executable, os.path.abspath(__file__), "--child_flags", f"--json_out={path}"] + (["--smoke"] if smoke else [])
     t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, check=False)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     res[part] = {"flags": flags, "rc": p.returncode, "wall_s": time.perf_counter() - t}
     if p.returncode or not os.path.exists(path):
         res[part]["stderr"] = p.stderr[-2000:]
