@@ -8,8 +8,8 @@ import pytest as _pytest
 
 @_pytest.fixture(autouse=True)
 def _full_f32_matmuls():
-    """f32 products at full precision: on a GPU XLA multiplies f32 in TF32 by default, far from the
-    1e-4 the tests hold f32 to, and enough to flip a greedy choice. (No effect on the CPU.)"""
+    """f32 products at full precision for the tests that call ops and jnp references directly: on a GPU
+    XLA multiplies f32 in TF32 by default. (The model asks for it itself: model.f32_products.)"""
     with _jax.default_matmul_precision("highest"):
         yield
 

@@ -209,3 +209,19 @@ def test_mosaic_gemv_lowers(dtype, n, k):
     config = None if k % 128 == 0 else (64, 64, 8)
     text = gpu_lowering(lambda w, x: gemv_mosaic.gemv_mosaic(w, x, config=config), SDS((n, k), dtype), SDS((k,), dtype))
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_f32_model_asks_for_f32_products(dtype):
+    """Under jax's default precision XLA:GPU would run an f32 model's products as TF32: the model marks each of
+    its products HIGHEST itself when it computes in f32 (model.f32_products), and leaves bf16 ones alone."""
+    cfg = make_cfg("smollm2", dtype)
+    cache = jax.eval_shape(lambda: model.init_cache(cfg, 256))
+    tokens, pos = SDS((16,), jnp.int32), SDS((16,), jnp.int32)
+    with jax.default_matmul_precision("default"):
+        text = gpu_lowering(lambda w, c, t, p: model.forward(w, c, t, p, cfg=cfg, backend="xla"),
+                            abstract_weights(cfg), cache, tokens, pos)  # fmt: skip
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    highest = [line for line in dots if "precision = [HIGHEST, HIGHEST]" in line]
+    assert len(dots) >= 4 * cfg.n_layers + 1  # wqkv, wo, w13, w2 a layer, the output, and the attention's
+    assert len(highest) == (len(dots) if dtype == "float32" else 0)

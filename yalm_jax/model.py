@@ -118,6 +118,16 @@ def ffn_block(x, layer: LayerWeights, cfg: ModelConfig, backend):
     return ops.linear(h, layer.w2, residual=x, reduce_axis=cfg.tp_axis, backend=backend)
 
 
+def f32_products(dtype: str):
+    """A context for tracing the model's XLA matrix products: full f32 ones for an f32 model.
+
+    XLA:GPU would otherwise run f32 products as TF32 (operands rounded to 10 mantissa bits, which put a
+    prefill's logits 5e-4 off the CPU's); the CPU's f32 products are full precision either way, and the
+    setting leaves bf16/f16 ones as they are.
+    """
+    return jax.default_matmul_precision("highest" if jnp.dtype(dtype) == jnp.float32 else "default")
+
+
 def forward_hidden(
     weights: Weights,
     cache: KVCache,
@@ -140,6 +150,12 @@ def forward_hidden(
             out_specs=(P(), cache_specs),
             check_vma=False,  # pallas_call outputs carry no varying-axes type (its spelling differs across jax versions)
         )(weights, cache, tokens, positions)
+    with f32_products(cfg.dtype):
+        return _hidden_states(weights, cache, tokens, positions, cfg, attn_len, backend)
+
+
+def _hidden_states(weights: Weights, cache: KVCache, tokens, positions, cfg: ModelConfig, attn_len: int, backend: str):
+    """forward_hidden on one device (or inside shard_map, on its shard)."""
     x = ops.embed(weights.embed, tokens, reduce_axis=cfg.tp_axis if parallel.vocab_sharded(cfg) else None)
     if cfg.embed_scale is not None:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the compute dtype first, as transformers does
@@ -167,7 +183,8 @@ def logits_from_hidden(
     cap = cfg.final_softcap if cfg is not None else None
 
     def logits(w, h):
-        y = ops.linear(h, w, backend=backend).astype(jnp.float32)
+        with f32_products(h.dtype):
+            y = ops.linear(h, w, backend=backend).astype(jnp.float32)
         return y if cap is None else cap * jnp.tanh(y / cap)
 
     if cfg is None or cfg.tp == 1 or cfg.tp_axis is not None:
