@@ -154,7 +154,7 @@ def forward_hidden(
         return _hidden_states(weights, cache, tokens, positions, cfg, attn_len, backend)
 
 
-def _hidden_states(weights: Weights, cache: KVCache, tokens, positions, cfg: ModelConfig, attn_len: int, backend: str):
+def _hidden_states(weights: Weights, cache: KVCache, tokens, positions, cfg: ModelConfig, attn_len: int, backend):
     """forward_hidden on one device (or inside shard_map, on its shard)."""
     x = ops.embed(weights.embed, tokens, reduce_axis=cfg.tp_axis if parallel.vocab_sharded(cfg) else None)
     if cfg.embed_scale is not None:
