@@ -2,7 +2,8 @@
 
   python scripts/bench.py                  # CPU: SmolLM2-135M in f32 (+ llama.cpp if installed)
   python scripts/bench.py --device=gpu     # GPU: scripts/bench_gpu.py (roofline, Mistral-7B and
-                                           # SmolLM2 shapes, pallas vs xla, prefill); kernels: gpu_check.py
+                                           # SmolLM2 shapes, pallas vs xla, prefill, llama.cpp with
+                                           # $LLAMA_BENCH); kernels: gpu_check.py
 
 CPU figures, each from this one run:
 * the read bandwidth of an f32 matrix-vector product through XLA, and the
@@ -34,7 +35,8 @@ flags.DEFINE_bool("llama_cpp", True, "Time llama.cpp too, when llama-cpp-python 
 flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
 flags.DEFINE_list("cpu_quant", [], "CPU: also time decode with these --quant choices dequantized in the graph "
                   "(e.g. native,int8,int4,fp8) beside dense f32, to check what the CPU default should be.")
-flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,quant,cmdbuf,pdl,profile", "GPU suite: which parts to run.")
+flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,quant,cmdbuf,pdl,profile,llama_cpp",
+                    "GPU suite: which parts to run.")
 flags.DEFINE_bool("gpu_smoke", False, "GPU suite at toy shapes on any device (checks the script only).")
 flags.DEFINE_string("_worker", None, "Internal: run one timed generation in this process, print JSON.")
 

@@ -24,7 +24,9 @@ One run measures, on one GPU, with random normal weights built on the device:
   to while loops and conditionals, and programmatic dependent launch;
 * profile: the GPU's own kernel timings (jax.profiler, CUPTI) of a SmolLM2 step (f32, bf16), a
   Mistral-7B step at context 128 and a 512-token prefill: kernels per step, busy time, the top kernels;
-  and the prefill at chunk 256.
+  and the prefill at chunk 256;
+* llama_cpp: the peer, llama.cpp's llama-bench (a binary given by $LLAMA_BENCH), on random-weight GGUFs
+  of the Mistral-7B and SmolLM2 shapes, with ours / llama.cpp for the workloads this run timed both.
 
 Compile time is excluded from every figure (programs are compiled ahead, and
 reported separately). The table is printed last.
@@ -780,7 +782,70 @@ def part_quant(res, roof, smoke):
     del dense
 
 
-PARTS = ("roof", "mistral", "smollm2", *FLAG_PARTS, "profile", "quant")
+# -- the peer: llama.cpp's llama-bench, on GGUFs of the same shapes -------------------------
+
+# A llama-bench binary built with CUDA, and the tool that writes random-weight GGUFs of our shapes
+# (../shared/tools/make_gguf.py beside the repository): BENCHMARKS.md shows the commands.
+LLAMA_BENCH = os.environ.get("LLAMA_BENCH")
+MAKE_GGUF = os.environ.get("MAKE_GGUF", os.path.join(ROOT, "..", "shared", "tools", "make_gguf.py"))
+# (make_gguf shape, GGUF type, our results' part, our key at depth 0, our key at depth 4096 or None, tokens
+# generated), with our dtype matching the GGUF's bytes: F16 beside bf16, F32 beside f32.
+PEER_RUNS = [
+    ("mistral7b", "f16", "mistral", "ctx128_pallas", "ctx4096_pallas", 64),
+    ("smollm2", "f32", "smollm2", "float32_pallas_steps256", None, 256),
+    ("smollm2", "f16", "smollm2", "bfloat16_pallas_steps256", None, 256),
+]
+
+
+def llama_bench(path: str, *, n_prompt: int, n_gen: int, depths: list[int], gpu: bool) -> list[dict]:
+    """llama-bench's results (JSON) for one GGUF: pp n_prompt and tg n_gen at each depth, flash attention on."""
+    cmd = [LLAMA_BENCH, "-m", path, "-p", str(n_prompt), "-n", str(n_gen), "-d", ",".join(map(str, depths)),
+           "-ngl", "99" if gpu else "0", "-fa", "1", "-r", "3", "-o", "json"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    if p.returncode:
+        raise RuntimeError(f"llama-bench exited {p.returncode}: {p.stderr[-300:]}")
+    return json.loads(p.stdout)
+
+
+def part_llama_cpp(res, roof, smoke, gguf_dir):
+    """llama.cpp on random GGUFs of PEER_RUNS' shapes, beside ours: decode (tg) at context 0 and 4096 and
+    prefill (pp 512) for Mistral-7B, decode for SmolLM2; with ours / llama.cpp where this run timed ours.
+
+    llama-bench's decode at depth d generates n tokens after d in the cache, ours after 128 or 4096 (the
+    Mistral rows) or 16 (SmolLM2); its prefill is 512 tokens in one batch, as ours. --smoke runs the
+    SmolLM2 F32 file on the CPU (llama-bench without -ngl), to check the plumbing: no ratios then.
+    """
+    if not LLAMA_BENCH or not os.path.exists(LLAMA_BENCH):
+        add_row("llama.cpp", "", note="not run: set LLAMA_BENCH to a llama-bench binary (BENCHMARKS.md)")
+        return
+    out = res.setdefault("llama_cpp", {})
+    os.makedirs(gguf_dir, exist_ok=True)
+    runs = PEER_RUNS[1:2] if smoke else PEER_RUNS
+    for shape, gtype, part, key0, key4096, n_gen in runs:
+        path = os.path.join(gguf_dir, f"{shape}_{gtype}.gguf")
+        if not os.path.exists(path):
+            subprocess.run([sys.executable, MAKE_GGUF, path, shape, gtype], check=True, capture_output=True,
+                           timeout=900)  # fmt: skip
+        depths = [0] if key4096 is None or smoke else [0, 4096]
+        n_prompt = 512 if part == "mistral" else 0  # 0: no prefill test
+        results = llama_bench(path, n_prompt=16 if smoke else n_prompt, n_gen=4 if smoke else n_gen, depths=depths,
+                              gpu=not smoke)  # fmt: skip
+        out[f"{shape}_{gtype}"] = results
+        for r in results:
+            kind = "prefill" if r["n_gen"] == 0 else "decode"
+            ours = None
+            if kind == "decode":
+                ours = res.get(part, {}).get(key0 if r["n_depth"] == 0 else key4096, {}).get("tok_s")
+            elif part == "mistral" and r["n_depth"] == 0:
+                ours = res.get("prefill", {}).get("chunk512_pallas", {}).get("tok_s")
+            n = r["n_prompt"] or r["n_gen"]
+            note = f"llama-bench {'pp' if kind == 'prefill' else 'tg'}{n} at depth {r['n_depth']}, -fa 1"
+            if ours and not smoke:
+                note += f"; yalm_jax pallas {ours:,.0f} tok/s = **{ours / r['avg_ts']:.2f}x** llama.cpp, same run"
+            add_row(f"{shape} {gtype.upper()} {kind}", "llama.cpp", r["avg_ts"], 1e3 / r["avg_ts"], note=note)
+
+
+PARTS = ("roof", "mistral", "smollm2", *FLAG_PARTS, "profile", "quant", "llama_cpp")
 
 
 def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
@@ -810,6 +875,8 @@ def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
                 part_quant(res, roof, smoke)
             elif part == "profile":
                 part_profile(res, roof, smoke, "/tmp/yalm_jax_traces")
+            elif part == "llama_cpp":
+                part_llama_cpp(res, roof, smoke, "/tmp/yalm_jax_gguf")
         except Exception as e:  # noqa: BLE001
             res[f"{part}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
             add_row(part, "", note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
