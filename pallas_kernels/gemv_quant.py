@@ -53,30 +53,13 @@ CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int, int]] = {
 }
 
 
-# The bits of the f32 2^23: with an integer 0 <= v < 2^23 in its mantissa field, the f32 is exactly 2^23 + v.
-_BITS_2P23 = 0x4B000000
-
-
 def _values(q, fmt: str, symmetric: bool) -> list:
     """The f32 values (before the scale) of a tile of stored bytes: [q] (int8, fp8), or int4's
-    [low nibbles, high nibbles], less 8 when symmetric.
-
-    Integers become f32 through the mantissa field, not a conversion instruction: Hopper converts int to
-    float at 16 results a clock per SM, a quarter of the rate of the integer op and the f32 subtraction
-    that replace it (the CUDA C guide's throughput table), and at that rate the ~7e9 weights of a
-    Mistral-7B token would spend ~2 ms on conversions alone.
-    """
+    [low nibbles, high nibbles], less 8 when symmetric."""
     f32 = jnp.float32
-
-    def exact(bits, offset):  # 2^23 + v, less 2^23 + offset: v - offset, exactly
-        return lax.bitcast_convert_type(bits, f32) - (2.0**23 + offset)
-
-    if fmt == "int8":  # -128 <= q < 128, so q + 128 fits the mantissa field
-        return [exact(q.astype(jnp.int32) + (_BITS_2P23 + 128), 128.0)]
     if fmt != "int4":
         return [q.astype(f32)]
-    q = q.astype(jnp.int32)
-    return [exact((n & 15) | _BITS_2P23, 8.0 if symmetric else 0.0) for n in (q, q >> 4)]
+    return [(n & 15).astype(f32) - (8.0 if symmetric else 0.0) for n in (q, q >> 4)]
 
 
 def _groups(ref, g0, ng: int, int4: bool) -> list:
