@@ -40,6 +40,9 @@ from pallas_kernels.gemv import _pow2_divisor
 # a 512-token Mistral-7B chunk at starts 0 and 1024, bf16), timed call by call (dispatch included).
 DEFAULT_CONFIG = (128, 128, 8, 2)
 MIN_ROWS = 16  # rows of a tensor-core dot
+# Shared memory one block may take on Hopper: the default config at head_dim 128 asks 160 KB in bf16, but
+# 320 KB in f32 (tile_smem_bytes), which the card refuses.
+SMEM_LIMIT = 227 * 1024
 # The running max starts finite, so a row whose keys in a block are all masked gets
 # exp(-inf - m) = 0 and alpha = 1 instead of exp(-inf - -inf) = NaN.
 M_INIT = float(jnp.finfo(jnp.float32).min)
@@ -110,6 +113,18 @@ def _group_rows(x, n_kv: int, gp: int, s_pad: int):
     return x.reshape(n_kv, s_pad * gp, hd)
 
 
+def tile_smem_bytes(block_k: int, rows: int, hd: int, num_stages: int, q_bytes: int, kv_bytes: int) -> int:
+    """Shared memory a program's tiles take: the q tile and num_stages buffers of the k and v tiles."""
+    return (rows * q_bytes + 2 * num_stages * block_k * kv_bytes) * hd
+
+
+def block_k_that_fits(block_k: int, rows: int, hd: int, num_stages: int, q_bytes: int, kv_bytes: int) -> int:
+    """block_k halved until the tiles fit SMEM_LIMIT (or it reaches MIN_ROWS)."""
+    while block_k > MIN_ROWS and tile_smem_bytes(block_k, rows, hd, num_stages, q_bytes, kv_bytes) > SMEM_LIMIT:
+        block_k //= 2
+    return block_k
+
+
 def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, config=None, out=None, interpret=False):
     """softmax(q K^T * scale) V, causal (and windowed) over the cache; returns (S, n_heads, hd) in q's dtype.
 
@@ -118,7 +133,8 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
     (HIGHEST). An fp8 cache is upcast to q's dtype as each block is loaded.
     `config` = (block_rows, block_k, num_warps, num_stages): block_q = block_rows
     // group (the group padded to a power of two), at least 16 rows, at most the
-    chunk; block_k is cut down to a power of two that divides T. `out`, if given,
+    chunk; block_k is cut down to a power of two that divides T, and halved until
+    the tiles fit the shared memory of a block (SMEM_LIMIT). `out`, if given,
     is an (S, n_heads, hd) buffer in q's dtype aliased to the result (tests fill it
     with NaN to catch unwritten rows).
     """
@@ -133,6 +149,7 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
     rows = bq * gp
 
     dt = attention_dot_dtype(q.dtype, k_cache.dtype)
+    bk = block_k_that_fits(bk, rows, hd, num_stages, jnp.dtype(dt).itemsize, k_cache.dtype.itemsize)
     qg = _group_rows(q.astype(dt), n_kv, gp, n_blocks * bq)
     q_start = jnp.asarray(q_start, jnp.int32).reshape(1)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_pallas_kernels import INTERPRET, ON_GPU, TOL, _key, _rel_err
 
+from pallas_kernels import prefill_attention as pa
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 
 SMALL = (16, 16, 4, 2)  # block_rows, block_k, num_warps, num_stages: 16 rows = 4 positions of a group of 4
@@ -110,3 +111,15 @@ def test_reference_ignores_unseen_slots():
     q = jnp.ones((3, 2, 16))
     kv = jnp.ones((1, 16, 16)).at[:, 3:].set(jnp.nan)
     assert np.isfinite(np.asarray(prefill_attention_reference(q, kv, kv, 0))).all()
+
+
+def test_f32_tiles_shrink_to_fit_shared_memory():
+    # An H200 refused the default tiles for an f32 Mistral-7B chunk (block_rows 128, head_dim 128, 2 stages):
+    # "requested 327680, available: 232448". The model of the request matches it, and the block_k chosen
+    # fits; bf16's tiles, which ran there, are left as they are.
+    rows, bk, _, stages = pa.DEFAULT_CONFIG
+    assert pa.tile_smem_bytes(bk, rows, 128, stages, 4, 4) == 327680
+    fitted = pa.block_k_that_fits(bk, rows, 128, stages, 4, 4)
+    assert fitted == 64 and pa.tile_smem_bytes(fitted, rows, 128, stages, 4, 4) <= 232448
+    assert pa.block_k_that_fits(bk, rows, 128, stages, 2, 2) == bk
+    assert pa.block_k_that_fits(bk, rows, 128, stages, 2, 1) == bk  # bf16 q, fp8 cache
