@@ -69,8 +69,19 @@ def _groups(ref, g0, ng: int, int4: bool) -> list:
     return [ref[pl.ds(g0, ng), :]]
 
 
+def _fma_ptx(a, b, c):
+    """a * b + c in one rounding, as PTX's fma: the Triton lowering emits separate multiplies and adds for
+    `a * b + c` (Nsight Compute counted no fused instruction), and fusing them took the kernels 1-8% faster
+    on an H200 (KERNEL_NOTES.md, run 7). Interpret mode, which runs no PTX, computes a * b + c."""
+    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+    args = [jnp.broadcast_to(t, shape) for t in (a, b, c)]
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return plt.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=r,r,r,r", pack=1,
+                                      result_shape_dtypes=[out])[0]  # fmt: skip
+
+
 def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, has_norm, has_min, has_bias,
-            has_res, eps):  # fmt: skip
+            has_res, eps, interpret):  # fmt: skip
     refs = list(refs)
     x_ref = refs.pop(0)
     g_ref = refs.pop(0) if has_norm else None
@@ -81,6 +92,7 @@ def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, ha
     f32 = jnp.float32
     int4 = fmt == "int4"
     n_chunks = x_ref.shape[0] // ng
+    fma = (lambda a, b, c: a * b + c) if interpret else _fma_ptx
 
     def x_chunk(i):
         return _groups(x_ref, pl.multiple_of(i * ng, ng), ng, int4)
@@ -104,10 +116,11 @@ def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, ha
         new = []
         for acc, w in zip(accs, range(n_w)):
             q = _load_w(q_refs[w].at[:, pl.ds(g0, ng), :])  # (bn, ng, bytes of a group)
-            prod = sum(v * xb for v, xb in zip(_values(q, fmt, symmetric), xs))
+            vals = _values(q, fmt, symmetric)
             if per_channel:
-                new.append(acc + prod)
+                new.append(fma(vals[0], xs[0], acc))
                 continue
+            prod = vals[0] * xs[0] if len(vals) == 1 else fma(vals[1], xs[1], vals[0] * xs[0])
             part = jnp.sum(prod, axis=2) * s_refs[w][:, pl.ds(g0, ng)].astype(f32)
             if has_min:
                 xsum = sum(jnp.sum(xb[0], axis=1) for xb in xs)[None, :]  # (1, ng): each group's x sum
@@ -186,6 +199,7 @@ def gemv_quant(
         _kernel, k=k, bn=bn, ng=ng, fmt=w.fmt, symmetric=int4 and w.min is None, per_channel=per_channel,
         gated=gated, activation=activation, has_norm=norm is not None, has_min=w.min is not None,
         has_bias=bias is not None, has_res=residual is not None, eps=float(norm[1]) if norm is not None else 0.0,
+        interpret=interpret,
     )  # fmt: skip
     return pl.pallas_call(
         kernel,

@@ -171,8 +171,11 @@ def test_quantized_gemv_forms_lower(fmt, with_min, n, k, form):
     def run(w, x, g, r):
         return gemv_quant.gemv_quant(w, x, norm=None if g is None else (g, 1e-5), residual=r, gated=gated)
 
-    names = triton_kernels(run, w, SDS((k,), jnp.bfloat16), norm, residual)
+    args = (w, SDS((k,), jnp.bfloat16), norm, residual)
+    names = triton_kernels(run, *args)
     assert len(names) == 1 and names[0].startswith(f"gemv_{w.fmt}{'_gated' if gated else ''}_{n_out}x{k}_")
+    if w.fmt == "int4" or w.group == k:  # the products that accumulate go through PTX's fma
+        assert "fma.rn.f32" in gpu_lowering(run, *args)
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn])
