@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.gemv import _load_w, _pow2_divisor, append_epilogue, gemv_reference, kernel_name, write_epilogue
+from yalm_jax.quant import ACT_BLOCK, Int8Activation, dequantize_activation, takes_int8_activations
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (bits a weight, n_out, k, gated): int8 and
 # fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4) on
@@ -136,6 +137,66 @@ def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, ha
     write_epilogue(refs, ys, gated, activation, has_bias, has_res)
 
 
+def _dp4a_ptx(a, b, c, signed_a: bool):
+    """c + the dot product of a's and b's four bytes (b signed; a signed or not), a word at a time: PTX's dp4a,
+    four products an instruction."""
+    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+    args = [jnp.broadcast_to(t, shape) for t in (a, b, c)]
+    out = jax.ShapeDtypeStruct(shape, jnp.int32)
+    asm = f"dp4a.{'s32' if signed_a else 'u32'}.s32 $0, $1, $2, $3;"
+    return plt.elementwise_inline_asm(asm, args=args, constraints="=r,r,r,r", pack=1, result_shape_dtypes=[out])[0]
+
+
+def _dp4a_jnp(a, b, c, signed_a: bool):
+    """_dp4a_ptx in integer jnp, for interpret mode."""
+
+    def byte(w, i, signed):
+        return (w << (24 - 8 * i)) >> 24 if signed else (w >> (8 * i)) & 0xFF
+
+    return c + sum(byte(a, i, signed_a) * byte(b, i, True) for i in range(4))
+
+
+def _kernel_a8(*refs, bn, ng, int4, symmetric, per_channel, gated, activation, has_min, has_bias, has_res,
+               interpret):  # fmt: skip
+    """The products of int8 / int4 weights with an Int8Activation: integer dot products per block of
+    ACT_BLOCK, then one f32 scale of the block (and of the weights' group) per block sum."""
+    refs = list(refs)
+    xw_ref, xd_ref, xq_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    n_w = 2 if gated else 1
+    q_refs = [refs.pop(0) for _ in range(n_w)]
+    s_refs = [refs.pop(0) for _ in range(n_w)]
+    m_refs = [refs.pop(0) for _ in range(n_w)] if has_min else None
+    f32 = jnp.float32
+    dp4a = _dp4a_jnp if interpret else _dp4a_ptx
+
+    def body(i, accs):
+        g0 = pl.multiple_of(i * ng, ng)
+        xw = _groups(xw_ref, g0, ng, int4)  # int4: the words of each block's first and second halves
+        d, qsum = xd_ref[pl.ds(g0, ng)][None], xq_ref[pl.ds(g0, ng)][None]  # (1, ng)
+        new = []
+        for acc, w in zip(accs, range(n_w)):
+            q = _load_w(q_refs[w].at[:, pl.ds(g0, ng), :])  # (bn, ng, words of a block)
+            # int4's low nibbles are a block's first half, its high nibbles the second (quant.pack_int4).
+            pairs = [(q & 0x0F0F0F0F, xw[0]), ((q >> 4) & 0x0F0F0F0F, xw[1])] if int4 else [(q, xw[0])]
+            dot = jnp.zeros(q.shape, jnp.int32)
+            for a, b in pairs:
+                dot = dp4a(a, b[None], dot, signed_a=not int4)
+            v = jnp.sum(dot, axis=2).astype(f32)  # (bn, ng), exact
+            if symmetric:
+                v = v - 8 * qsum
+            v = v * d if per_channel else v * d * s_refs[w][:, pl.ds(g0, ng)].astype(f32)
+            if has_min:
+                v = v + m_refs[w][:, pl.ds(g0, ng)].astype(f32) * (d * qsum)
+            new.append(acc + v)
+        return tuple(new)
+
+    accs = lax.fori_loop(0, xd_ref.shape[0] // ng, body, tuple(jnp.zeros((bn, ng), f32) for _ in q_refs))
+    ys = [jnp.sum(a, axis=1) for a in accs]
+    if per_channel:
+        ys = [y * s[...].astype(f32)[:, 0] for y, s in zip(ys, s_refs)]
+    write_epilogue(refs, ys, gated, activation, has_bias, has_res)
+
+
 def gemv_quant(
     w,
     x: jax.Array,
@@ -163,28 +224,36 @@ def gemv_quant(
         raise ValueError(f"gated gemv needs an even row count, got {n}")
     int4 = w.fmt == "int4"
     per_channel = w.group == k and not int4
+    act8 = isinstance(x, Int8Activation)
+    if act8 and (not takes_int8_activations(w) or norm is not None):
+        raise ValueError(f"an int8 activation multiplies int8 (per channel or in groups of {ACT_BLOCK}) or int4 "
+                         f"(groups of {ACT_BLOCK}) weights, normalised before it is quantized; got {w.fmt} "
+                         f"group {w.group}")  # fmt: skip
     n_out = n // 2 if gated else n
     bn, bk, num_warps, num_stages = config or CONFIGS.get((4 if int4 else 8, n_out, k, gated), DEFAULT_CONFIG)
     bn = _pow2_divisor(n_out, bn)
     row_bytes = w.q.shape[1]
     bk = _pow2_divisor(row_bytes, bk)
-    # The kernel's view: groups of G columns (per channel: chunks of bk columns) and their stored bytes.
-    group = bk if per_channel else w.group
+    # The kernel's view: groups of G columns (per channel: chunks of bk columns; with an int8 activation, its
+    # blocks) and their stored bytes (with an int8 activation, as int32 words).
+    group = ACT_BLOCK if act8 else bk if per_channel else w.group
     stored = group // 2 if int4 else group
-    ng = 1 if per_channel else max(1, bk // stored)
+    ng = 1 if per_channel and not act8 else max(1, bk // stored)
 
-    def as_groups(v):  # a (K,) vector in the kernel's view of x
-        return v.reshape(k // group, 2, group // 2) if int4 else v.reshape(k // group, group)
+    def as_groups(v):  # a (K,) vector, or K / 4 words, in the kernel's view of x
+        g = group // 4 if act8 else group
+        return v.reshape(-1, 2, g // 2) if int4 else v.reshape(-1, g)
 
-    xg = as_groups(x)
-    whole = pl.BlockSpec(xg.shape, lambda i: (0,) * xg.ndim)
+    q = w.q.reshape(n, k // group, stored)
+    if act8:
+        q = lax.bitcast_convert_type(q.reshape(n, k // group, stored // 4, 4), jnp.int32)
+        xs = [as_groups(x.words), x.scale, x.qsum]
+    else:
+        xs = [as_groups(x)] + ([as_groups(norm[0].astype(x.dtype))] if norm is not None else [])
     vec_n = pl.BlockSpec((bn,), lambda i: (i,))
-    operands, specs = [xg], [whole]
-    if norm is not None:
-        operands.append(as_groups(norm[0].astype(x.dtype)))
-        specs.append(whole)
+    operands, specs = xs, [pl.BlockSpec(v.shape, lambda i, nd=v.ndim: (0,) * nd) for v in xs]
     h = n_out // bn
-    for arr in (w.q.reshape(n, k // group, stored), w.scale) + ((w.min,) if w.min is not None else ()):
+    for arr in (q, w.scale) + ((w.min,) if w.min is not None else ()):
         block = (bn, *arr.shape[1:])
         zeros = (0,) * (arr.ndim - 1)
         # The row block of `arr`, and for the gate's partner the up rows h blocks below.
@@ -195,12 +264,14 @@ def gemv_quant(
             operands.append(arr)
     aliases = append_epilogue(operands, specs, vec_n, bias, residual, out)
 
-    kernel = functools.partial(
-        _kernel, k=k, bn=bn, ng=ng, fmt=w.fmt, symmetric=int4 and w.min is None, per_channel=per_channel,
-        gated=gated, activation=activation, has_norm=norm is not None, has_min=w.min is not None,
-        has_bias=bias is not None, has_res=residual is not None, eps=float(norm[1]) if norm is not None else 0.0,
-        interpret=interpret,
-    )  # fmt: skip
+    common = dict(bn=bn, ng=ng, symmetric=int4 and w.min is None, per_channel=per_channel, gated=gated,
+                  activation=activation, has_min=w.min is not None, has_bias=bias is not None,
+                  has_res=residual is not None, interpret=interpret)  # fmt: skip
+    if act8:
+        kernel = functools.partial(_kernel_a8, int4=int4, **common)
+    else:
+        kernel = functools.partial(_kernel, k=k, fmt=w.fmt, has_norm=norm is not None,
+                                   eps=float(norm[1]) if norm is not None else 0.0, **common)  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n_out,), x.dtype),
@@ -210,10 +281,13 @@ def gemv_quant(
         input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=kernel_name(f"gemv_{w.fmt}", n_out, k, gated, (bn, bk, num_warps)),
+        name=kernel_name(f"gemv_{w.fmt}{'_a8' if act8 else ''}", n_out, k, gated, (bn, bk, num_warps)),
     )(*operands)
 
 
-def gemv_quant_reference(w, x: jax.Array, **kw) -> jax.Array:
-    """The function `gemv_quant` computes, in plain jnp: dequantize to f32, then `gemv_reference`."""
+def gemv_quant_reference(w, x, **kw) -> jax.Array:
+    """The function `gemv_quant` computes, in plain jnp: dequantize to f32 (an Int8Activation x too), then
+    `gemv_reference`."""
+    if isinstance(x, Int8Activation):
+        return gemv_reference(w.dequantize(jnp.float32), dequantize_activation(x), **kw).astype(x.dtype)
     return gemv_reference(w.dequantize(jnp.float32), x, **kw)

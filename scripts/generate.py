@@ -52,6 +52,11 @@ flags.DEFINE_string(
     "Weights: none (dense), native (keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks quantized), or quantize at load: "
     "int8, int4[:32|64|128], fp8 (e4m3), fp8_e5m2. Default: a quantized checkpoint as stored, else none.",
 )  # fmt: skip
+flags.DEFINE_bool(
+    "int8_activations", False,
+    "With int8 or int4:32 weights: round the vectors they multiply to int8 in blocks of 32, as llama.cpp does, so "
+    "the GPU multiplies integers, four products an instruction (perplexity: BENCHMARKS.md).",
+)  # fmt: skip
 flags.DEFINE_enum("kv_dtype", None, ["float32", "bfloat16", "float16", "float8_e4m3fn"], "KV cache dtype (default: --dtype); attention computes in f32.")
 flags.DEFINE_integer("tp", 1, "Tensor parallelism: split the model over this many GPUs (devices) of this host.", lower_bound=1)
 flags.DEFINE_integer("max_context", None, "Most positions a sequence reaches (default: the model's maximum, at most 8192); beyond --window the KV cache is a ring.", lower_bound=1)
@@ -122,7 +127,8 @@ def run(argv: list[str]) -> int:
     sampling = SamplingParams.make(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p)
     path = FLAGS.model or default_model_path()
     t = time.perf_counter()
-    lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty(), tp=FLAGS.tp, quant=FLAGS.quant)
+    lm = load_model(path, dtype=FLAGS.dtype, progress=FLAGS.verbose or sys.stderr.isatty(), tp=FLAGS.tp,
+                    quant=FLAGS.quant, int8_activations=FLAGS.int8_activations)  # fmt: skip
     load_s = time.perf_counter() - t
     max_context = FLAGS.max_context or min(lm.cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     window = min(FLAGS.window or lm.cfg.max_position_embeddings, max_context)

@@ -178,6 +178,25 @@ def test_quantized_gemv_forms_lower(fmt, with_min, n, k, form):
         assert "fma.rn.f32" in gpu_lowering(run, *args)
 
 
+@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True)])
+@pytest.mark.parametrize("n,k,form", [(6144, 4096, {}), (28672, 4096, dict(gated=True)),
+                                      (4096, 14336, dict(residual=True))])  # fmt: skip
+def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
+    w = quantized(n, k, fmt, "bfloat16", with_min)
+    a = quant.Int8Activation(SDS((k // 4,), jnp.int32), SDS((k // 32,), jnp.float32), SDS((k // 32,), jnp.float32),
+                             "bfloat16")  # fmt: skip
+    n_out = n // 2 if form.get("gated") else n
+    residual = SDS((n_out,), jnp.bfloat16) if form.get("residual") else None
+
+    def run(w, a, r):
+        return gemv_quant.gemv_quant(w, a, residual=r, gated=form.get("gated", False))
+
+    names = triton_kernels(run, w, a, residual)
+    assert len(names) == 1 and names[0].startswith(f"gemv_{fmt}_a8{'_gated' if form.get('gated') else ''}_{n_out}x{k}_")
+    # Four products an instruction: int8 weights are signed bytes, int4's unpacked nibbles unsigned ones.
+    assert f"dp4a.{'u32' if fmt == 'int4' else 's32'}.s32" in gpu_lowering(run, w, a, residual)
+
+
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn])
 @pytest.mark.parametrize("qk_norm,window", [(False, None), (True, 1024)])
 def test_decode_attention_lowers(cache_dtype, qk_norm, window):

@@ -202,6 +202,87 @@ def test_gemv_quant_smollm2_row_length(rng):
     _check_gemv(rng, "int8", 32, False, jnp.float32, n=64, k=576)
 
 
+# -- int8 activations -----------------------------------------------------------------------
+
+ACT8_FORMATS = [("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("int4", 32, True)]
+ACT8_IDS = [f"{f}-g{g}-{'min' if m else 'sym'}" for f, g, m in ACT8_FORMATS]
+
+
+def test_int8_activation_rounds_each_block_within_half_a_step(rng):
+    x = rng.standard_normal(256).astype(np.float32) * rng.uniform(0.01, 5, 256).astype(np.float32)
+    x[rng.integers(0, 256, 3)] = 0  # a zero may stand anywhere; an all-zero block below
+    x[64:96] = 0
+    a = quant.quantize_activation(jnp.asarray(x))
+    q = np.asarray(jax.lax.bitcast_convert_type(a.words, jnp.int8)).reshape(-1, quant.ACT_BLOCK)
+    step = np.abs(x.reshape(-1, quant.ACT_BLOCK)).max(1) / 127
+    np.testing.assert_allclose(np.asarray(a.scale), step, rtol=1e-6)
+    np.testing.assert_array_equal(np.abs(q).max(1), np.where(step > 0, 127, 0))  # each block's absmax -> +-127
+    err = np.abs(np.asarray(quant.dequantize_activation(a)) - x).reshape(-1, quant.ACT_BLOCK)
+    assert (err <= step[:, None] / 2 * (1 + 1e-5)).all()
+    np.testing.assert_array_equal(np.asarray(a.qsum), q.sum(1))
+
+
+@pytest.mark.parametrize("fmt,group,with_min", ACT8_FORMATS, ids=ACT8_IDS)
+@pytest.mark.parametrize("form", [{"residual": True, "bias": True}, {"gated": True}], ids=["res_bias", "gated"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gemv_quant_with_int8_activation_matches_reference(rng, fmt, group, with_min, form, dtype):
+    n = 128 if form.get("gated") else 64
+    qm = jax.device_put(dataclasses.replace(quant.quantize(_weights(rng, n, 256), fmt, group, with_min=with_min), dtype=dtype))
+    x = jnp.asarray(rng.standard_normal(256), dtype)
+    a = quant.quantize_activation(x)
+    n_out = n // 2 if form.get("gated") else n
+    args = {"gated": form.get("gated", False)}
+    for field in ("bias", "residual"):
+        if form.get(field):
+            args[field] = jnp.asarray(rng.standard_normal(n_out), dtype)
+    poison = jnp.full((n_out,), jnp.nan, dtype)
+    out = jax.jit(lambda w, a, p: gemv_quant(w, a, config=SMALL, out=p, interpret=INTERPRET, **args))(qm, a, poison)
+    ref = gemv_quant_reference(qm, a, **args)
+    assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
+    # The integer products are exact, so the kernel is as close to its reference as the float one is.
+    assert _rel(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}[dtype]
+    # And the rounding of x to int8 moves the product by about a step of it (1/254 of a block's absmax).
+    unrounded = gemv_quant_reference(qm, x, **args)
+    assert _rel(np.asarray(ref, np.float32), np.asarray(unrounded, np.float32)) < 3e-2
+
+
+@pytest.mark.parametrize("fmt,group", [("fp8_e4m3", 32), ("int4", 64), ("int8", 64)])
+def test_int8_activation_refuses_other_weights(rng, fmt, group):
+    qm = quant.quantize(_weights(rng, 16, 256), fmt, group)
+    assert not quant.takes_int8_activations(qm)
+    with pytest.raises(ValueError, match="int8 activation"):
+        gemv_quant(qm, quant.quantize_activation(jnp.ones(256)), interpret=True)
+
+
+@pytest.mark.parametrize("choice", ["int8", "int4:32"])
+def test_tiny_model_with_int8_activations(tiny_dir, rng, choice):
+    from yalm_jax.loading import load_model
+
+    plain = load_model(tiny_dir, quant=choice)
+    lm = load_model(tiny_dir, quant=choice, int8_activations=True)
+    marked = [w for w in jax.tree.leaves(lm.weights, is_leaf=quant.is_quantized) if quant.is_quantized(w)]
+    assert marked and all(w.int8_activations for w in marked)
+    tokens = rng.integers(0, lm.cfg.vocab_size, 12).tolist()
+    ref_pre, _ = _logits(plain, tokens)
+    pre, dec = _logits(lm, tokens)
+    assert 0 < _rel(pre, ref_pre) < 5e-2  # rounded, and only by about the int8 step
+    # The pallas decode step (dp4a products, in the interpreter) computes what the xla path does.
+    _, dec_pallas = _logits(lm, tokens, backend="pallas")
+    assert _rel(dec_pallas, dec) < 1e-4
+
+
+def test_int8_activations_need_integer_weights(tiny_dir):
+    from yalm_jax.errors import UserError
+    from yalm_jax.loading import load_model
+
+    with pytest.raises(UserError, match="int8_activations"):
+        load_model(tiny_dir, quant="none", int8_activations=True)
+    # fp8 weights keep an int8 output matrix (quant._EDGE): that one alone takes int8 activations.
+    lm = load_model(tiny_dir, quant="fp8", int8_activations=True)
+    marked = [w for w in jax.tree.leaves(lm.weights, is_leaf=quant.is_quantized) if quant.is_quantized(w)]
+    assert {(w.fmt, w.int8_activations) for w in marked} == {("fp8_e4m3", False), ("int8", True)}
+
+
 @pytest.mark.parametrize("fmt,group,with_min", FORMATS, ids=FMT_IDS)
 def test_xla_decode_product_matches_reference(rng, fmt, group, with_min):
     # quant.matmul's one-token form (multiply-then-sum, scales per group) and its chunk form.

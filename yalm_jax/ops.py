@@ -75,12 +75,11 @@ def linear(
         y = y if b is None else y + b
         return (y if residual is None else residual + y).astype(x.dtype)
     if _decode(x, backend):
-        r = None if residual is None else residual[0]
-        return _gemv_for(w)(w, x[0], bias=b, residual=r, norm=norm, interpret=_interpret())[None]
+        return _decode_gemv(w, x, norm, bias=b, residual=None if residual is None else residual[0])
     if norm is not None:
         x = rms_norm(x, *norm)
     if quant.is_quantized(w):  # dequantized inside the graph (quant.py)
-        y = quant.matmul(x, w).astype(x.dtype)
+        y = quant.matmul(quant.round_activations(x) if w.int8_activations else x, w).astype(x.dtype)
     else:
         y = jnp.einsum("si,oi->so", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     y = y if b is None else y + b
@@ -108,6 +107,15 @@ def _gemv_for(w):
     return _gemv_quant.gemv_quant if quant.is_quantized(w) else _gemv.gemv
 
 
+def _decode_gemv(w, x: jax.Array, norm, **kw) -> jax.Array:
+    """One token's (1, in) product with w through its GEMV kernel, the norm fused; for a matrix with
+    int8_activations, the normed x rounded to an Int8Activation first (an XLA fusion before the kernel)."""
+    if quant.is_quantized(w) and w.int8_activations:
+        xn = x if norm is None else rms_norm(x, *norm)
+        return _gemv_quant.gemv_quant(w, quant.quantize_activation(xn[0]), interpret=_interpret(), **kw)[None]
+    return _gemv_for(w)(w, x[0], norm=norm, interpret=_interpret(), **kw)[None]
+
+
 def activate(x: jax.Array, activation: str) -> jax.Array:
     """The gated FFN's activation: "silu", or "gelu_tanh" (GELU's tanh approximation, as Gemma uses)."""
     if activation == "silu":
@@ -127,7 +135,7 @@ def gated_ffn_up(
 ) -> jax.Array:
     """act(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in)."""
     if _decode(x, backend):
-        return _gemv_for(w13)(w13, x[0], norm=norm, gated=True, activation=activation, interpret=_interpret())[None]
+        return _decode_gemv(w13, x, norm, gated=True, activation=activation)
     gate, up = jnp.split(linear(x, w13, norm=norm), 2, axis=-1)
     return activate(gate, activation) * up
 

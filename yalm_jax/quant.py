@@ -51,11 +51,15 @@ GGUF_TYPES = {"Q8_0": ("int8", 32, False, 34), "Q4_0": ("int4", 32, False, 18), 
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["q", "scale", "min"], meta_fields=["fmt", "group", "dtype"]
+    jax.tree_util.register_dataclass,
+    data_fields=["q", "scale", "min"],
+    meta_fields=["fmt", "group", "dtype", "int8_activations"],
 )
 @dataclasses.dataclass
 class QuantizedMatrix:
-    """A quantized (N, K) matrix; `dtype` is the compute dtype it dequantizes to."""
+    """A quantized (N, K) matrix; `dtype` is the compute dtype it dequantizes to. With `int8_activations`
+    (int8 and int4 only: `with_int8_activations`), the vectors it multiplies are rounded to int8 in blocks
+    of ACT_BLOCK first, so the GPU kernel multiplies integers, four products an instruction."""
 
     q: jax.Array
     scale: jax.Array  # (N, K // group)
@@ -63,6 +67,7 @@ class QuantizedMatrix:
     fmt: str
     group: int
     dtype: str = "float32"
+    int8_activations: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,6 +91,62 @@ class QuantizedMatrix:
             self, q=self.q[rows], scale=self.scale[rows], min=None if self.min is None else self.min[rows]
         )
         return dequantize(part)
+
+
+ACT_BLOCK = 32  # values per scale of an int8 activation (llama.cpp's Q8_1 block)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["words", "scale", "qsum"], meta_fields=["dtype"])
+@dataclasses.dataclass
+class Int8Activation:
+    """A vector x (K,) rounded to int8 in blocks of ACT_BLOCK, for GEMVs that multiply int8 weights by it four
+    products an instruction: x ~= scale[b] * q[j] for j in block b."""
+
+    words: jax.Array  # (K / 4,) int32: q's bytes, four a word, the lowest byte first
+    scale: jax.Array  # (K / ACT_BLOCK,) f32: absmax / 127 of each block
+    qsum: jax.Array  # (K / ACT_BLOCK,) f32: the sum of each block's q (exact: |sum| <= 32 * 127)
+    dtype: str  # x's dtype, which the product is written in
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.words.shape[0] * 4,)
+
+
+def quantize_activation(x: jax.Array) -> Int8Activation:
+    """x (K,) as an Int8Activation: each block of ACT_BLOCK values scaled by its absmax / 127 and rounded."""
+    xb = x.astype(jnp.float32).reshape(-1, ACT_BLOCK)
+    scale = jnp.max(jnp.abs(xb), axis=1) / 127
+    q = jnp.round(xb / jnp.where(scale == 0, 1, scale)[:, None]).astype(jnp.int8)
+    words = lax.bitcast_convert_type(q.reshape(-1, 4), jnp.int32)
+    return Int8Activation(words, scale, jnp.sum(q.astype(jnp.float32), axis=1), jnp.dtype(x.dtype).name)
+
+
+def dequantize_activation(a: Int8Activation) -> jax.Array:
+    """The f32 values an Int8Activation stands for (K,)."""
+    q = lax.bitcast_convert_type(a.words, jnp.int8).astype(jnp.float32).reshape(-1, ACT_BLOCK)
+    return (q * a.scale[:, None]).reshape(-1)
+
+
+def round_activations(x: jax.Array) -> jax.Array:
+    """Each row of x (S, K) as its Int8Activation stands for it, in x's dtype: what a matrix with
+    int8_activations multiplies on paths that compute in floating point (the CPU, prefill)."""
+    return jax.vmap(lambda row: dequantize_activation(quantize_activation(row)))(x).astype(x.dtype)
+
+
+def takes_int8_activations(w) -> bool:
+    """Whether `w` can multiply an Int8Activation: int8 per channel or in groups of ACT_BLOCK, int4 in groups
+    of ACT_BLOCK (GGUF's Q8_0, Q4_0 and Q4_1 included)."""
+    if not is_quantized(w) or w.fmt not in ("int8", "int4"):
+        return False
+    return w.group == ACT_BLOCK or (w.fmt == "int8" and w.group == w.shape[1])
+
+
+def with_int8_activations(weights):
+    """`weights` with every matrix that can (`takes_int8_activations`) set to multiply int8 activations."""
+    def mark(w):
+        return dataclasses.replace(w, int8_activations=True) if takes_int8_activations(w) else w
+
+    return jax.tree.map(mark, weights, is_leaf=is_quantized)
 
 
 def is_quantized(w) -> bool:
@@ -331,11 +392,13 @@ def load_field(choice: str, field: str, names: list[str], source, read, dtype: s
 DEQUANTIZE_ON_CPU = True
 
 
+def dequantizes_at_load() -> bool:
+    return DEQUANTIZE_ON_CPU and jax.default_backend() == "cpu"
+
+
 def for_device(w: QuantizedMatrix):
     """What build_weights places for a host QuantizedMatrix: itself, or on the CPU its dense matrix."""
-    if DEQUANTIZE_ON_CPU and jax.default_backend() == "cpu":
-        return np.asarray(dequantize(w))
-    return w
+    return np.asarray(dequantize(w)) if dequantizes_at_load() else w
 
 
 def auto_choice(source) -> str:

@@ -40,13 +40,15 @@ class LoadedModel:
 
 
 def load_model(
-    path: str, dtype: str = "float32", progress: bool = False, tp: int = 1, quant: str | None = None
+    path: str, dtype: str = "float32", progress: bool = False, tp: int = 1, quant: str | None = None,
+    int8_activations: bool = False,
 ) -> LoadedModel:
     """`tp` > 1 splits the model over the first tp devices (tensor parallelism, see yalm_jax/parallel.py).
 
     `quant` (one of quant.CHOICES: none, native, int8, int4[:group], fp8, fp8_e5m2) quantizes the
     matrices at load, or with "native" keeps the blocks a GGUF file or a quantized checkpoint stores;
-    None picks quant.auto_choice (a quantized checkpoint loads as it is stored).
+    None picks quant.auto_choice (a quantized checkpoint loads as it is stored). `int8_activations`
+    rounds the vectors that int8 and int4 matrices multiply to int8 (quant.with_int8_activations).
     """
     from yalm_jax import parallel
     from yalm_jax import quant as quant_lib
@@ -71,4 +73,12 @@ def load_model(
     if quant != "none" and tp > 1:
         raise UserError("quantized weights do not support tensor parallelism yet; use --quant=none with tp > 1")
     weights = build_weights(cfg, source, progress=progress, quant=quant)
+    if int8_activations:
+        import jax
+
+        if not any(map(quant_lib.takes_int8_activations, jax.tree.leaves(weights, is_leaf=quant_lib.is_quantized))):
+            why = " (the CPU computes with weights dequantized at load; the option is for the GPU's kernels)"
+            raise UserError(f"--int8_activations needs int8 or int4:32 weights; got --quant={quant}"
+                            f"{why if quant_lib.dequantizes_at_load() else ''}")  # fmt: skip
+        weights = quant_lib.with_int8_activations(weights)
     return LoadedModel(cfg=cfg, weights=weights, tokenizer=tokenizer)
