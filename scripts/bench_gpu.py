@@ -54,6 +54,7 @@ from jax import lax  # noqa: E402
 
 from yalm_jax import generate as gen  # noqa: E402
 from yalm_jax import model  # noqa: E402
+from yalm_jax import quant  # noqa: E402
 from yalm_jax.config import ModelConfig  # noqa: E402
 from yalm_jax.sampling import SamplingParams  # noqa: E402
 from yalm_jax.weights import LayerWeights, Weights  # noqa: E402
@@ -736,7 +737,8 @@ def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
 
 def part_quant(res, roof, smoke):
     """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 (group 32) weights, beside bf16, at
-    context 128; and bf16 against fp8 KV at context 4096."""
+    context 128, and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations); and bf16
+    against fp8 KV at context 4096."""
     shape = "toy" if smoke else "mistral7b"
     cfg = make_cfg(shape, "bfloat16")
     dense = random_weights(cfg, seed=5)
@@ -745,17 +747,18 @@ def part_quant(res, roof, smoke):
     ctx = 16 if smoke else 128
     out = res.setdefault("quant", {})
     cache = random_cache(cfg, max_context)
-    for fmt in ("bf16", "int8", "int4", "fp8_e4m3"):
+    for fmt in ("bf16", "int8", "int4", "fp8_e4m3", "int8_a8", "int4_a8"):
         try:
             if fmt == "bf16":
                 weights = dense
             else:
                 seeds = iter(range(10_000))
-                q = lambda w: random_quantized(w.shape, fmt, next(seeds))  # noqa: E731
+                q = lambda w: random_quantized(w.shape, fmt.removesuffix("_a8"), next(seeds))  # noqa: E731
                 weights = Weights(
                     embed=dense.embed, final_norm=dense.final_norm, lm_head=q(dense.lm_head),
                     layers=[dataclasses.replace(l, wqkv=q(l.wqkv), wo=q(l.wo), w13=q(l.w13), w2=q(l.w2)) for l in dense.layers],
                 )  # fmt: skip
+                weights = quant.with_int8_activations(weights) if fmt.endswith("_a8") else weights
             wb = weight_bytes_per_token(weights, cfg)
             nbytes = wb + kv_bytes_per_token(cfg, ctx + (n_steps - 1) / 2)
             r, cache = time_decode(weights, cfg, cache, backend="pallas", ctx=ctx, n_steps=n_steps, reps=reps)

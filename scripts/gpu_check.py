@@ -4,7 +4,7 @@
 
 Phases: roof (read bandwidth: jnp.sum and torch.sum over 8 GiB), sweep (GEMV
 block configs per Mistral shape, vs XLA's dot; `sweep:FORMAT[:SHAPES]` for
-int8 / int4 / fp8_e4m3 weights or float32, and SmolLM2's shapes), mosaic[:SHAPES] (the plain
+int8 / int4 / fp8_e4m3 weights (int8_a8 / int4_a8: multiplying int8 activations) or float32, and SmolLM2's shapes), mosaic[:SHAPES] (the plain
 GEMV through Mosaic GPU beside the Triton kernel, by the GPU's kernel times), attn (decode attention at
 T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
 through yalm_jax.model.forward in a jitted lax.scan, pallas vs xla, at context
@@ -30,6 +30,7 @@ from jax import lax  # noqa: E402
 
 from pallas_kernels import decode_attention as attn_mod  # noqa: E402
 from pallas_kernels import gemv as gemv_mod  # noqa: E402
+from yalm_jax import quant  # noqa: E402
 
 ROWS: list[str] = []  # the final table
 LOG: dict = {}
@@ -120,8 +121,9 @@ def _gemv_inputs(n, k, form, copies, fmt="bfloat16"):
     dtype = jnp.float32 if fmt == "float32" else jnp.bfloat16
     if fmt in ("bfloat16", "float32"):
         ws = [jax.random.normal(keys[i], (n, k), dtype) for i in range(copies)]
-    else:
-        ws = [random_quantized((n, k), fmt, i) for i in range(copies)]
+    else:  # FORMAT_a8: the same weights multiplying int8 activations
+        ws = [random_quantized((n, k), fmt.removesuffix("_a8"), i) for i in range(copies)]
+        ws = [quant.with_int8_activations(w) for w in ws] if fmt.endswith("_a8") else ws
     x = jax.random.normal(keys[-1], (k,), dtype)
     n_out = n // 2 if form.get("gated") else n
     extra = {}
@@ -149,6 +151,12 @@ def _gemv_chain(config, extra, interpret, xla=False):
                 if "residual" in extra:
                     y = y + extra["residual"]
                 outs.append(y.astype(x.dtype))
+            elif getattr(w, "int8_activations", False):  # the model's path: norm, round to int8, then the kernel
+                norm = extra.get("norm")
+                xn = x if norm is None else ops.rms_norm(x[None], *norm)[0]
+                rest = {key: v for key, v in extra.items() if key != "norm"}
+                outs.append(ops._gemv_for(w)(w, quant.quantize_activation(xn), config=config, interpret=interpret,
+                                             **rest))  # fmt: skip
             else:
                 outs.append(ops._gemv_for(w)(w, x, config=config, interpret=interpret, **extra))
         return outs
@@ -191,7 +199,7 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         elif dense:
             grid = GRIDS["dense" if k > 1024 else "dense_small_k"]
         else:
-            grid = GRIDS["int4" if fmt == "int4" else "int8"]
+            grid = GRIDS["int4" if fmt.startswith("int4") else "int8"]
         probe, *_ = _gemv_inputs(n, k, form, 1, fmt)
         nbytes = probe[0].nbytes if not dense else n * k * jnp.dtype(probe[0].dtype).itemsize
         copies = 2 if smoke else max(4, min(64, int(1.5e9 // nbytes)))
@@ -233,7 +241,7 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         if dense:
             gemv_mod.CONFIGS[(n_out, k, gated)] = b
         else:
-            gemv_quant.CONFIGS[(4 if fmt == "int4" else 8, n_out, k, gated)] = b
+            gemv_quant.CONFIGS[(4 if fmt.startswith("int4") else 8, n_out, k, gated)] = b
         xla_note = ""
         if dense:  # XLA's dot on the same stream of weights.
             fx = _gemv_chain(None, dict(extra), smoke, xla=True)

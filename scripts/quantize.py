@@ -23,6 +23,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 # The table's reference: the dense weights rounded to bf16 (as a bf16 checkpoint stores them), computed in f32.
 BF16 = "bf16"
+A8 = "_a8"  # a format with int8 activations
 flags.DEFINE_string("model", None, "A transformers model directory (with --perplexity_text also a GGUF; default: SmolLM2).")
 flags.DEFINE_string("out", None, "The directory to write (created).")
 flags.DEFINE_string("quant", "int8", "int8, int4[:group], fp8 (e4m3) or fp8_e5m2 (fp8: groups of 32).")
@@ -30,7 +31,8 @@ flags.DEFINE_string("perplexity_text", None, "Instead of writing: the perplexity
 flags.DEFINE_list(
     "formats",
     ["none", BF16, "int8", "fp8", "fp8_e5m2", "int4", "int4:64"],
-    f"--perplexity_text: weight formats (--quant values, and {BF16}: dense weights rounded to bfloat16).",
+    f"--perplexity_text: weight formats (--quant values, and {BF16}: dense weights rounded to bfloat16); "
+    f"a suffix {A8} also sets --int8_activations.",
 )
 flags.DEFINE_list("kv_dtypes", ["bfloat16", "float8_e4m3fn"], "--perplexity_text: KV cache dtypes, with dense weights.")
 flags.DEFINE_integer("context", 512, "--perplexity_text: window (stride: half of it).")
@@ -122,14 +124,20 @@ def perplexity_table(model_path: str, text_path: str, formats, kv_dtypes, contex
     printed against the bf16 row once there is one."""
     import functools
 
-    from yalm_jax import evaluate, model
+    from yalm_jax import evaluate, model, quant
     from yalm_jax.loading import load_model
 
     text = open(text_path, encoding="utf-8").read()
     rows, base = [], None
     init_cache = model.init_cache
     for fmt, kv in [(f, None) for f in formats] + [("none", k) for k in kv_dtypes]:
-        lm = load_model(model_path, quant="none" if fmt == BF16 else fmt)
+        choice = "none" if fmt == BF16 else fmt.removesuffix(A8)
+        # The CPU dequantizes at load, which would leave no matrix to mark: keep them quantized for _a8.
+        quant.DEQUANTIZE_ON_CPU = not fmt.endswith(A8)
+        try:
+            lm = load_model(model_path, quant=choice, int8_activations=fmt.endswith(A8))
+        finally:
+            quant.DEQUANTIZE_ON_CPU = True
         weights = rounded_to_bf16(lm.weights) if fmt == BF16 else lm.weights
         ids = lm.tokenizer.encode(text)
         # evaluate.perplexity builds its own cache; the KV dtype goes in through init_cache's dtype.
