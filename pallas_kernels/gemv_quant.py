@@ -232,7 +232,7 @@ def gemv_quant(
     n_out = n // 2 if gated else n
     bn, bk, num_warps, num_stages = config or CONFIGS.get((4 if int4 else 8, n_out, k, gated), DEFAULT_CONFIG)
     bn = _pow2_divisor(n_out, bn)
-    row_bytes = w.q.shape[1]
+    row_bytes = w.q.shape[1] * jnp.dtype(w.q.dtype).itemsize
     bk = _pow2_divisor(row_bytes, bk)
     # The kernel's view: groups of G columns (per channel: chunks of bk columns; with an int8 activation, its
     # blocks) and their stored bytes (with an int8 activation, as int32 words).
@@ -244,11 +244,12 @@ def gemv_quant(
         g = group // 4 if act8 else group
         return v.reshape(-1, 2, g // 2) if int4 else v.reshape(-1, g)
 
-    q = w.q.reshape(n, k // group, stored)
-    if act8:
-        q = lax.bitcast_convert_type(q.reshape(n, k // group, stored // 4, 4), jnp.int32)
+    if act8:  # int32 words: as with_int8_activations stores them, else regrouped here (in the graph)
+        words = w.q if w.int8_activations else lax.bitcast_convert_type(w.q.reshape(n, -1, 4), jnp.int32)
+        q = words.reshape(n, k // group, stored // 4)
         xs = [as_groups(x.words), x.scale, x.qsum]
     else:
+        q = w.q_bytes().reshape(n, k // group, stored)
         xs = [as_groups(x)] + ([as_groups(norm[0].astype(x.dtype))] if norm is not None else [])
     vec_n = pl.BlockSpec((bn,), lambda i: (i,))
     operands, specs = xs, [pl.BlockSpec(v.shape, lambda i, nd=v.ndim: (0,) * nd) for v in xs]

@@ -11,6 +11,7 @@ step's Triton kernels are counted: a change that sends a projection or the atten
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -182,7 +183,9 @@ def test_quantized_gemv_forms_lower(fmt, with_min, n, k, form):
 @pytest.mark.parametrize("n,k,form", [(6144, 4096, {}), (28672, 4096, dict(gated=True)),
                                       (4096, 14336, dict(residual=True))])  # fmt: skip
 def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
+    # As with_int8_activations leaves it: q's bytes as int32 words.
     w = quantized(n, k, fmt, "bfloat16", with_min)
+    w = dataclasses.replace(w, q=SDS((n, w.q.shape[1] // 4), jnp.int32), int8_activations=True)
     a = quant.Int8Activation(SDS((k // 4,), jnp.int32), SDS((k // 32,), jnp.float32), SDS((k // 32,), jnp.float32),
                              "bfloat16")  # fmt: skip
     n_out = n // 2 if form.get("gated") else n
@@ -193,8 +196,10 @@ def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
 
     names = triton_kernels(run, w, a, residual)
     assert len(names) == 1 and names[0].startswith(f"gemv_{fmt}_a8{'_gated' if form.get('gated') else ''}_{n_out}x{k}_")
-    # Four products an instruction: int8 weights are signed bytes, int4's unpacked nibbles unsigned ones.
-    assert f"dp4a.{'u32' if fmt == 'int4' else 's32'}.s32" in gpu_lowering(run, w, a, residual)
+    # Four products an instruction: int8 weights are signed bytes, int4's unpacked nibbles unsigned ones;
+    # and no step regroups the weights' bytes (a bitcast-convert to wider words would copy them every token).
+    text = gpu_lowering(run, w, a, residual)
+    assert f"dp4a.{'u32' if fmt == 'int4' else 's32'}.s32" in text and "bitcast_convert" not in text
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn])

@@ -227,7 +227,8 @@ def test_int8_activation_rounds_each_block_within_half_a_step(rng):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gemv_quant_with_int8_activation_matches_reference(rng, fmt, group, with_min, form, dtype):
     n = 128 if form.get("gated") else 64
-    qm = jax.device_put(dataclasses.replace(quant.quantize(_weights(rng, n, 256), fmt, group, with_min=with_min), dtype=dtype))
+    qm = quant.quantize(_weights(rng, n, 256), fmt, group, with_min=with_min)
+    qm = jax.device_put(dataclasses.replace(qm, dtype=dtype))
     x = jnp.asarray(rng.standard_normal(256), dtype)
     a = quant.quantize_activation(x)
     n_out = n // 2 if form.get("gated") else n
@@ -240,7 +241,8 @@ def test_gemv_quant_with_int8_activation_matches_reference(rng, fmt, group, with
     ref = gemv_quant_reference(qm, a, **args)
     assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
     # The integer products are exact, so the kernel is as close to its reference as the float one is.
-    assert _rel(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}[dtype]
+    tol = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}[dtype]
+    assert _rel(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < tol
     # And the rounding of x to int8 moves the product by about a step of it (1/254 of a block's absmax).
     unrounded = gemv_quant_reference(qm, x, **args)
     assert _rel(np.asarray(ref, np.float32), np.asarray(unrounded, np.float32)) < 3e-2
@@ -260,8 +262,12 @@ def test_tiny_model_with_int8_activations(tiny_dir, rng, choice):
 
     plain = load_model(tiny_dir, quant=choice)
     lm = load_model(tiny_dir, quant=choice, int8_activations=True)
-    marked = [w for w in jax.tree.leaves(lm.weights, is_leaf=quant.is_quantized) if quant.is_quantized(w)]
-    assert marked and all(w.int8_activations for w in marked)
+    leaves = jax.tree.leaves(lm.weights, is_leaf=quant.is_quantized)
+    for w, p in zip(leaves, jax.tree.leaves(plain.weights, is_leaf=quant.is_quantized)):
+        if quant.is_quantized(w):  # marked, its bytes regrouped into int32 words once, at load
+            assert w.int8_activations and w.q.dtype == jnp.int32 and w.shape == p.shape
+            np.testing.assert_array_equal(np.asarray(w.q_bytes()), np.asarray(p.q))
+    assert any(quant.is_quantized(w) for w in leaves)
     tokens = rng.integers(0, lm.cfg.vocab_size, 12).tolist()
     ref_pre, _ = _logits(plain, tokens)
     pre, dec = _logits(lm, tokens)

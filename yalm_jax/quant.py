@@ -59,9 +59,10 @@ GGUF_TYPES = {"Q8_0": ("int8", 32, False, 34), "Q4_0": ("int4", 32, False, 18), 
 class QuantizedMatrix:
     """A quantized (N, K) matrix; `dtype` is the compute dtype it dequantizes to. With `int8_activations`
     (int8 and int4 only: `with_int8_activations`), the vectors it multiplies are rounded to int8 in blocks
-    of ACT_BLOCK first, so the GPU kernel multiplies integers, four products an instruction."""
+    of ACT_BLOCK first, so the GPU kernel multiplies integers, four products an instruction; q then holds
+    its bytes as int32 words, four a word, the form that kernel reads (`q_bytes` gives the bytes back)."""
 
-    q: jax.Array
+    q: jax.Array  # int8 / uint8 / float8 (N, row bytes), or with int8_activations int32 (N, row bytes / 4)
     scale: jax.Array  # (N, K // group)
     min: jax.Array | None  # (N, K // group), int4 only; None: symmetric
     fmt: str
@@ -71,8 +72,15 @@ class QuantizedMatrix:
 
     @property
     def shape(self) -> tuple[int, int]:
-        n, kq = self.q.shape
+        n, kq = self.q.shape[0], self.q.shape[1] * jnp.dtype(self.q.dtype).itemsize
         return (n, kq * 2 if self.fmt == "int4" else kq)
+
+    def q_bytes(self) -> jax.Array:
+        """q as stored bytes (N, row bytes), also where it holds int32 words."""
+        if not self.int8_activations:
+            return self.q
+        byte = jnp.uint8 if self.fmt == "int4" else jnp.int8
+        return lax.bitcast_convert_type(self.q, byte).reshape(self.q.shape[0], -1)
 
     @property
     def ndim(self) -> int:
@@ -142,9 +150,14 @@ def takes_int8_activations(w) -> bool:
 
 
 def with_int8_activations(weights):
-    """`weights` with every matrix that can (`takes_int8_activations`) set to multiply int8 activations."""
+    """`weights` with every matrix that can (`takes_int8_activations`) set to multiply int8 activations, its
+    bytes regrouped into int32 words once, here, rather than by every decode step."""
+
     def mark(w):
-        return dataclasses.replace(w, int8_activations=True) if takes_int8_activations(w) else w
+        if not takes_int8_activations(w) or w.int8_activations:
+            return w
+        words = lax.bitcast_convert_type(w.q.reshape(w.q.shape[0], -1, 4), jnp.int32)
+        return dataclasses.replace(w, q=words, int8_activations=True)
 
     return jax.tree.map(mark, weights, is_leaf=is_quantized)
 
@@ -312,9 +325,9 @@ def map_rows(w: QuantizedMatrix, fn) -> QuantizedMatrix:
 def _values(w: QuantizedMatrix) -> jax.Array:
     """q as f32 values before the scale: (N, K) for int8/fp8, (N, K) with the -8 offset applied for int4."""
     if w.fmt == "int4":
-        v = unpack_int4(w.q, w.group).astype(jnp.float32)
+        v = unpack_int4(w.q_bytes(), w.group).astype(jnp.float32)
         return v if w.min is not None else v - 8.0
-    return w.q.astype(jnp.float32)
+    return w.q_bytes().astype(jnp.float32)
 
 
 def dequantize(w: QuantizedMatrix, dtype=None) -> jax.Array:
@@ -412,7 +425,7 @@ def auto_choice(source) -> str:
 
 def stored_parts(w: QuantizedMatrix) -> tuple[dict, dict[str, np.ndarray]]:
     """The config entry and the tensors (suffix -> host array) a checkpoint stores for w."""
-    parts = {"q": np.asarray(w.q), "scale": np.asarray(w.scale)}
+    parts = {"q": np.asarray(w.q_bytes()), "scale": np.asarray(w.scale)}
     if w.min is not None:
         parts["min"] = np.asarray(w.min)
     return {"format": w.fmt, "group": w.group, "min": w.min is not None}, parts
