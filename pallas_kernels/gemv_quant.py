@@ -17,9 +17,15 @@ innermost axis is one group's bytes, so the sum per group needs no reshuffle.
 Per-channel formats (one scale a row) take the chunk itself as the group, keep
 a (block_n, 1, block_k) accumulator and scale once at the end.
 
+With an Int8Activation x (yalm_jax.quant: x rounded to int8 in blocks of 32,
+for int8 and int4:32 weights), `_kernel_a8` multiplies integers instead: the
+weights as int32 words against x's words through PTX's dp4a (four products an
+instruction; int4 unpacked into two words of nibbles), each block's integer sum
+scaled once by x's and the weights' scales.
+
 `gemv_quant_reference` is the function in plain jnp (dequantize, then
 `gemv.gemv_reference`). Lowered through Pallas' Triton backend on the GPU;
-`interpret=True` runs it anywhere.
+`interpret=True` runs it anywhere (the PTX instructions as jnp).
 """
 
 from __future__ import annotations
@@ -70,15 +76,22 @@ def _groups(ref, g0, ng: int, int4: bool) -> list:
     return [ref[pl.ds(g0, ng), :]]
 
 
+def _ptx(instruction: str, dtype, *args):
+    """One PTX instruction applied elementwise to `args` (32-bit registers, broadcast to one shape)."""
+    shape = jnp.broadcast_shapes(*(a.shape for a in args))
+    operands = ", ".join(f"${i}" for i in range(len(args) + 1))
+    out = jax.ShapeDtypeStruct(shape, dtype)
+    return plt.elementwise_inline_asm(
+        f"{instruction} {operands};", args=[jnp.broadcast_to(a, shape) for a in args],
+        constraints=",".join(["=r"] + ["r"] * len(args)), pack=1, result_shape_dtypes=[out],
+    )[0]  # fmt: skip
+
+
 def _fma_ptx(a, b, c):
     """a * b + c in one rounding, as PTX's fma: the Triton lowering emits separate multiplies and adds for
     `a * b + c` (Nsight Compute counted no fused instruction), and fusing them took the kernels 1-8% faster
     on an H200 (KERNEL_NOTES.md, run 7). Interpret mode, which runs no PTX, computes a * b + c."""
-    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
-    args = [jnp.broadcast_to(t, shape) for t in (a, b, c)]
-    out = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return plt.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=r,r,r,r", pack=1,
-                                      result_shape_dtypes=[out])[0]  # fmt: skip
+    return _ptx("fma.rn.f32", jnp.float32, a, b, c)
 
 
 def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, has_norm, has_min, has_bias,
@@ -140,11 +153,7 @@ def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, ha
 def _dp4a_ptx(a, b, c, signed_a: bool):
     """c + the dot product of a's and b's four bytes (b signed; a signed or not), a word at a time: PTX's dp4a,
     four products an instruction."""
-    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
-    args = [jnp.broadcast_to(t, shape) for t in (a, b, c)]
-    out = jax.ShapeDtypeStruct(shape, jnp.int32)
-    asm = f"dp4a.{'s32' if signed_a else 'u32'}.s32 $0, $1, $2, $3;"
-    return plt.elementwise_inline_asm(asm, args=args, constraints="=r,r,r,r", pack=1, result_shape_dtypes=[out])[0]
+    return _ptx(f"dp4a.{'s32' if signed_a else 'u32'}.s32", jnp.int32, a, b, c)
 
 
 def _dp4a_jnp(a, b, c, signed_a: bool):
