@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.gemv import _load_w, _pow2_divisor, append_epilogue, gemv_reference, kernel_name, write_epilogue
-from yalm_jax.quant import ACT_BLOCK, Int8Activation, dequantize_activation, takes_int8_activations
+from yalm_jax.quant import ACT_BLOCK, Int8Activation, dequantize_activation
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (bits a weight, n_out, k, gated): int8 and
 # fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4) on
@@ -234,10 +234,10 @@ def gemv_quant(
     int4 = w.fmt == "int4"
     per_channel = w.group == k and not int4
     act8 = isinstance(x, Int8Activation)
-    if act8 and (not takes_int8_activations(w) or norm is not None):
-        raise ValueError(f"an int8 activation multiplies int8 (per channel or in groups of {ACT_BLOCK}) or int4 "
-                         f"(groups of {ACT_BLOCK}) weights, normalised before it is quantized; got {w.fmt} "
-                         f"group {w.group}")  # fmt: skip
+    if act8 and (not w.int8_activations or norm is not None):
+        raise ValueError(f"an int8 activation multiplies a matrix quant.with_int8_activations marked (int8, or "
+                         f"int4 in groups of {ACT_BLOCK}), normalised before it is rounded; got {w.fmt} group "
+                         f"{w.group}, int8_activations={w.int8_activations}")  # fmt: skip
     n_out = n // 2 if gated else n
     bn, bk, num_warps, num_stages = config or CONFIGS.get((4 if int4 else 8, n_out, k, gated), DEFAULT_CONFIG)
     bn = _pow2_divisor(n_out, bn)
@@ -253,9 +253,8 @@ def gemv_quant(
         g = group // 4 if act8 else group
         return v.reshape(-1, 2, g // 2) if int4 else v.reshape(-1, g)
 
-    if act8:  # int32 words: as with_int8_activations stores them, else regrouped here (in the graph)
-        words = w.q if w.int8_activations else lax.bitcast_convert_type(w.q.reshape(n, -1, 4), jnp.int32)
-        q = words.reshape(n, k // group, stored // 4)
+    if act8:  # the int32 words with_int8_activations stored
+        q = w.q.reshape(n, k // group, stored // 4)
         xs = [as_groups(x.words), x.scale, x.qsum]
     else:
         q = w.q_bytes().reshape(n, k // group, stored)

@@ -228,7 +228,7 @@ def test_int8_activation_rounds_each_block_within_half_a_step(rng):
 def test_gemv_quant_with_int8_activation_matches_reference(rng, fmt, group, with_min, form, dtype):
     n = 128 if form.get("gated") else 64
     qm = quant.quantize(_weights(rng, n, 256), fmt, group, with_min=with_min)
-    qm = jax.device_put(dataclasses.replace(qm, dtype=dtype))
+    qm = quant.with_int8_activations(jax.device_put(dataclasses.replace(qm, dtype=dtype)))
     x = jnp.asarray(rng.standard_normal(256), dtype)
     a = quant.quantize_activation(x)
     n_out = n // 2 if form.get("gated") else n
@@ -252,8 +252,12 @@ def test_gemv_quant_with_int8_activation_matches_reference(rng, fmt, group, with
 def test_int8_activation_refuses_other_weights(rng, fmt, group):
     qm = quant.quantize(_weights(rng, 16, 256), fmt, group)
     assert not quant.takes_int8_activations(qm)
+    assert not quant.with_int8_activations(qm).int8_activations  # left as it is
     with pytest.raises(ValueError, match="int8 activation"):
         gemv_quant(qm, quant.quantize_activation(jnp.ones(256)), interpret=True)
+    # An int8 matrix that was not marked (its bytes not regrouped into words) is refused too.
+    with pytest.raises(ValueError, match="int8 activation"):
+        gemv_quant(quant.quantize(_weights(rng, 16, 256), "int8"), quant.quantize_activation(jnp.ones(256)))
 
 
 @pytest.mark.parametrize("choice", ["int8", "int4:32"])

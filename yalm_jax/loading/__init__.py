@@ -76,9 +76,9 @@ def load_model(
     if int8_activations:
         import jax
 
-        if not any(map(quant_lib.takes_int8_activations, jax.tree.leaves(weights, is_leaf=quant_lib.is_quantized))):
+        weights = quant_lib.with_int8_activations(weights)
+        if not any(getattr(w, "int8_activations", False) for w in jax.tree.leaves(weights, is_leaf=quant_lib.is_quantized)):
             why = " (the CPU computes with weights dequantized at load; the option is for the GPU's kernels)"
             raise UserError(f"--int8_activations needs int8 or int4:32 weights; got --quant={quant}"
                             f"{why if quant_lib.dequantizes_at_load() else ''}")  # fmt: skip
-        weights = quant_lib.with_int8_activations(weights)
     return LoadedModel(cfg=cfg, weights=weights, tokenizer=tokenizer)
