@@ -219,6 +219,12 @@ def append_epilogue(operands: list, specs: list, vec_n, bias, residual, out) -> 
     return {len(operands) - 1: 0}
 
 
+def rms_norm_reference(x: jax.Array, g: jax.Array, eps: float) -> jax.Array:
+    """The norm the kernels fuse, with their roundings: normalise in f32, round to x's dtype, scale by g."""
+    xf = x.astype(jnp.float32)
+    return (xf * lax.rsqrt(jnp.mean(xf * xf) + eps)).astype(x.dtype) * g.astype(x.dtype)
+
+
 def gemv_reference(
     w: jax.Array,
     x: jax.Array,
@@ -231,9 +237,7 @@ def gemv_reference(
 ) -> jax.Array:
     """The function `gemv` computes, in plain jnp (f32 accumulation, one final rounding)."""
     if norm is not None:
-        g, eps = norm
-        xf = x.astype(jnp.float32)
-        x = (xf * lax.rsqrt(jnp.mean(xf * xf) + eps)).astype(x.dtype) * g.astype(x.dtype)
+        x = rms_norm_reference(x, *norm)
     y = jnp.dot(w.astype(jnp.float32), x.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     if gated:
         gate, up = jnp.split(y, 2)

@@ -17,11 +17,16 @@ innermost axis is one group's bytes, so the sum per group needs no reshuffle.
 Per-channel formats (one scale a row) take the chunk itself as the group, keep
 a (block_n, 1, block_k) accumulator and scale once at the end.
 
-With an Int8Activation x (yalm_jax.quant: x rounded to int8 in blocks of 32,
-for int8 and int4:32 weights), `_kernel_a8` multiplies integers instead: the
-weights as int32 words against x's words through PTX's dp4a (four products an
-instruction; int4 unpacked into two words of nibbles), each block's integer sum
-scaled once by x's and the weights' scales.
+For a matrix with int8_activations (quant.with_int8_activations: int8, or int4
+in groups of 32, its bytes held as int32 words), the kernel multiplies integers
+instead: every program rounds each chunk of x (after the fused norm) to int8 in
+blocks of 32 in registers, as quant.round_activations does, packs four to a
+word, and multiplies words through PTX's dp4a (four products an instruction;
+int4 unpacked into two words of nibbles); each block's integer sum is scaled
+once by x's and the weights' scales. Rounding x in every program repeats a
+little work per program, and measured cheaper than rounding it once in XLA
+(the fusions before each kernel cost more than the kernels saved: KERNEL_NOTES.md,
+run 8).
 
 `gemv_quant_reference` is the function in plain jnp (dequantize, then
 `gemv.gemv_reference`). Lowered through Pallas' Triton backend on the GPU;
@@ -38,26 +43,50 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.gemv import _load_w, _pow2_divisor, append_epilogue, gemv_reference, kernel_name, write_epilogue
-from yalm_jax.quant import ACT_BLOCK, Int8Activation, dequantize_activation
+from pallas_kernels.gemv import (
+    _load_w,
+    _pow2_divisor,
+    append_epilogue,
+    gemv_reference,
+    kernel_name,
+    rms_norm_reference,
+    write_epilogue,
+)
+from yalm_jax.quant import ACT_BLOCK, round_activations
 
-# (block_n, block_k in stored bytes, num_warps, num_stages), per (bits a weight, n_out, k, gated): int8 and
-# fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4) on
-# one H100 80GB HBM3, 2026-11-25 (the int4 wo, w2 and output rows re-chosen by the GPU's own kernel
-# times, run 5); other shapes take DEFAULT_CONFIG.
+# (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind from
+# `config_kind`: int8 and fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py
+# (sweep:int8, sweep:int4, sweep:int8_a8, sweep:int4_a8) on one H100 80GB HBM3, ranked by the GPU's own kernel
+# times: the float products 2026-11-25 (run 5), the int8 activations' 2026-11-26 (run 8); other shapes take
+# DEFAULT_CONFIG.
 DEFAULT_CONFIG = (4, 2048, 8, 2)
-CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int, int]] = {
-    (8, 6144, 4096, False): (2, 4096, 4, 2),  # wqkv
-    (8, 4096, 4096, False): (4, 4096, 8, 2),  # wo
-    (8, 14336, 4096, True): (2, 4096, 4, 2),  # w13, gated
-    (8, 4096, 14336, False): (2, 4096, 4, 2),  # w2
-    (8, 32000, 4096, False): (4, 4096, 8, 2),  # output
-    (4, 6144, 4096, False): (8, 2048, 8, 2),
-    (4, 4096, 4096, False): (4, 2048, 4, 2),
-    (4, 14336, 4096, True): (8, 2048, 8, 2),
-    (4, 4096, 14336, False): (4, 2048, 4, 2),
-    (4, 32000, 4096, False): (4, 2048, 4, 2),
+CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
+    ("8bit", 6144, 4096, False): (2, 4096, 4, 2),  # wqkv
+    ("8bit", 4096, 4096, False): (4, 4096, 8, 2),  # wo
+    ("8bit", 14336, 4096, True): (2, 4096, 4, 2),  # w13, gated
+    ("8bit", 4096, 14336, False): (2, 4096, 4, 2),  # w2
+    ("8bit", 32000, 4096, False): (4, 4096, 8, 2),  # output
+    ("4bit", 6144, 4096, False): (8, 2048, 8, 2),
+    ("4bit", 4096, 4096, False): (4, 2048, 4, 2),
+    ("4bit", 14336, 4096, True): (8, 2048, 8, 2),
+    ("4bit", 4096, 14336, False): (4, 2048, 4, 2),
+    ("4bit", 32000, 4096, False): (4, 2048, 4, 2),
+    ("8bit_a8", 6144, 4096, False): (16, 1024, 8, 2),
+    ("8bit_a8", 4096, 4096, False): (8, 2048, 8, 2),
+    ("8bit_a8", 14336, 4096, True): (4, 4096, 8, 2),
+    ("8bit_a8", 4096, 14336, False): (8, 2048, 8, 2),
+    ("8bit_a8", 32000, 4096, False): (4, 4096, 8, 2),
+    ("4bit_a8", 6144, 4096, False): (8, 2048, 8, 2),
+    ("4bit_a8", 4096, 4096, False): (8, 2048, 8, 2),
+    ("4bit_a8", 14336, 4096, True): (8, 2048, 8, 2),
+    ("4bit_a8", 4096, 14336, False): (8, 2048, 8, 2),
+    ("4bit_a8", 32000, 4096, False): (8, 2048, 8, 2),
 }
+
+
+def config_kind(fmt: str, int8_activations: bool) -> str:
+    """CONFIGS' first key: the bits a weight, and whether the products are integer (int8 activations)."""
+    return ("4bit" if fmt == "int4" else "8bit") + ("_a8" if int8_activations else "")
 
 
 def _values(q, fmt: str, symmetric: bool) -> list:
@@ -67,13 +96,6 @@ def _values(q, fmt: str, symmetric: bool) -> list:
     if fmt != "int4":
         return [q.astype(f32)]
     return [(n & 15).astype(f32) - (8.0 if symmetric else 0.0) for n in (q, q >> 4)]
-
-
-def _groups(ref, g0, ng: int, int4: bool) -> list:
-    """Groups g0 .. g0 + ng of a vector viewed as groups: [(ng, G)], or int4's two halves [(ng, G/2)] * 2."""
-    if int4:
-        return [ref[pl.ds(g0, ng), h, :] for h in (0, 1)]
-    return [ref[pl.ds(g0, ng), :]]
 
 
 def _ptx(instruction: str, dtype, *args):
@@ -94,62 +116,6 @@ def _fma_ptx(a, b, c):
     return _ptx("fma.rn.f32", jnp.float32, a, b, c)
 
 
-def _kernel(*refs, k, bn, ng, fmt, symmetric, per_channel, gated, activation, has_norm, has_min, has_bias,
-            has_res, eps, interpret):  # fmt: skip
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    g_ref = refs.pop(0) if has_norm else None
-    n_w = 2 if gated else 1
-    q_refs = [refs.pop(0) for _ in range(n_w)]
-    s_refs = [refs.pop(0) for _ in range(n_w)]
-    m_refs = [refs.pop(0) for _ in range(n_w)] if has_min else None
-    f32 = jnp.float32
-    int4 = fmt == "int4"
-    n_chunks = x_ref.shape[0] // ng
-    fma = (lambda a, b, c: a * b + c) if interpret else _fma_ptx
-
-    def x_chunk(i):
-        return _groups(x_ref, pl.multiple_of(i * ng, ng), ng, int4)
-
-    norm_scale = None
-    if has_norm:
-
-        def sum_sq(i, acc):
-            return acc + sum(jnp.sum(jnp.square(xb.astype(f32)), axis=1) for xb in x_chunk(i))
-
-        norm_scale = lax.rsqrt(jnp.sum(lax.fori_loop(0, n_chunks, sum_sq, jnp.zeros((ng,), f32))) / k + eps)
-
-    def body(i, accs):
-        g0 = pl.multiple_of(i * ng, ng)
-        xs = x_chunk(i)
-        if has_norm:
-            # Same roundings as ops.rms_norm: normalise in f32, round, scale by g in x's dtype.
-            gs = _groups(g_ref, g0, ng, int4)
-            xs = [(xb.astype(f32) * norm_scale).astype(xb.dtype) * g for xb, g in zip(xs, gs)]
-        xs = [xb.astype(f32)[None] for xb in xs]
-        new = []
-        for acc, w in zip(accs, range(n_w)):
-            q = _load_w(q_refs[w].at[:, pl.ds(g0, ng), :])  # (bn, ng, bytes of a group)
-            vals = _values(q, fmt, symmetric)
-            if per_channel:
-                new.append(fma(vals[0], xs[0], acc))
-                continue
-            prod = vals[0] * xs[0] if len(vals) == 1 else fma(vals[1], xs[1], vals[0] * xs[0])
-            part = jnp.sum(prod, axis=2) * s_refs[w][:, pl.ds(g0, ng)].astype(f32)
-            if has_min:
-                xsum = sum(jnp.sum(xb[0], axis=1) for xb in xs)[None, :]  # (1, ng): each group's x sum
-                part = part + m_refs[w][:, pl.ds(g0, ng)].astype(f32) * xsum
-            new.append(acc + part)
-        return tuple(new)
-
-    shape = (bn, 1, x_ref.shape[-1]) if per_channel else (bn, ng)
-    accs = lax.fori_loop(0, n_chunks, body, tuple(jnp.zeros(shape, f32) for _ in q_refs))
-    ys = [jnp.sum(a.reshape(bn, -1), axis=1) for a in accs]
-    if per_channel:
-        ys = [y * s[...].astype(f32)[:, 0] for y, s in zip(ys, s_refs)]
-    write_epilogue(refs, ys, gated, activation, has_bias, has_res)
-
-
 def _dp4a_ptx(a, b, c, signed_a: bool):
     """c + the dot product of a's and b's four bytes (b signed; a signed or not), a word at a time: PTX's dp4a,
     four products an instruction."""
@@ -165,42 +131,97 @@ def _dp4a_jnp(a, b, c, signed_a: bool):
     return c + sum(byte(a, i, signed_a) * byte(b, i, True) for i in range(4))
 
 
-def _kernel_a8(*refs, bn, ng, int4, symmetric, per_channel, gated, activation, has_min, has_bias, has_res,
-               interpret):  # fmt: skip
-    """The products of int8 / int4 weights with an Int8Activation: integer dot products per block of
-    ACT_BLOCK, then one f32 scale of the block (and of the weights' group) per block sum."""
+def _round_ptx(v):
+    """v rounded to the nearest integer, ties to even, as int32: PTX's cvt.rni."""
+    return _ptx("cvt.rni.s32.f32", jnp.int32, v)
+
+
+def _group_sums(t, reduce=jnp.sum):
+    """Each group's reduction of a tile (ng, ...) of x: over every axis but the first."""
+    while t.ndim > 1:
+        t = reduce(t, axis=t.ndim - 1)
+    return t
+
+
+def _int8_blocks(xs: list, interpret: bool):
+    """A chunk of x (f32 tiles (ng, words, 4), int4's two halves of each block) rounded as
+    quant.round_activations rounds it: each tile's int32 words (four bytes a word, the lowest first), and each
+    block's scale and sum of its integers, (1, ng)."""
+    to_int = (lambda v: jnp.round(v).astype(jnp.int32)) if interpret else _round_ptx
+    amax = functools.reduce(jnp.maximum, [_group_sums(jnp.abs(t), jnp.max) for t in xs])  # (ng,)
+    inv = jnp.where(amax > 0, 127 / amax, 0.0)
+    qs = [to_int(t * inv[:, None, None]) for t in xs]
+    shifts = lax.broadcasted_iota(jnp.int32, qs[0].shape, 2) * 8
+    words = [jnp.sum((q & 0xFF) << shifts, axis=2) for q in qs]  # the bytes don't overlap: the sum is an or
+    qsum = sum(_group_sums(q) for q in qs).astype(jnp.float32)
+    return words, (amax / 127)[None], qsum[None]
+
+
+def _kernel(*refs, k, bn, ng, fmt, int8_activations, symmetric, per_channel, gated, activation, has_norm, has_min,
+            has_bias, has_res, eps, interpret):  # fmt: skip
     refs = list(refs)
-    xw_ref, xd_ref, xq_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    x_ref = refs.pop(0)
+    g_ref = refs.pop(0) if has_norm else None
     n_w = 2 if gated else 1
     q_refs = [refs.pop(0) for _ in range(n_w)]
     s_refs = [refs.pop(0) for _ in range(n_w)]
     m_refs = [refs.pop(0) for _ in range(n_w)] if has_min else None
     f32 = jnp.float32
+    int4 = fmt == "int4"
+    n_chunks = x_ref.shape[0] // ng
+    fma = (lambda a, b, c: a * b + c) if interpret else _fma_ptx
     dp4a = _dp4a_jnp if interpret else _dp4a_ptx
+
+    def tiles(ref, g0):  # groups g0 .. g0 + ng of x (or of the norm's g) in the kernel's view; int4's two halves
+        return [ref[pl.ds(g0, ng), h] for h in (0, 1)] if int4 else [ref[pl.ds(g0, ng)]]
+
+    norm_scale = None
+    if has_norm:
+
+        def sum_sq(i, acc):
+            return acc + sum(_group_sums(jnp.square(t.astype(f32))) for t in tiles(x_ref, pl.multiple_of(i * ng, ng)))
+
+        norm_scale = lax.rsqrt(jnp.sum(lax.fori_loop(0, n_chunks, sum_sq, jnp.zeros((ng,), f32))) / k + eps)
 
     def body(i, accs):
         g0 = pl.multiple_of(i * ng, ng)
-        xw = _groups(xw_ref, g0, ng, int4)  # int4: the words of each block's first and second halves
-        d, qsum = xd_ref[pl.ds(g0, ng)][None], xq_ref[pl.ds(g0, ng)][None]  # (1, ng)
+        xs = tiles(x_ref, g0)
+        if has_norm:
+            # Same roundings as ops.rms_norm: normalise in f32, round, scale by g in x's dtype.
+            xs = [(t.astype(f32) * norm_scale).astype(t.dtype) * g for t, g in zip(xs, tiles(g_ref, g0))]
+        xs = [t.astype(f32) for t in xs]
+        if int8_activations:
+            x_words, x_scale, x_qsum = _int8_blocks(xs, interpret)
         new = []
         for acc, w in zip(accs, range(n_w)):
-            q = _load_w(q_refs[w].at[:, pl.ds(g0, ng), :])  # (bn, ng, words of a block)
-            # int4's low nibbles are a block's first half, its high nibbles the second (quant.pack_int4).
-            pairs = [(q & 0x0F0F0F0F, xw[0]), ((q >> 4) & 0x0F0F0F0F, xw[1])] if int4 else [(q, xw[0])]
-            dot = jnp.zeros(q.shape, jnp.int32)
-            for a, b in pairs:
-                dot = dp4a(a, b[None], dot, signed_a=not int4)
-            v = jnp.sum(dot, axis=2).astype(f32)  # (bn, ng), exact
-            if symmetric:
-                v = v - 8 * qsum
-            v = v * d if per_channel else v * d * s_refs[w][:, pl.ds(g0, ng)].astype(f32)
+            q = _load_w(q_refs[w].at[:, pl.ds(g0, ng), :])  # (bn, ng, bytes, or words, of a group)
+            # dot: each group's sum of v x (v the weights' values before their scale); xsum: each group's x sum.
+            if int8_activations:
+                # int4's low nibbles are a block's first half, its high nibbles the second (quant.pack_int4).
+                nibbles = [q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F]
+                pairs = zip(nibbles, x_words) if int4 else [(q, x_words[0])]
+                dot = jnp.zeros(q.shape, jnp.int32)
+                for a, b in pairs:
+                    dot = dp4a(a, b[None], dot, signed_a=not int4)
+                dot = jnp.sum(dot, axis=2).astype(f32) - (8 * x_qsum if symmetric else 0)  # exact integers
+                dot, xsum = dot * x_scale, x_scale * x_qsum
+            else:
+                vals, xb = _values(q, fmt, symmetric), [t[None] for t in xs]
+                if per_channel:  # one scale a row: accumulate products, reduce once at the end
+                    new.append(fma(vals[0], xb[0], acc))
+                    continue
+                dot = jnp.sum(vals[0] * xb[0] if len(vals) == 1 else fma(vals[1], xb[1], vals[0] * xb[0]), axis=2)
+                xsum = sum(_group_sums(t) for t in xs)[None] if has_min else None
+            if not per_channel:
+                dot = dot * s_refs[w][:, pl.ds(g0, ng)].astype(f32)
             if has_min:
-                v = v + m_refs[w][:, pl.ds(g0, ng)].astype(f32) * (d * qsum)
-            new.append(acc + v)
+                dot = dot + m_refs[w][:, pl.ds(g0, ng)].astype(f32) * xsum
+            new.append(acc + dot)
         return tuple(new)
 
-    accs = lax.fori_loop(0, xd_ref.shape[0] // ng, body, tuple(jnp.zeros((bn, ng), f32) for _ in q_refs))
-    ys = [jnp.sum(a, axis=1) for a in accs]
+    shape = (bn, 1, x_ref.shape[-1]) if per_channel and not int8_activations else (bn, ng)
+    accs = lax.fori_loop(0, n_chunks, body, tuple(jnp.zeros(shape, f32) for _ in q_refs))
+    ys = [jnp.sum(a.reshape(bn, -1), axis=1) for a in accs]
     if per_channel:
         ys = [y * s[...].astype(f32)[:, 0] for y, s in zip(ys, s_refs)]
     write_epilogue(refs, ys, gated, activation, has_bias, has_res)
@@ -233,13 +254,9 @@ def gemv_quant(
         raise ValueError(f"gated gemv needs an even row count, got {n}")
     int4 = w.fmt == "int4"
     per_channel = w.group == k and not int4
-    act8 = isinstance(x, Int8Activation)
-    if act8 and (not w.int8_activations or norm is not None):
-        raise ValueError(f"an int8 activation multiplies a matrix quant.with_int8_activations marked (int8, or "
-                         f"int4 in groups of {ACT_BLOCK}), normalised before it is rounded; got {w.fmt} group "
-                         f"{w.group}, int8_activations={w.int8_activations}")  # fmt: skip
+    act8 = w.int8_activations
     n_out = n // 2 if gated else n
-    bn, bk, num_warps, num_stages = config or CONFIGS.get((4 if int4 else 8, n_out, k, gated), DEFAULT_CONFIG)
+    bn, bk, num_warps, num_stages = config or CONFIGS.get((config_kind(w.fmt, act8), n_out, k, gated), DEFAULT_CONFIG)
     bn = _pow2_divisor(n_out, bn)
     row_bytes = w.q.shape[1] * jnp.dtype(w.q.dtype).itemsize
     bk = _pow2_divisor(row_bytes, bk)
@@ -249,16 +266,13 @@ def gemv_quant(
     stored = group // 2 if int4 else group
     ng = 1 if per_channel and not act8 else max(1, bk // stored)
 
-    def as_groups(v):  # a (K,) vector, or K / 4 words, in the kernel's view of x
-        g = group // 4 if act8 else group
-        return v.reshape(-1, 2, g // 2) if int4 else v.reshape(-1, g)
-
-    if act8:  # the int32 words with_int8_activations stored
+    if act8:  # with_int8_activations' int32 words; x as (blocks, [halves,] words, 4), a word's values side by side
         q = w.q.reshape(n, k // group, stored // 4)
-        xs = [as_groups(x.words), x.scale, x.qsum]
+        view = (lambda v: v.reshape(-1, 2, ACT_BLOCK // 8, 4)) if int4 else (lambda v: v.reshape(-1, ACT_BLOCK // 4, 4))
     else:
         q = w.q_bytes().reshape(n, k // group, stored)
-        xs = [as_groups(x)] + ([as_groups(norm[0].astype(x.dtype))] if norm is not None else [])
+        view = (lambda v: v.reshape(-1, 2, group // 2)) if int4 else (lambda v: v.reshape(-1, group))
+    xs = [view(x)] + ([view(norm[0].astype(x.dtype))] if norm is not None else [])
     vec_n = pl.BlockSpec((bn,), lambda i: (i,))
     operands, specs = xs, [pl.BlockSpec(v.shape, lambda i, nd=v.ndim: (0,) * nd) for v in xs]
     h = n_out // bn
@@ -276,11 +290,8 @@ def gemv_quant(
     common = dict(bn=bn, ng=ng, symmetric=int4 and w.min is None, per_channel=per_channel, gated=gated,
                   activation=activation, has_min=w.min is not None, has_bias=bias is not None,
                   has_res=residual is not None, interpret=interpret)  # fmt: skip
-    if act8:
-        kernel = functools.partial(_kernel_a8, int4=int4, **common)
-    else:
-        kernel = functools.partial(_kernel, k=k, fmt=w.fmt, has_norm=norm is not None,
-                                   eps=float(norm[1]) if norm is not None else 0.0, **common)  # fmt: skip
+    kernel = functools.partial(_kernel, k=k, fmt=w.fmt, int8_activations=act8, has_norm=norm is not None,
+                               eps=float(norm[1]) if norm is not None else 0.0, **common)  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n_out,), x.dtype),
@@ -295,8 +306,9 @@ def gemv_quant(
 
 
 def gemv_quant_reference(w, x, **kw) -> jax.Array:
-    """The function `gemv_quant` computes, in plain jnp: dequantize to f32 (an Int8Activation x too), then
-    `gemv_reference`."""
-    if isinstance(x, Int8Activation):
-        return gemv_reference(w.dequantize(jnp.float32), dequantize_activation(x), **kw).astype(x.dtype)
+    """The function `gemv_quant` computes, in plain jnp: dequantize to f32, then `gemv_reference`; for a
+    matrix with int8_activations, x normed and rounded (quant.round_activations) first."""
+    if w.int8_activations:  # x normed, then rounded to int8 blocks, in x's dtype
+        norm = kw.pop("norm", None)
+        x = round_activations((x if norm is None else rms_norm_reference(x, *norm))[None])[0]
     return gemv_reference(w.dequantize(jnp.float32), x, **kw)

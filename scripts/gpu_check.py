@@ -4,7 +4,8 @@
 
 Phases: roof (read bandwidth: jnp.sum and torch.sum over 8 GiB), sweep (GEMV
 block configs per Mistral shape, vs XLA's dot; `sweep:FORMAT[:SHAPES]` for
-int8 / int4 / fp8_e4m3 weights (int8_a8 / int4_a8: multiplying int8 activations) or float32, and SmolLM2's shapes), mosaic[:SHAPES] (the plain
+int8 / int4 / fp8_e4m3 weights (int8_a8 / int4_a8: multiplying int8 activations) or float32,
+and SmolLM2's shapes), mosaic[:SHAPES] (the plain
 GEMV through Mosaic GPU beside the Triton kernel, by the GPU's kernel times), attn (decode attention at
 T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
 through yalm_jax.model.forward in a jitted lax.scan, pallas vs xla, at context
@@ -151,12 +152,6 @@ def _gemv_chain(config, extra, interpret, xla=False):
                 if "residual" in extra:
                     y = y + extra["residual"]
                 outs.append(y.astype(x.dtype))
-            elif getattr(w, "int8_activations", False):  # the model's path: norm, round to int8, then the kernel
-                norm = extra.get("norm")
-                xn = x if norm is None else ops.rms_norm(x[None], *norm)[0]
-                rest = {key: v for key, v in extra.items() if key != "norm"}
-                outs.append(ops._gemv_for(w)(w, quant.quantize_activation(xn), config=config, interpret=interpret,
-                                             **rest))  # fmt: skip
             else:
                 outs.append(ops._gemv_for(w)(w, x, config=config, interpret=interpret, **extra))
         return outs
@@ -241,7 +236,8 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         if dense:
             gemv_mod.CONFIGS[(n_out, k, gated)] = b
         else:
-            gemv_quant.CONFIGS[(4 if fmt.startswith("int4") else 8, n_out, k, gated)] = b
+            kind = gemv_quant.config_kind(fmt.removesuffix("_a8"), fmt.endswith("_a8"))
+            gemv_quant.CONFIGS[(kind, n_out, k, gated)] = b
         xla_note = ""
         if dense:  # XLA's dot on the same stream of weights.
             fx = _gemv_chain(None, dict(extra), smoke, xla=True)

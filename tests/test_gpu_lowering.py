@@ -186,20 +186,23 @@ def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
     # As with_int8_activations leaves it: q's bytes as int32 words.
     w = quantized(n, k, fmt, "bfloat16", with_min)
     w = dataclasses.replace(w, q=SDS((n, w.q.shape[1] // 4), jnp.int32), int8_activations=True)
-    a = quant.Int8Activation(SDS((k // 4,), jnp.int32), SDS((k // 32,), jnp.float32), SDS((k // 32,), jnp.float32),
-                             "bfloat16")  # fmt: skip
     n_out = n // 2 if form.get("gated") else n
     residual = SDS((n_out,), jnp.bfloat16) if form.get("residual") else None
+    norm = None if form.get("residual") else SDS((k,), jnp.bfloat16)
 
-    def run(w, a, r):
-        return gemv_quant.gemv_quant(w, a, residual=r, gated=form.get("gated", False))
+    def run(w, x, g, r):
+        return gemv_quant.gemv_quant(w, x, norm=None if g is None else (g, 1e-5), residual=r,
+                                     gated=form.get("gated", False))  # fmt: skip
 
-    names = triton_kernels(run, w, a, residual)
+    args = (w, SDS((k,), jnp.bfloat16), norm, residual)
+    names = triton_kernels(run, *args)
     assert len(names) == 1 and names[0].startswith(f"gemv_{fmt}_a8{'_gated' if form.get('gated') else ''}_{n_out}x{k}_")
     # Four products an instruction: int8 weights are signed bytes, int4's unpacked nibbles unsigned ones;
-    # and no step regroups the weights' bytes (a bitcast-convert to wider words would copy them every token).
-    text = gpu_lowering(run, w, a, residual)
-    assert f"dp4a.{'u32' if fmt == 'int4' else 's32'}.s32" in text and "bitcast_convert" not in text
+    # x rounded in the kernel (cvt.rni); and no step regroups the weights' bytes (a bitcast-convert to wider
+    # words would copy them every token) or rounds x outside the kernel.
+    text = gpu_lowering(run, *args)
+    assert f"dp4a.{'u32' if fmt == 'int4' else 's32'}.s32" in text and "cvt.rni.s32.f32" in text
+    assert "bitcast_convert" not in text
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn])

@@ -108,11 +108,8 @@ def _gemv_for(w):
 
 
 def _decode_gemv(w, x: jax.Array, norm, **kw) -> jax.Array:
-    """One token's (1, in) product with w through its GEMV kernel, the norm fused; for a matrix with
-    int8_activations, the normed x rounded to an Int8Activation first (an XLA fusion before the kernel)."""
-    if quant.is_quantized(w) and w.int8_activations:
-        xn = x if norm is None else rms_norm(x, *norm)
-        return _gemv_quant.gemv_quant(w, quant.quantize_activation(xn[0]), interpret=_interpret(), **kw)[None]
+    """One token's (1, in) product with w through its GEMV kernel, the norm fused (and for a matrix with
+    int8_activations, the rounding of x too)."""
     return _gemv_for(w)(w, x[0], norm=norm, interpret=_interpret(), **kw)[None]
 
 

@@ -104,45 +104,20 @@ class QuantizedMatrix:
 ACT_BLOCK = 32  # values per scale of an int8 activation (llama.cpp's Q8_1 block)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["words", "scale", "qsum"], meta_fields=["dtype"])
-@dataclasses.dataclass
-class Int8Activation:
-    """A vector x (K,) rounded to int8 in blocks of ACT_BLOCK, for GEMVs that multiply int8 weights by it four
-    products an instruction: x ~= scale[b] * q[j] for j in block b."""
-
-    words: jax.Array  # (K / 4,) int32: q's bytes, four a word, the lowest byte first
-    scale: jax.Array  # (K / ACT_BLOCK,) f32: absmax / 127 of each block
-    qsum: jax.Array  # (K / ACT_BLOCK,) f32: the sum of each block's q (exact: |sum| <= 32 * 127)
-    dtype: str  # x's dtype, which the product is written in
-
-    @property
-    def shape(self) -> tuple[int]:
-        return (self.words.shape[0] * 4,)
-
-
-def quantize_activation(x: jax.Array) -> Int8Activation:
-    """x (K,) as an Int8Activation: each block of ACT_BLOCK values scaled by its absmax / 127 and rounded."""
-    xb = x.astype(jnp.float32).reshape(-1, ACT_BLOCK)
-    scale = jnp.max(jnp.abs(xb), axis=1) / 127
-    q = jnp.round(xb / jnp.where(scale == 0, 1, scale)[:, None]).astype(jnp.int8)
-    words = lax.bitcast_convert_type(q.reshape(-1, 4), jnp.int32)
-    return Int8Activation(words, scale, jnp.sum(q.astype(jnp.float32), axis=1), jnp.dtype(x.dtype).name)
-
-
-def dequantize_activation(a: Int8Activation) -> jax.Array:
-    """The f32 values an Int8Activation stands for (K,)."""
-    q = lax.bitcast_convert_type(a.words, jnp.int8).astype(jnp.float32).reshape(-1, ACT_BLOCK)
-    return (q * a.scale[:, None]).reshape(-1)
-
-
 def round_activations(x: jax.Array) -> jax.Array:
-    """Each row of x (S, K) as its Int8Activation stands for it, in x's dtype: what a matrix with
-    int8_activations multiplies on paths that compute in floating point (the CPU, prefill)."""
-    return jax.vmap(lambda row: dequantize_activation(quantize_activation(row)))(x).astype(x.dtype)
+    """x (..., K) as int8 activations stand for it, in x's dtype: each block of ACT_BLOCK values scaled by its
+    absmax / 127 and rounded to an integer, then scaled back. The GPU kernels round x the same way, in
+    registers (gemv_quant's _kernel_a8); paths that compute in floating point (the CPU, prefill) multiply
+    these values."""
+    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, ACT_BLOCK)
+    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    # One reciprocal a block, then a multiply a value, as the kernels do.
+    q = jnp.round(xb * jnp.where(amax > 0, 127 / amax, 0.0))
+    return (q * (amax / 127)).reshape(x.shape).astype(x.dtype)
 
 
 def takes_int8_activations(w) -> bool:
-    """Whether `w` can multiply an Int8Activation: int8 per channel or in groups of ACT_BLOCK, int4 in groups
+    """Whether `w` can multiply int8 activations: int8 per channel or in groups of ACT_BLOCK, int4 in groups
     of ACT_BLOCK (GGUF's Q8_0, Q4_0 and Q4_1 included)."""
     if not is_quantized(w) or w.fmt not in ("int8", "int4"):
         return False
