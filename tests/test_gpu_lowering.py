@@ -198,10 +198,10 @@ def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
     names = triton_kernels(run, *args)
     assert len(names) == 1 and names[0].startswith(f"gemv_{fmt}_a8{'_gated' if form.get('gated') else ''}_{n_out}x{k}_")
     # Four products an instruction: int8 weights are signed bytes, int4's unpacked nibbles unsigned ones;
-    # x rounded in the kernel (cvt.rni); and no step regroups the weights' bytes (a bitcast-convert to wider
-    # words would copy them every token) or rounds x outside the kernel.
+    # x rounded in the kernel (the add of _round_ptx); and no step regroups the weights' bytes (a
+    # bitcast-convert to wider words would copy them every token) or rounds x outside the kernel.
     text = gpu_lowering(run, *args)
-    assert f"dp4a.{'u32' if fmt == 'int4' else 's32'}.s32" in text and "cvt.rni.s32.f32" in text
+    assert f"dp4a.{'u32' if fmt == 'int4' else 's32'}.s32" in text and "add.rn.f32" in text
     assert "bitcast_convert" not in text
 
 
