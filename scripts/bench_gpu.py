@@ -26,7 +26,8 @@ One run measures, on one GPU, with random normal weights built on the device:
   Mistral-7B step at context 128 and a 512-token prefill: kernels per step, busy time, the top kernels;
   and the prefill at chunk 256;
 * llama_cpp: the peer, llama.cpp's llama-bench (a binary given by $LLAMA_BENCH), on random-weight GGUFs
-  of the Mistral-7B and SmolLM2 shapes, with ours / llama.cpp for the workloads this run timed both.
+  of the Mistral-7B and SmolLM2 shapes (and Q8_0 / Q4_0 ones, given $LLAMA_QUANTIZE), with ours /
+  llama.cpp for the workloads this run timed both.
 
 Compile time is excluded from every figure (programs are compiled ahead, and
 reported separately). The table is printed last.
@@ -791,12 +792,18 @@ def part_quant(res, roof, smoke):
 # (../shared/tools/make_gguf.py beside the repository): BENCHMARKS.md shows the commands.
 LLAMA_BENCH = os.environ.get("LLAMA_BENCH")
 MAKE_GGUF = os.environ.get("MAKE_GGUF", os.path.join(ROOT, "..", "shared", "tools", "make_gguf.py"))
+# llama.cpp's llama-quantize (built beside llama-bench), for the quantized files: optional.
+LLAMA_QUANTIZE = os.environ.get("LLAMA_QUANTIZE")
 # (make_gguf shape, GGUF type, our results' part, our key at depth 0, our key at depth 4096 or None, tokens
-# generated), with our dtype matching the GGUF's bytes: F16 beside bf16, F32 beside f32.
+# generated), with our dtype matching the GGUF's bytes: F16 beside bf16, F32 beside f32; Q8_0 and Q4_0
+# (llama-quantize --pure of the F16 file) beside the quant part's int8 (per channel) and int4 (group 32,
+# no min: Q4_0's own bytes), both with int8 activations, as llama.cpp multiplies them.
 PEER_RUNS = [
     ("mistral7b", "f16", "mistral", "ctx128_pallas", "ctx4096_pallas", 64),
     ("smollm2", "f32", "smollm2", "float32_pallas_steps256", None, 256),
     ("smollm2", "f16", "smollm2", "bfloat16_pallas_steps256", None, 256),
+    ("mistral7b", "q8_0", "quant", "int8_a8", None, 64),
+    ("mistral7b", "q4_0", "quant", "int4_a8", None, 64),
 ]
 
 
@@ -808,6 +815,14 @@ def llama_bench(path: str, *, n_prompt: int, n_gen: int, depths: list[int], gpu:
     if p.returncode:
         raise RuntimeError(f"llama-bench exited {p.returncode}: {p.stderr[-300:]}")
     return json.loads(p.stdout)
+
+
+def _random_gguf(gguf_dir: str, shape: str, gtype: str) -> str:
+    """The path of a random-weight GGUF of `shape` in `gtype` (f16, f32), written by make_gguf unless there."""
+    path = os.path.join(gguf_dir, f"{shape}_{gtype}.gguf")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, MAKE_GGUF, path, shape, gtype], check=True, capture_output=True, timeout=900)
+    return path
 
 
 def part_llama_cpp(res, roof, smoke, gguf_dir):
@@ -826,9 +841,17 @@ def part_llama_cpp(res, roof, smoke, gguf_dir):
     runs = PEER_RUNS[1:2] if smoke else PEER_RUNS
     for shape, gtype, part, key0, key4096, n_gen in runs:
         path = os.path.join(gguf_dir, f"{shape}_{gtype}.gguf")
-        if not os.path.exists(path):
-            subprocess.run([sys.executable, MAKE_GGUF, path, shape, gtype], check=True, capture_output=True,
-                           timeout=900)  # fmt: skip
+        quantized = gtype.startswith("q")
+        if quantized and not (LLAMA_QUANTIZE and os.path.exists(LLAMA_QUANTIZE)):
+            add_row(f"{shape} {gtype.upper()}", "llama.cpp", note="not run: set LLAMA_QUANTIZE to llama-quantize")
+            continue
+        if quantized:
+            f16_path = _random_gguf(gguf_dir, shape, "f16")
+            if not os.path.exists(path):
+                subprocess.run([LLAMA_QUANTIZE, "--pure", f16_path, path, gtype.upper()], check=True,
+                               capture_output=True, timeout=900)  # fmt: skip
+        else:
+            _random_gguf(gguf_dir, shape, gtype)
         depths = [0] if key4096 is None or smoke else [0, 4096]
         n_prompt = 512 if part == "mistral" else 0  # 0: no prefill test
         results = llama_bench(path, n_prompt=16 if smoke else n_prompt, n_gen=4 if smoke else n_gen, depths=depths,
