@@ -533,6 +533,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--steps", type=int, default=64)
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     phases = args.phases.split(",")
     print(f"jax {jax.__version__} devices {jax.devices()}")
     roof = 3026.0
