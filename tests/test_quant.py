@@ -252,6 +252,17 @@ def test_gemv_quant_with_int8_activations_matches_reference(rng, fmt, group, wit
     assert _rel(np.asarray(ref, np.float32), np.asarray(unrounded, np.float32)) < 3e-2
 
 
+@pytest.mark.parametrize("fmt,group,with_min", [("int4", 32, True), ("int8", 32, False), ("int8", None, False)])
+def test_gemv_quant_with_int8_activations_smollm2_row_length(rng, fmt, group, with_min):
+    # 576 columns (SmolLM2's dim, its shipped Q4_1 / Q8_0 blocks): 18 blocks of 32, chunks of two.
+    qm = quant.quantize(_weights(rng, 64, 576), fmt, group, with_min=with_min)
+    qm = quant.with_int8_activations(jax.device_put(qm))
+    x = jnp.asarray(rng.standard_normal(576), jnp.float32)
+    norm = (jnp.asarray(1 + 0.1 * rng.standard_normal(576), jnp.float32), 1e-5)
+    out = gemv_quant(qm, x, norm=norm, interpret=INTERPRET)
+    assert _rel(np.asarray(out), np.asarray(gemv_quant_reference(qm, x, norm=norm))) < 1e-5
+
+
 @pytest.mark.parametrize("fmt,group", [("fp8_e4m3", 32), ("int4", 64), ("int8", 64)])
 def test_int8_activations_leave_other_weights(rng, fmt, group):
     qm = quant.quantize(_weights(rng, 16, 256), fmt, group)
