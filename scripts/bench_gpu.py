@@ -840,18 +840,16 @@ def part_llama_cpp(res, roof, smoke, gguf_dir):
     os.makedirs(gguf_dir, exist_ok=True)
     runs = PEER_RUNS[1:2] if smoke else PEER_RUNS
     for shape, gtype, part, key0, key4096, n_gen in runs:
-        path = os.path.join(gguf_dir, f"{shape}_{gtype}.gguf")
-        quantized = gtype.startswith("q")
-        if quantized and not (LLAMA_QUANTIZE and os.path.exists(LLAMA_QUANTIZE)):
+        if not gtype.startswith("q"):
+            path = _random_gguf(gguf_dir, shape, gtype)
+        elif not (LLAMA_QUANTIZE and os.path.exists(LLAMA_QUANTIZE)):
             add_row(f"{shape} {gtype.upper()}", "llama.cpp", note="not run: set LLAMA_QUANTIZE to llama-quantize")
             continue
-        if quantized:
-            f16_path = _random_gguf(gguf_dir, shape, "f16")
+        else:  # the F16 file, quantized by llama.cpp itself
+            f16_path, path = _random_gguf(gguf_dir, shape, "f16"), os.path.join(gguf_dir, f"{shape}_{gtype}.gguf")
             if not os.path.exists(path):
                 subprocess.run([LLAMA_QUANTIZE, "--pure", f16_path, path, gtype.upper()], check=True,
                                capture_output=True, timeout=900)  # fmt: skip
-        else:
-            _random_gguf(gguf_dir, shape, gtype)
         depths = [0] if key4096 is None or smoke else [0, 4096]
         n_prompt = 512 if part == "mistral" else 0  # 0: no prefill test
         results = llama_bench(path, n_prompt=16 if smoke else n_prompt, n_gen=4 if smoke else n_gen, depths=depths,
