@@ -244,8 +244,11 @@ def test_gemv_quant_with_int8_activations_matches_reference(rng, fmt, group, wit
     ref = gemv_quant_reference(qm, x, **args)
     assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
     # The kernel rounds x (normed) as round_activations does and its integer products are exact, so it is as
-    # close to its reference as the float kernel is to its own.
-    tol = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}[dtype]
+    # close to its reference as the float kernel is to its own, but for one thing: in bf16 the kernel's norm
+    # (its own order of sums) can land a bf16 step from the reference's on some values, which the rounding to
+    # int8 turns into whole int8 steps (measured over 300 draws: median 0.8%, worst 3.7%, as large as the
+    # rounding's own effect).
+    tol = {jnp.float32: 1e-5, jnp.bfloat16: 5e-2 if "norm" in args else 1.5e-2}[dtype]
     assert _rel(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < tol
     # And the rounding of x to int8 moves the product by about a step of it (1/254 of a block's absmax).
     unrounded = gemv_quant_reference(plain, x, **args)
