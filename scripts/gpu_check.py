@@ -6,7 +6,8 @@ Phases: roof (read bandwidth: jnp.sum and torch.sum over 8 GiB), sweep (GEMV
 block configs per Mistral shape, vs XLA's dot; `sweep:FORMAT[:SHAPES]` for
 int8 / int4 / fp8_e4m3 weights (int8_a8 / int4_a8: multiplying int8 activations) or float32,
 and SmolLM2's shapes), mosaic[:SHAPES] (the plain
-GEMV through Mosaic GPU beside the Triton kernel, by the GPU's kernel times), attn (decode attention at
+GEMV through Mosaic GPU beside the Triton kernel, by the GPU's kernel times), overhead (a GEMV kernel's
+fixed time and streaming rate, from its times against rows), attn (decode attention at
 T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
 through yalm_jax.model.forward in a jitted lax.scan, pallas vs xla, at context
 128 and 4096). `--smoke` runs every phase at toy shapes in interpret mode on
@@ -251,6 +252,38 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         )
         LOG["sweep"][f"{fmt} {name}"] = {str(c): v for c, v in res.items()} | {"best": b}
     return best
+
+
+def phase_overhead(smoke, roof):
+    """What a GEMV kernel costs apart from its bytes: kernel time (CUPTI) against rows at K = 4096 for each
+    format at its Mistral tile, plain and with the fused norm, fitted as a fixed time plus bytes at a rate
+    over the kernels of >= 8 MB (KERNEL_NOTES.md, run 9)."""
+    k, rows = (256, (64, 128)) if smoke else (4096, (512, 1024, 2048, 4096, 8192, 16384, 32768))
+    tiles = {"bfloat16": (4, 4096, 8, 2), "int4_a8": (8, 2048, 8, 2), "int8_a8": (4, 4096, 8, 2)}
+    LOG["overhead"] = {}
+    for fmt, tile in tiles.items():
+        for form in ({}, {"norm": True}):
+            label = f"{fmt}{' +norm' if form else ''}"
+            points = []
+            for n in rows:
+                probe, *_ = _gemv_inputs(n, k, form, 1, fmt)
+                nbytes = n * k * 2 if fmt == "bfloat16" else probe[0].nbytes
+                copies = 2 if smoke else max(8, min(64, int(1.5e9 // nbytes)))
+                ws, x, extra = _gemv_inputs(n, k, form, copies, fmt)
+                fn = _gemv_chain(None if smoke else tile, extra, smoke)
+                jax.block_until_ready(fn(ws, x))
+                us = _kernel_us({tile: fn}, ws, x, copies, f"overhead_{fmt}_{n}_{bool(form)}").get(tile)
+                if us:
+                    points.append((nbytes, us))
+                    print(f"  {label} {n}x{k}: {nbytes / 1e6:.2f} MB {us:.2f} us {nbytes / us / 1e3:.0f} GB/s")
+            big = [(b, t) for b, t in points if b >= 8e6]
+            LOG["overhead"][label] = points
+            if len(big) < 2:
+                row(f"gemv overhead {label}: too few kernel times to fit ({len(points)})")
+                continue
+            slope, fixed = np.polyfit(*zip(*big), 1)
+            row(f"gemv overhead {label:16s}: {fixed:.2f} us a kernel + bytes at {1e-3 / slope:,.0f} GB/s "
+                f"({1e-3 / slope / roof:.0%} roof), fit over {len(big)} kernels of 8-{big[-1][0] / 1e6:.0f} MB")  # fmt: skip
 
 
 # Mosaic GPU tiles tried per shape: (block_n, block_k, stages); block_n a multiple of 64, block_k <= 256.
@@ -550,6 +583,8 @@ def main():
             elif ph.startswith("mosaic"):  # mosaic[:shapes]
                 parts = ph.split(":")
                 phase_mosaic(args.smoke, roof, parts[1] if len(parts) > 1 else "mistral")
+            elif ph == "overhead":
+                phase_overhead(args.smoke, roof)
             elif ph == "attn":
                 phase_attn(args.smoke, roof)
             elif ph == "model":
