@@ -282,8 +282,9 @@ def phase_overhead(smoke, roof):
                 row(f"gemv overhead {label}: too few kernel times to fit ({len(points)})")
                 continue
             slope, fixed = np.polyfit(*zip(*big), 1)
-            row(f"gemv overhead {label:16s}: {fixed:.2f} us a kernel + bytes at {1e-3 / slope:,.0f} GB/s "
-                f"({1e-3 / slope / roof:.0%} roof), fit over {len(big)} kernels of 8-{big[-1][0] / 1e6:.0f} MB")  # fmt: skip
+            rate = 1e-3 / slope  # GB/s
+            row(f"gemv overhead {label:16s}: {fixed:.2f} us a kernel + bytes at {rate:,.0f} GB/s "
+                f"({rate / roof:.0%} roof), fit over {len(big)} kernels of 8-{big[-1][0] / 1e6:.0f} MB")  # fmt: skip
 
 
 # Mosaic GPU tiles tried per shape: (block_n, block_k, stages); block_n a multiple of 64, block_k <= 256.
