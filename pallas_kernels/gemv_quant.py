@@ -26,7 +26,7 @@ int4 unpacked into two words of nibbles); each block's integer sum is scaled
 once by x's and the weights' scales. Rounding x in every program repeats a
 little work per program, and measured cheaper than rounding it once in XLA
 (the fusions before each kernel cost more than the kernels saved: KERNEL_NOTES.md,
-run 8).
+run 8), and no dearer than rounding it once an SM in a persistent grid (run 9).
 
 `gemv_quant_reference` is the function in plain jnp (dequantize, then
 `gemv.gemv_reference`). Lowered through Pallas' Triton backend on the GPU;
@@ -200,7 +200,7 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, symmetric, per_channel, gat
         if int8_activations:
             x_words, x_scale, x_qsum = _int8_blocks(xs, interpret)
         new = []
-        for acc, w in zip(accs, range(n_w)):
+        for w, acc in enumerate(accs):
             q = _load_w(q_refs[w].at[:, pl.ds(g0, ng), :])  # (bn, ng, bytes, or words, of a group)
             # dot: each group's sum of v x (v the weights' values before their scale); xsum: each group's x sum.
             if int8_activations:

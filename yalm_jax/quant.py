@@ -107,7 +107,7 @@ ACT_BLOCK = 32  # values per scale of an int8 activation (llama.cpp's Q8_1 block
 def round_activations(x: jax.Array) -> jax.Array:
     """x (..., K) as int8 activations stand for it, in x's dtype: each block of ACT_BLOCK values scaled by its
     absmax / 127 and rounded to an integer, then scaled back. The GPU kernels round x the same way, in
-    registers (gemv_quant's _kernel_a8); paths that compute in floating point (the CPU, prefill) multiply
+    registers (gemv_quant._int8_blocks); paths that compute in floating point (the CPU, prefill) multiply
     these values."""
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, ACT_BLOCK)
     amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
