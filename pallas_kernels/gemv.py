@@ -193,16 +193,18 @@ def kernel_name(kind: str, n_out: int, k: int, gated: bool, tile: tuple[int, ...
     return f"{kind}{'_gated' if gated else ''}_{n_out}x{k}_{'x'.join(map(str, tile))}"
 
 
-def write_epilogue(refs: list, ys: list, gated: bool, activation: str, has_bias: bool, has_res: bool) -> None:
+def write_epilogue(refs: list, ys: list, gated: bool, activation: str, has_bias: bool, has_res: bool) -> jax.Array:
     """The kernel side of `append_epilogue`: from the row sums `ys` (f32; gate and up when gated), adds the
-    bias and residual among the remaining `refs` and writes the output ref, the last of them."""
+    bias and residual among the remaining `refs` and writes the output ref, the last of them. Returns what
+    it wrote."""
     y = activate(ys[0], activation) * ys[1] if gated else ys[0]
     if has_bias:
         y = y + refs.pop(0)[...].astype(jnp.float32)
     if has_res:
         y = y + refs.pop(0)[...].astype(jnp.float32)
     o_ref = refs[-1]  # any ref before it is a poison buffer aliased to it (tests)
-    o_ref[...] = y.astype(o_ref.dtype)
+    o_ref[...] = y = y.astype(o_ref.dtype)
+    return y
 
 
 def append_epilogue(operands: list, specs: list, vec_n, bias, residual, out) -> dict[int, int]:

@@ -27,6 +27,9 @@ once by x's and the weights' scales. Rounding x in every program repeats a
 little work per program, and measured cheaper than rounding it once in XLA
 (the fusions before each kernel cost more than the kernels saved: KERNEL_NOTES.md,
 run 8), and no dearer than rounding it once an SM in a persistent grid (run 9).
+Where the kernel that computes x can round it as it writes it (`int8_out`: each
+program rounds its own rows, whole blocks of 32), x comes as a quant.Int8Vector
+and the products read its words as they are (run 10).
 
 `gemv_quant_reference` is the function in plain jnp (dequantize, then
 `gemv.gemv_reference`). Lowered through Pallas' Triton backend on the GPU;
@@ -52,7 +55,7 @@ from pallas_kernels.gemv import (
     rms_norm_reference,
     write_epilogue,
 )
-from yalm_jax.quant import ACT_BLOCK, round_activations
+from yalm_jax.quant import ACT_BLOCK, Int8Vector, round_activations
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind from
 # `config_kind`: int8 and fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py
@@ -79,8 +82,9 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     # Taller tiles than the float products': every program rounds all of x, so fewer programs round it less.
     ("4bit_a8", 6144, 4096, False): (16, 2048, 16, 2),
     ("4bit_a8", 4096, 4096, False): (16, 2048, 16, 2),
-    ("4bit_a8", 14336, 4096, True): (16, 2048, 8, 2),
-    ("4bit_a8", 4096, 14336, False): (8, 4096, 8, 2),
+    # w13 rounds h for w2 (ops.gated_ffn_up), which reads it as it is: their best tiles in that form (run 10).
+    ("4bit_a8", 14336, 4096, True): (32, 2048, 16, 2),
+    ("4bit_a8", 4096, 14336, False): (4, 4096, 8, 2),
     ("4bit_a8", 32000, 4096, False): (8, 2048, 8, 2),
 }
 
@@ -164,15 +168,25 @@ def _int8_blocks(xs: list, interpret: bool):
     return words, (amax / 127)[None], qsum[None]
 
 
-def _kernel(*refs, k, bn, ng, fmt, int8_activations, symmetric, per_channel, gated, activation, has_norm, has_min,
-            has_bias, has_res, eps, interpret):  # fmt: skip
+def _round_rows(y, interpret: bool):
+    """A program's rows y (block_n,) f32 rounded as an Int8Vector's part: words, scales and sums."""
+    words, scale, qsum = _int8_blocks([y.reshape(-1, ACT_BLOCK // 4, 4)], interpret)
+    return words[0], scale[0], qsum[0]
+
+
+def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmetric, per_channel, gated, activation,
+            has_norm, has_min, has_bias, has_res, eps, interpret):  # fmt: skip
     refs = list(refs)
-    x_ref = refs.pop(0)
+    x_ref = refs.pop(0)  # x, or with x_rounded an Int8Vector's words, then its scales and sums
+    xr_refs = [refs.pop(0), refs.pop(0)] if x_rounded else None
     g_ref = refs.pop(0) if has_norm else None
     n_w = 2 if gated else 1
     q_refs = [refs.pop(0) for _ in range(n_w)]
     s_refs = [refs.pop(0) for _ in range(n_w)]
     m_refs = [refs.pop(0) for _ in range(n_w)] if has_min else None
+    int8_refs = None
+    if int8_out:  # the outputs after y
+        int8_refs, refs = refs[-3:], refs[:-3]
     f32 = jnp.float32
     int4 = fmt == "int4"
     n_chunks = x_ref.shape[0] // ng
@@ -192,12 +206,15 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, symmetric, per_channel, gat
 
     def body(i, accs):
         g0 = pl.multiple_of(i * ng, ng)
-        xs = tiles(x_ref, g0)
-        if has_norm:
-            # Same roundings as ops.rms_norm: normalise in f32, round, scale by g in x's dtype.
-            xs = [(t.astype(f32) * norm_scale).astype(t.dtype) * g for t, g in zip(xs, tiles(g_ref, g0))]
-        xs = [t.astype(f32) for t in xs]
-        if int8_activations:
+        if x_rounded:
+            x_words, (x_scale, x_qsum) = tiles(x_ref, g0), [r[pl.ds(g0, ng)][None] for r in xr_refs]
+        else:
+            xs = tiles(x_ref, g0)
+            if has_norm:
+                # Same roundings as ops.rms_norm: normalise in f32, round, scale by g in x's dtype.
+                xs = [(t.astype(f32) * norm_scale).astype(t.dtype) * g for t, g in zip(xs, tiles(g_ref, g0))]
+            xs = [t.astype(f32) for t in xs]
+        if int8_activations and not x_rounded:
             x_words, x_scale, x_qsum = _int8_blocks(xs, interpret)
         new = []
         for w, acc in enumerate(accs):
@@ -231,12 +248,15 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, symmetric, per_channel, gat
     ys = [jnp.sum(a.reshape(bn, -1), axis=1) for a in accs]
     if per_channel:
         ys = [y * s[...].astype(f32)[:, 0] for y, s in zip(ys, s_refs)]
-    write_epilogue(refs, ys, gated, activation, has_bias, has_res)
+    y = write_epilogue(refs, ys, gated, activation, has_bias, has_res)
+    if int8_out:  # y rounded as it was written, its blocks whole in this program's rows
+        for ref, v in zip(int8_refs, _round_rows(y.astype(f32), interpret)):
+            ref[...] = v.reshape(ref.shape)
 
 
 def gemv_quant(
     w,
-    x: jax.Array,
+    x: jax.Array | Int8Vector,
     *,
     bias: jax.Array | None = None,
     residual: jax.Array | None = None,
@@ -245,26 +265,36 @@ def gemv_quant(
     activation: str = "silu",
     config: tuple[int, int, int, int] | None = None,
     out: jax.Array | None = None,
+    int8_out: bool = False,
     interpret: bool = False,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, Int8Vector]:
     """`gemv.gemv` for a QuantizedMatrix w (N, K): y = W x (+ bias) (+ residual) in x's dtype, f32 accumulation.
 
     `config` = (block_n, block_k, num_warps, num_stages), block_k counting stored
     bytes of a row; blocks shrink to powers of two that divide the row count and
     the stored row length, and a chunk holds whole groups. `out` is an optional
     buffer aliased to the result.
+
+    x may be an Int8Vector (for w with int8_activations, without a norm): the kernel reads its integers as they
+    are, and y comes out in w's compute dtype. With `int8_out`, the result is (y, y as an Int8Vector): each
+    program rounds its own rows (block_n grows to a whole number of ACT_BLOCK blocks).
     """
     n, k = w.shape
+    x_rounded = isinstance(x, Int8Vector)
     if x.shape != (k,):
         raise ValueError(f"x has shape {x.shape}, expected ({k},)")
     if gated and n % 2:
         raise ValueError(f"gated gemv needs an even row count, got {n}")
+    if x_rounded and (not w.int8_activations or norm is not None):
+        raise ValueError("an Int8Vector x is for a matrix with int8_activations, without a norm")
     int4 = w.fmt == "int4"
     per_channel = w.group == k and not int4
     act8 = w.int8_activations
     n_out = n // 2 if gated else n
     bn, bk, num_warps, num_stages = config or CONFIGS.get((config_kind(w.fmt, act8), n_out, k, gated), DEFAULT_CONFIG)
-    bn = _pow2_divisor(n_out, bn)
+    bn = _pow2_divisor(n_out, max(bn, ACT_BLOCK) if int8_out else bn)
+    if int8_out and bn % ACT_BLOCK:
+        raise ValueError(f"int8_out needs a row count divisible by {ACT_BLOCK}, got {n_out}")
     row_bytes = w.q.shape[1] * jnp.dtype(w.q.dtype).itemsize
     bk = _pow2_divisor(row_bytes, bk)
     # The kernel's view: groups of G columns (per channel: chunks of bk columns; with an int8 activation, its
@@ -279,7 +309,10 @@ def gemv_quant(
     else:
         q = w.q_bytes().reshape(n, k // group, stored)
         view = (lambda v: v.reshape(-1, 2, group // 2)) if int4 else (lambda v: v.reshape(-1, group))
-    xs = [view(x)] + ([view(norm[0].astype(x.dtype))] if norm is not None else [])
+    if x_rounded:  # its words as (blocks, [halves,] words), as _int8_blocks would make them
+        xs = [x.words.reshape(-1, 2, ACT_BLOCK // 8) if int4 else x.words.reshape(-1, ACT_BLOCK // 4), x.scale, x.qsum]
+    else:
+        xs = [view(x)] + ([view(norm[0].astype(x.dtype))] if norm is not None else [])
     vec_n = pl.BlockSpec((bn,), lambda i: (i,))
     operands, specs = xs, [pl.BlockSpec(v.shape, lambda i, nd=v.ndim: (0,) * nd) for v in xs]
     h = n_out // bn
@@ -293,28 +326,39 @@ def gemv_quant(
             specs.append(pl.BlockSpec(block, lambda i, z=zeros: (i + h, *z)))
             operands.append(arr)
     aliases = append_epilogue(operands, specs, vec_n, bias, residual, out)
+    dtype = jnp.dtype(w.dtype) if x_rounded else x.dtype
+    out_shape, out_specs = jax.ShapeDtypeStruct((n_out,), dtype), vec_n
+    if int8_out:  # words, then each block's scale and integer sum
+        sizes = [(n_out // 4, bn // 4, jnp.int32)] + [(n_out // ACT_BLOCK, bn // ACT_BLOCK, jnp.float32)] * 2
+        out_shape = (out_shape, *(jax.ShapeDtypeStruct((size,), dt) for size, _, dt in sizes))
+        out_specs = (vec_n, *(pl.BlockSpec((block,), lambda i: (i,)) for _, block, _ in sizes))
 
     common = dict(bn=bn, ng=ng, symmetric=int4 and w.min is None, per_channel=per_channel, gated=gated,
                   activation=activation, has_min=w.min is not None, has_bias=bias is not None,
                   has_res=residual is not None, interpret=interpret)  # fmt: skip
-    kernel = functools.partial(_kernel, k=k, fmt=w.fmt, int8_activations=act8, has_norm=norm is not None,
+    kernel = functools.partial(_kernel, k=k, fmt=w.fmt, int8_activations=act8, x_rounded=x_rounded,
+                               int8_out=int8_out, has_norm=norm is not None,
                                eps=float(norm[1]) if norm is not None else 0.0, **common)  # fmt: skip
-    return pl.pallas_call(
+    result = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((n_out,), x.dtype),
+        out_shape=out_shape,
         grid=(h,),
         in_specs=specs,
-        out_specs=vec_n,
+        out_specs=out_specs,
         input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=kernel_name(f"gemv_{w.fmt}{'_a8' if act8 else ''}", n_out, k, gated, (bn, bk, num_warps)),
     )(*operands)
+    return (result[0], Int8Vector(*result[1:])) if int8_out else result
 
 
 def gemv_quant_reference(w, x, **kw) -> jax.Array:
-    """The function `gemv_quant` computes, in plain jnp: dequantize to f32, then `gemv_reference`; for a
-    matrix with int8_activations, x normed and rounded (quant.round_activations) first."""
+    """The function `gemv_quant` computes (without `int8_out`), in plain jnp: dequantize to f32, then
+    `gemv_reference`; for a matrix with int8_activations, x normed and rounded (quant.round_activations)
+    first, or an Int8Vector's values."""
+    if isinstance(x, Int8Vector):  # its f32 values; y in w's compute dtype, as the kernel writes it
+        return gemv_reference(w.dequantize(jnp.float32), x.values(), **kw).astype(w.dtype)
     if w.int8_activations:  # x normed, then rounded to int8 blocks, in x's dtype
         norm = kw.pop("norm", None)
         x = round_activations((x if norm is None else rms_norm_reference(x, *norm))[None])[0]

@@ -98,6 +98,11 @@ GEMV_SHAPES = {
     "smoke": [("toy", 64, 256, {"norm": True}), ("toy gated", 128, 256, {"gated": True}), ("toy 576", 32, 576, {})],
 }
 GEMV_SHAPES["mistral_small"] = GEMV_SHAPES["mistral"][:2]  # wqkv and wo, the ones furthest from the roofline
+# With int8 activations, w13's kernel rounds h for w2's, which reads it as it is (quant.Int8Vector).
+GEMV_SHAPES["mistral_int8_h"] = [
+    ("w13 gated+norm, h int8", 2 * 14336, 4096, {"gated": True, "norm": True, "int8_out": True}),
+    ("w2 +residual, h int8", 4096, 14336, {"residual": True, "int8_in": True}),
+]
 # Configs tried per weight format, (block_n, block_k, num_warps, num_stages); block_k counts elements
 # (dense) or stored bytes (quantized). The products tile (block_n x block_k values, twice that for int4's
 # nibbles) stays <= 16k f32 values so it fits the registers of 4-8 warps.
@@ -127,8 +132,9 @@ def _gemv_inputs(n, k, form, copies, fmt="bfloat16"):
         ws = [random_quantized((n, k), fmt.removesuffix("_a8"), i) for i in range(copies)]
         ws = [quant.with_int8_activations(w) for w in ws] if fmt.endswith("_a8") else ws
     x = jax.random.normal(keys[-1], (k,), dtype)
+    x = quant.to_int8_vector(x) if form.get("int8_in") else x
     n_out = n // 2 if form.get("gated") else n
-    extra = {}
+    extra = {"int8_out": True} if form.get("int8_out") else {}
     if form.get("norm"):
         extra["norm"] = (1.0 + 0.1 * jax.random.normal(keys[-2], (k,), dtype), 1e-5)
     if form.get("residual"):
@@ -204,7 +210,7 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         gated = form.get("gated", False)
         # Correctness of every config against the reference on the first copy.
         ref_fn = gemv_mod.gemv_reference if dense else gemv_quant.gemv_quant_reference
-        ref = ref_fn(ws[0], x, gated=gated, **extra)
+        ref = ref_fn(ws[0], x, gated=gated, **{f: v for f, v in extra.items() if f != "int8_out"})
 
         fns = {}
 
@@ -212,6 +218,7 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
             try:
                 fn = _gemv_chain(cfg, dict(extra, gated=gated), smoke)
                 out = fn(ws, x)[0]
+                out = out[0] if extra.get("int8_out") else out  # y; its int8 form is the tests' to check
                 err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
                 t, _ = timed(fn, ws, x, reps=3 if smoke else 5)
                 res[cfg] = (t / copies, err)

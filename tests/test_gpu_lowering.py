@@ -100,8 +100,10 @@ def make_cfg(name: str, dtype: str) -> ModelConfig:
                        **MODELS[name])  # fmt: skip
 
 
-def decode_step_kernels(cfg: ModelConfig, fmt: str | None = None, kv_dtype: str | None = None) -> list[str]:
+def decode_step_kernels(cfg: ModelConfig, fmt: str | None = None, kv_dtype: str | None = None,
+                        int8_activations: bool = False) -> list[str]:  # fmt: skip
     weights = abstract_weights(cfg, fmt)
+    weights = jax.eval_shape(quant.with_int8_activations, weights) if int8_activations else weights
     cache = jax.eval_shape(lambda: model.init_cache(cfg, 4096, kv_dtype))
     token, pos = SDS((1,), jnp.int32), SDS((1,), jnp.int32)
     return triton_kernels(lambda w, c, t, p: model.forward(w, c, t, p, cfg=cfg, backend="pallas"),
@@ -136,6 +138,34 @@ def test_quantized_decode_step_dequantizes_in_the_kernels(compiled_kernels, fmt)
     cfg = make_cfg("mistral7b", "bfloat16")
     kind = {"fp8": "gemv_fp8_e4m3"}.get(fmt, f"gemv_{fmt}")
     assert_kernels(decode_step_kernels(cfg, fmt, kv_dtype="float8_e4m3fn"), expected_step(cfg, kind))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int8_activation_decode_step(compiled_kernels, fmt):
+    cfg = make_cfg("mistral7b", "bfloat16")
+    names = decode_step_kernels(cfg, fmt, int8_activations=True)
+    assert_kernels(names, expected_step(cfg, f"gemv_{fmt}_a8"))
+    # int4's w13 rounds h as it writes it, for w2 (ops.gated_ffn_up): its programs hold whole blocks of 32.
+    if fmt == "int4":
+        assert all(n.split("_")[-1].startswith("32x") for n in names if "_gated_" in n)
+
+
+@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True)])
+def test_int8_vector_gemv_forms_lower(fmt, with_min):
+    # A gated, normed GEMV writing its result's int8 form (int8_out), and the next one reading it.
+    def a8(w):
+        return dataclasses.replace(w, q=SDS((w.q.shape[0], w.q.shape[1] // 4), jnp.int32), int8_activations=True)
+
+    w13, w2 = a8(quantized(28672, 4096, fmt, "bfloat16", with_min)), a8(quantized(4096, 14336, fmt, "bfloat16"))
+
+    def run(w13, w2, x, g, r):
+        _, h = gemv_quant.gemv_quant(w13, x, norm=(g, 1e-5), gated=True, int8_out=True)
+        return gemv_quant.gemv_quant(w2, h, residual=r)
+
+    bf16 = jnp.bfloat16
+    names = triton_kernels(run, w13, w2, SDS((4096,), bf16), SDS((4096,), bf16), SDS((4096,), bf16))
+    assert len(names) == 2
+    assert names[0].startswith(f"gemv_{fmt}_a8_gated_14336x4096_") and names[1].startswith(f"gemv_{fmt}_a8_4096x14336_")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])

@@ -266,6 +266,64 @@ def test_gemv_quant_with_int8_activations_smollm2_row_length(rng, fmt, group, wi
     assert _rel(np.asarray(out), np.asarray(gemv_quant_reference(qm, x, norm=norm))) < 1e-5
 
 
+def test_int8_vector_holds_what_round_activations_gives(rng):
+    x = rng.standard_normal(256).astype(np.float32) * rng.uniform(0.01, 5, 256).astype(np.float32)
+    x[96:128] = 0  # an all-zero block
+    v = quant.to_int8_vector(jnp.asarray(x))
+    assert v.shape == (256,) and v.words.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(v.values()), np.asarray(quant.round_activations(jnp.asarray(x))))
+    q = np.asarray(v.words).view(np.int8).reshape(-1, quant.ACT_BLOCK).astype(np.float32)  # bytes, lowest first
+    np.testing.assert_array_equal(np.asarray(v.qsum), q.sum(-1))
+    np.testing.assert_allclose(np.asarray(v.scale), np.abs(x).reshape(-1, quant.ACT_BLOCK).max(-1) / 127, rtol=1e-7)
+
+
+@pytest.mark.parametrize("fmt,group,with_min", ACT8_FORMATS, ids=ACT8_IDS)
+@pytest.mark.parametrize("form", [{"residual": True, "bias": True}, {"gated": True}], ids=["res_bias", "gated"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gemv_quant_reads_an_int8_vector(rng, fmt, group, with_min, form, dtype):
+    n = 128 if form.get("gated") else 64
+    qm = quant.quantize(_weights(rng, n, 256), fmt, group, with_min=with_min)
+    qm = quant.with_int8_activations(jax.device_put(dataclasses.replace(qm, dtype=dtype)))
+    xv = quant.to_int8_vector(jnp.asarray(rng.standard_normal(256) * rng.uniform(0.1, 3, 256), jnp.float32))
+    n_out = n // 2 if form.get("gated") else n
+    args = {"gated": form.get("gated", False)}
+    for field in ("bias", "residual"):
+        if form.get(field):
+            args[field] = jnp.asarray(rng.standard_normal(n_out), dtype)
+    poison = jnp.full((n_out,), jnp.nan, dtype)
+    out = jax.jit(lambda w, x, p: gemv_quant(w, x, config=SMALL, out=p, interpret=INTERPRET, **args))(qm, xv, poison)
+    ref = gemv_quant_reference(qm, xv, **args)
+    assert out.dtype == dtype  # w's compute dtype: an Int8Vector has none of its own
+    # Exact integer products and f32 scales; the one rounding is to the output's dtype.
+    assert _rel(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < (1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("fmt,group,with_min", ACT8_FORMATS, ids=ACT8_IDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gemv_quant_int8_out_rounds_what_it_writes(rng, fmt, group, with_min, dtype):
+    # w13's form in the model: gated, normed, writing h and h rounded for the next matrix.
+    qm = quant.quantize(_weights(rng, 256, 256), fmt, group, with_min=with_min)
+    qm = quant.with_int8_activations(jax.device_put(dataclasses.replace(qm, dtype=dtype)))
+    x = jnp.asarray(rng.standard_normal(256) * rng.uniform(0.1, 3, 256), dtype)
+    norm = (jnp.asarray(1 + 0.2 * rng.standard_normal(256), dtype), 1e-5)
+    y, yv = gemv_quant(qm, x, norm=norm, gated=True, int8_out=True, config=SMALL, interpret=INTERPRET)
+    plain = gemv_quant(qm, x, norm=norm, gated=True, config=SMALL, interpret=INTERPRET)
+    # Its block_n grew to whole blocks of 32, which does not change a row's sums.
+    assert _rel(np.asarray(y, np.float32), np.asarray(plain, np.float32)) < 1e-6
+    want = quant.to_int8_vector(y)  # y rounded as written: the same integers, bit for bit
+    for got, ref in zip((yv.words, yv.scale, yv.qsum), (want.words, want.scale, want.qsum)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_int8_vector_misuse_is_refused(rng):
+    qm = quant.with_int8_activations(quant.quantize(_weights(rng, 48, 256), "int8", None))
+    x = jnp.asarray(rng.standard_normal(256), jnp.float32)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        gemv_quant(qm, x, int8_out=True, interpret=INTERPRET)  # 48 rows: a block would straddle programs
+    with pytest.raises(ValueError, match="without a norm"):
+        gemv_quant(qm, quant.to_int8_vector(x), norm=(x, 1e-5), interpret=INTERPRET)
+
+
 @pytest.mark.parametrize("fmt,group", [("fp8_e4m3", 32), ("int4", 64), ("int8", 64)])
 def test_int8_activations_leave_other_weights(rng, fmt, group):
     qm = quant.quantize(_weights(rng, 16, 256), fmt, group)

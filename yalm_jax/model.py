@@ -110,7 +110,7 @@ def ffn_block(x, layer: LayerWeights, cfg: ModelConfig, backend):
         )  # fmt: skip
         return x + y
     h = ops.gated_ffn_up(
-        x, layer.w13, norm=(layer.ffn_norm, cfg.norm_eps), activation=cfg.activation, backend=backend
+        x, layer.w13, norm=(layer.ffn_norm, cfg.norm_eps), activation=cfg.activation, next_w=layer.w2, backend=backend
     )
     if cfg.post_norms:
         y = ops.linear(h, layer.w2, reduce_axis=cfg.tp_axis, backend=backend)

@@ -48,7 +48,7 @@ def _interpret() -> bool:
 
 
 def linear(
-    x: jax.Array,
+    x: jax.Array | quant.Int8Vector,
     w: jax.Array,
     b: jax.Array | None = None,
     *,
@@ -64,7 +64,11 @@ def linear(
     With `reduce_axis` (inside shard_map, tensor parallelism), x and w hold this
     device's slice of the input features: the partial products are summed over
     that mesh axis, in f32, before b and the residual are added.
+
+    x may be one token's quant.Int8Vector (from `gated_ffn_up`'s `next_w`), for w's decode kernel to read.
     """
+    if isinstance(x, quant.Int8Vector):
+        return _decode_gemv(w, x, norm, bias=b, residual=None if residual is None else residual[0])
     if reduce_axis is not None:
         if _decode(x, backend):
             part = _gemv.gemv(w, x[0], norm=norm, interpret=_interpret())[None]
@@ -107,10 +111,11 @@ def _gemv_for(w):
     return _gemv_quant.gemv_quant if quant.is_quantized(w) else _gemv.gemv
 
 
-def _decode_gemv(w, x: jax.Array, norm, **kw) -> jax.Array:
+def _decode_gemv(w, x: jax.Array | quant.Int8Vector, norm, **kw) -> jax.Array:
     """One token's (1, in) product with w through its GEMV kernel, the norm fused (and for a matrix with
-    int8_activations, the rounding of x too)."""
-    return _gemv_for(w)(w, x[0], norm=norm, interpret=_interpret(), **kw)[None]
+    int8_activations, the rounding of x too, unless x comes rounded: an Int8Vector)."""
+    x = x if isinstance(x, quant.Int8Vector) else x[0]
+    return _gemv_for(w)(w, x, norm=norm, interpret=_interpret(), **kw)[None]
 
 
 def activate(x: jax.Array, activation: str) -> jax.Array:
@@ -128,10 +133,23 @@ def gated_ffn_up(
     *,
     norm: tuple[jax.Array, float] | None = None,
     activation: str = "silu",
+    next_w=None,
     backend: str = "xla",
-) -> jax.Array:
-    """act(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in)."""
+) -> jax.Array | quant.Int8Vector:
+    """act(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in).
+
+    `next_w` is the matrix that multiplies the result next. Where it is int4 taking int8 activations and w13 is
+    quantized too, a decoded token's result comes as a quant.Int8Vector, rounded by w13's kernel as it writes
+    it, so next_w's kernel does not round it again in every program. Only int4's: that rounding costs a
+    Mistral-7B w2 kernel 2.6 us in int4, whose half-byte weights leave it exposed, and 0.7 us in int8, while
+    w13's rounding costs 1.1-1.4 us (KERNEL_NOTES.md, run 10).
+    """
     if _decode(x, backend):
+        int4_a8 = quant.is_quantized(next_w) and next_w.int8_activations and next_w.fmt == "int4"
+        if int4_a8 and quant.is_quantized(w13):
+            return _gemv_quant.gemv_quant(
+                w13, x[0], norm=norm, gated=True, activation=activation, int8_out=True, interpret=_interpret()
+            )[1]
         return _decode_gemv(w13, x, norm, gated=True, activation=activation)
     gate, up = jnp.split(linear(x, w13, norm=norm), 2, axis=-1)
     return activate(gate, activation) * up

@@ -104,16 +104,49 @@ class QuantizedMatrix:
 ACT_BLOCK = 32  # values per scale of an int8 activation (llama.cpp's Q8_1 block)
 
 
+def _int8_codes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x (..., K) in blocks of ACT_BLOCK: each block's integers (f32, |q| <= 127) and its absmax (..., K/B, 1)."""
+    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, ACT_BLOCK)
+    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    # One reciprocal a block, then a multiply a value, as the kernels do.
+    return jnp.round(xb * jnp.where(amax > 0, 127 / amax, 0.0)), amax
+
+
 def round_activations(x: jax.Array) -> jax.Array:
     """x (..., K) as int8 activations stand for it, in x's dtype: each block of ACT_BLOCK values scaled by its
     absmax / 127 and rounded to an integer, then scaled back. The GPU kernels round x the same way, in
     registers (gemv_quant._int8_blocks); paths that compute in floating point (the CPU, prefill) multiply
     these values."""
-    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, ACT_BLOCK)
-    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-    # One reciprocal a block, then a multiply a value, as the kernels do.
-    q = jnp.round(xb * jnp.where(amax > 0, 127 / amax, 0.0))
+    q, amax = _int8_codes(x)
     return (q * (amax / 127)).reshape(x.shape).astype(x.dtype)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["words", "scale", "qsum"], meta_fields=[])
+@dataclasses.dataclass
+class Int8Vector:
+    """A vector (K,) held as int8 activations: what the GEMV that computes it writes when the next matrix
+    multiplies int8 activations (gemv_quant's `int8_out`), so that matrix's kernel reads them instead of rounding
+    the vector again in every program (KERNEL_NOTES.md, run 10)."""
+
+    words: jax.Array  # (K / 4,) int32: the integers, four bytes a word, the lowest first
+    scale: jax.Array  # (K / ACT_BLOCK,) f32: each block's absmax / 127
+    qsum: jax.Array  # (K / ACT_BLOCK,) f32: each block's sum of its integers (for int4's -8 and mins)
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.words.shape[0] * 4,)
+
+    def values(self) -> jax.Array:
+        """The f32 values it stands for: round_activations(x) before that rounds them to x's dtype."""
+        q = lax.bitcast_convert_type(self.words, jnp.int8).reshape(-1, ACT_BLOCK).astype(jnp.float32)
+        return (q * self.scale[:, None]).reshape(-1)
+
+
+def to_int8_vector(x: jax.Array) -> Int8Vector:
+    """x (K,) rounded as round_activations rounds it, held as an Int8Vector (the kernels' reference)."""
+    q, amax = _int8_codes(x)
+    words = lax.bitcast_convert_type(q.astype(jnp.int8).reshape(-1, 4), jnp.int32)
+    return Int8Vector(words=words, scale=amax[..., 0] / 127, qsum=jnp.sum(q, axis=-1))
 
 
 def takes_int8_activations(w) -> bool:
