@@ -67,9 +67,11 @@ EVICT_FIRST = True
 
 
 def _load_w(ref, mask=None):
+    # A float `other`: the Triton lowering casts an int one to bf16 but not to fp8.
+    other = None if mask is None else 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0
     if EVICT_FIRST:
-        return plt.load(ref, mask=mask, other=None if mask is None else 0, eviction_policy="evict_first")
-    return ref[...] if mask is None else plt.load(ref, mask=mask, other=0)
+        return plt.load(ref, mask=mask, other=other, eviction_policy="evict_first")
+    return ref[...] if mask is None else plt.load(ref, mask=mask, other=other)
 
 
 def _chunk(ref, k0, bk: int, k: int, weights: bool = False):

@@ -55,7 +55,7 @@ from pallas_kernels.gemv import (
     rms_norm_reference,
     write_epilogue,
 )
-from yalm_jax.quant import ACT_BLOCK, Int8Vector, round_activations
+from yalm_jax.quant import ACT_BLOCK, Int8Vector, is_quantized, round_activations
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind from
 # `config_kind`: int8 and fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py
@@ -67,12 +67,12 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("8bit", 6144, 4096, False): (2, 4096, 4, 2),  # wqkv
     ("8bit", 4096, 4096, False): (4, 4096, 8, 2),  # wo
     ("8bit", 14336, 4096, True): (2, 4096, 4, 2),  # w13, gated
-    ("8bit", 4096, 14336, False): (2, 4096, 4, 2),  # w2
+    ("8bit", 4096, 14336, False): (2, 2048, 4, 2),  # w2
     ("8bit", 32000, 4096, False): (4, 4096, 8, 2),  # output
     ("4bit", 6144, 4096, False): (8, 2048, 8, 2),
     ("4bit", 4096, 4096, False): (4, 2048, 4, 2),
     ("4bit", 14336, 4096, True): (8, 2048, 8, 2),
-    ("4bit", 4096, 14336, False): (4, 2048, 4, 2),
+    ("4bit", 4096, 14336, False): (4, 1024, 4, 2),
     ("4bit", 32000, 4096, False): (4, 2048, 4, 2),
     ("8bit_a8", 6144, 4096, False): (16, 1024, 8, 2),
     ("8bit_a8", 4096, 4096, False): (8, 2048, 8, 2),
@@ -84,9 +84,35 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("4bit_a8", 4096, 4096, False): (16, 2048, 16, 2),
     # w13 rounds h for w2 (ops.gated_ffn_up), which reads it as it is: their best tiles in that form (run 10).
     ("4bit_a8", 14336, 4096, True): (32, 2048, 16, 2),
-    ("4bit_a8", 4096, 14336, False): (4, 4096, 8, 2),
+    ("4bit_a8", 4096, 14336, False): (4, 1024, 8, 2),
     ("4bit_a8", 32000, 4096, False): (8, 2048, 8, 2),
+    # SmolLM2-135M (rows of 576 and 1536 columns: one masked chunk a row), ranked by kernel times (run 10).
+    ("4bit", 960, 576, False): (4, 2048, 8, 2),
+    ("4bit", 576, 576, False): (8, 2048, 8, 2),
+    ("4bit", 1536, 576, True): (4, 2048, 4, 2),
+    ("4bit", 576, 1536, False): (4, 2048, 4, 2),
+    ("4bit", 49152, 576, False): (64, 128, 8, 2),
+    ("4bit_a8", 960, 576, False): (8, 2048, 8, 2),
+    ("4bit_a8", 576, 576, False): (8, 1024, 8, 2),
+    ("4bit_a8", 1536, 576, True): (4, 2048, 8, 2),
+    ("4bit_a8", 576, 1536, False): (8, 2048, 8, 2),
+    ("4bit_a8", 49152, 576, False): (16, 512, 4, 2),
 }
+
+
+# w13's kernel rounding h for w2 (int8_out) measured faster on Mistral-7B's int4 (2.061 against 2.106 ms a token:
+# its w2 rounds a 14,336-long h in every program, 2.6 us a call, where w13's programs round their own rows for
+# 1.1-1.4 us), and slower where w2 rounds h cheaply or w13's 32-row programs are too few to fill the card:
+# Mistral's int8 (3.142 against 3.092), SmolLM2's int4 (1,536 rows, 48 programs: 0.545 against 0.488 ms)
+# (H100; KERNEL_NOTES.md, run 10).
+MIN_INT8_OUT_PROGRAMS = 132  # an H100's SMs
+
+
+def rounds_h_for(w13, w2) -> bool:
+    """Whether w13's kernel should round h for w2 (int8_out), rather than w2's kernel rounding it."""
+    if not (is_quantized(w13) and is_quantized(w2) and w2.int8_activations and w2.fmt == "int4"):
+        return False
+    return w13.shape[0] // 2 // ACT_BLOCK >= MIN_INT8_OUT_PROGRAMS
 
 
 def config_kind(fmt: str, int8_activations: bool) -> str:
@@ -189,12 +215,25 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
         int8_refs, refs = refs[-3:], refs[:-3]
     f32 = jnp.float32
     int4 = fmt == "int4"
-    n_chunks = x_ref.shape[0] // ng
+    n_groups = x_ref.shape[0]
+    n_chunks = pl.cdiv(n_groups, ng)
     fma = (lambda a, b, c: a * b + c) if interpret else _fma_ptx
     dp4a = _dp4a_jnp if interpret else _dp4a_ptx
 
+    def load(ref, g0, axis=0, weights=False):
+        """ref's tile of groups g0 .. g0 + ng (along `axis`); past the last group (the row's chunks do not
+        divide it) it reads as 0, which adds nothing to any sum below."""
+        mask = None
+        if n_groups % ng:
+            mask = g0 + lax.broadcasted_iota(jnp.int32, ref.shape, axis) < n_groups
+        if weights:
+            return _load_w(ref, mask)
+        return ref[...] if mask is None else plt.load(ref, mask=mask, other=0)
+
     def tiles(ref, g0):  # groups g0 .. g0 + ng of x (or of the norm's g) in the kernel's view; int4's two halves
-        return [ref[pl.ds(g0, ng), h] for h in (0, 1)] if int4 else [ref[pl.ds(g0, ng)]]
+        if int4:
+            return [load(ref.at[pl.ds(g0, ng), jnp.int32(h)], g0) for h in (0, 1)]
+        return [load(ref.at[pl.ds(g0, ng)], g0)]
 
     norm_scale = None
     if has_norm:
@@ -207,7 +246,7 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
     def body(i, accs):
         g0 = pl.multiple_of(i * ng, ng)
         if x_rounded:
-            x_words, (x_scale, x_qsum) = tiles(x_ref, g0), [r[pl.ds(g0, ng)][None] for r in xr_refs]
+            x_words, (x_scale, x_qsum) = tiles(x_ref, g0), [load(r.at[pl.ds(g0, ng)], g0)[None] for r in xr_refs]
         else:
             xs = tiles(x_ref, g0)
             if has_norm:
@@ -218,7 +257,7 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
             x_words, x_scale, x_qsum = _int8_blocks(xs, interpret)
         new = []
         for w, acc in enumerate(accs):
-            q = _load_w(q_refs[w].at[:, pl.ds(g0, ng), :])  # (bn, ng, bytes, or words, of a group)
+            q = load(q_refs[w].at[:, pl.ds(g0, ng), :], g0, 1, weights=True)  # (bn, ng, bytes, or words, of a group)
             # dot: each group's sum of v x (v the weights' values before their scale); xsum: each group's x sum.
             if int8_activations:
                 # int4's low nibbles are a block's first half, its high nibbles the second (quant.pack_int4).
@@ -237,13 +276,13 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
                 dot = jnp.sum(vals[0] * xb[0] if len(vals) == 1 else fma(vals[1], xb[1], vals[0] * xb[0]), axis=2)
                 xsum = sum(_group_sums(t) for t in xs)[None] if has_min else None
             if not per_channel:
-                dot = dot * s_refs[w][:, pl.ds(g0, ng)].astype(f32)
+                dot = dot * load(s_refs[w].at[:, pl.ds(g0, ng)], g0, 1).astype(f32)
             if has_min:
-                dot = dot + m_refs[w][:, pl.ds(g0, ng)].astype(f32) * xsum
+                dot = dot + load(m_refs[w].at[:, pl.ds(g0, ng)], g0, 1).astype(f32) * xsum
             new.append(acc + dot)
         return tuple(new)
 
-    shape = (bn, 1, x_ref.shape[-1]) if per_channel and not int8_activations else (bn, ng)
+    shape = (bn, ng, x_ref.shape[-1]) if per_channel and not int8_activations else (bn, ng)
     accs = lax.fori_loop(0, n_chunks, body, tuple(jnp.zeros(shape, f32) for _ in q_refs))
     ys = [jnp.sum(a.reshape(bn, -1), axis=1) for a in accs]
     if per_channel:
@@ -271,9 +310,9 @@ def gemv_quant(
     """`gemv.gemv` for a QuantizedMatrix w (N, K): y = W x (+ bias) (+ residual) in x's dtype, f32 accumulation.
 
     `config` = (block_n, block_k, num_warps, num_stages), block_k counting stored
-    bytes of a row; blocks shrink to powers of two that divide the row count and
-    the stored row length, and a chunk holds whole groups. `out` is an optional
-    buffer aliased to the result.
+    bytes of a row; block_n shrinks to a power of two that divides the row count,
+    and a chunk holds whole groups (the last one masked where the chunks do not
+    divide the row). `out` is an optional buffer aliased to the result.
 
     x may be an Int8Vector (for w with int8_activations, without a norm): the kernel reads its integers as they
     are, and y comes out in w's compute dtype. With `int8_out`, the result is (y, y as an Int8Vector): each
@@ -295,13 +334,13 @@ def gemv_quant(
     bn = _pow2_divisor(n_out, max(bn, ACT_BLOCK) if int8_out else bn)
     if int8_out and bn % ACT_BLOCK:
         raise ValueError(f"int8_out needs a row count divisible by {ACT_BLOCK}, got {n_out}")
-    row_bytes = w.q.shape[1] * jnp.dtype(w.q.dtype).itemsize
-    bk = _pow2_divisor(row_bytes, bk)
-    # The kernel's view: groups of G columns (per channel: chunks of bk columns; with an int8 activation, its
-    # blocks) and their stored bytes (with an int8 activation, as int32 words).
-    group = ACT_BLOCK if act8 else bk if per_channel else w.group
+    # The kernel's view: groups of G columns (per channel: the largest power of two <= bk that divides K; with
+    # an int8 activation, its blocks) and their stored bytes (with an int8 activation, as int32 words). A chunk
+    # is ng groups, bk stored bytes or the whole row if less; where ng does not divide the groups, the last
+    # chunk is masked (SmolLM2's 576 columns: one chunk of 32 groups of 32, 18 of them real).
+    group = ACT_BLOCK if act8 else _pow2_divisor(k, bk) if per_channel else w.group
     stored = group // 2 if int4 else group
-    ng = 1 if per_channel and not act8 else max(1, bk // stored)
+    ng = min(max(1, bk // stored), pl.next_power_of_2(k // group))
 
     if act8:  # with_int8_activations' int32 words; x as (blocks, [halves,] words, 4), a word's values side by side
         q = w.q.reshape(n, k // group, stored // 4)

@@ -720,9 +720,13 @@ def part_profile(res, roof, smoke, out_dir):
 
 def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
     """A random QuantizedMatrix of `shape` in `fmt`, in the form --quant makes (values don't set the speed;
-    the bytes do): int4 and fp8 in groups of 32 with f16 scales, int8 with an f32 scale a row."""
+    the bytes do): int4 and fp8 in groups of 32 with f16 scales, int8 with an f32 scale a row; "int4_min" is
+    int4 with an f16 min a group too (GGUF's Q4_1, the form SmolLM2 ships in)."""
     from yalm_jax.quant import DEFAULT_INT4_GROUP, FP8_GROUP, QuantizedMatrix
 
+    if fmt == "int4_min":
+        w = random_quantized(shape, "int4", seed)
+        return dataclasses.replace(w, min=(-8 * w.scale).astype(w.scale.dtype))
     n, k = shape
     k1, k2 = jax.random.split(jax.random.key(seed))
     group = {"int4": DEFAULT_INT4_GROUP, "int8": k}.get(fmt, FP8_GROUP)
@@ -739,16 +743,26 @@ def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
 def part_quant(res, roof, smoke):
     """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 (group 32) weights, beside bf16, at
     context 128, and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations); and bf16
-    against fp8 KV at context 4096."""
-    shape = "toy" if smoke else "mistral7b"
+    against fp8 KV at context 4096. Then SmolLM2's shape in its shipped Q4_1 form (int4_min) and the others,
+    128 steps from context 128 (a tied model: its output matrix, the embedding, stays bf16)."""
+    dense = _quant_decodes(res.setdefault("quant", {}), roof, "toy" if smoke else "mistral7b", smoke, 32,
+                           ("bf16", "int8", "int4", "fp8_e4m3", "int8_a8", "int4_a8"))  # fmt: skip
+    _kv_decodes(res["quant"], dense, "toy" if smoke else "mistral7b", smoke)
+    del dense
+    _quant_decodes(res.setdefault("quant_smollm2", {}), roof, "toy" if smoke else "smollm2", smoke, 128,
+                   ("bf16", "int4_min", "int8", "fp8_e4m3", "int4_min_a8", "int8_a8"))  # fmt: skip
+
+
+def _quant_decodes(out, roof, shape, smoke, n_steps, fmts):
+    """Decode of `shape` with random weights in each of `fmts` (random_quantized's; `_a8`: with int8
+    activations), each against the first (bf16), at context 128; returns the bf16 weights."""
     cfg = make_cfg(shape, "bfloat16")
     dense = random_weights(cfg, seed=5)
     max_context = 512 if smoke else MAX_CONTEXT
-    n_steps, reps = (4, 2) if smoke else (32, 3)
+    n_steps, reps = (4, 2) if smoke else (n_steps, 3)
     ctx = 16 if smoke else 128
-    out = res.setdefault("quant", {})
     cache = random_cache(cfg, max_context)
-    for fmt in ("bf16", "int8", "int4", "fp8_e4m3", "int8_a8", "int4_a8"):
+    for fmt in fmts:
         try:
             if fmt == "bf16":
                 weights = dense
@@ -756,7 +770,8 @@ def part_quant(res, roof, smoke):
                 seeds = iter(range(10_000))
                 q = lambda w: random_quantized(w.shape, fmt.removesuffix("_a8"), next(seeds))  # noqa: E731
                 weights = Weights(
-                    embed=dense.embed, final_norm=dense.final_norm, lm_head=q(dense.lm_head),
+                    embed=dense.embed, final_norm=dense.final_norm,
+                    lm_head=None if dense.lm_head is None else q(dense.lm_head),
                     layers=[dataclasses.replace(l, wqkv=q(l.wqkv), wo=q(l.wo), w13=q(l.w13), w2=q(l.w2)) for l in dense.layers],
                 )  # fmt: skip
                 weights = quant.with_int8_activations(weights) if fmt.endswith("_a8") else weights
@@ -772,6 +787,14 @@ def part_quant(res, roof, smoke):
         except Exception as e:  # noqa: BLE001
             out[fmt] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             add_row(f"{shape} {fmt} weights decode", "pallas", note=f"FAILED {type(e).__name__}: {str(e)[:120]}")
+    return dense
+
+
+def _kv_decodes(out, dense, shape, smoke):
+    """bf16 weights decoding from context 4096 over a bf16 and an fp8 KV cache."""
+    cfg = make_cfg(shape, "bfloat16")
+    max_context = 512 if smoke else MAX_CONTEXT
+    n_steps, reps = (4, 2) if smoke else (32, 3)
     ctx = 64 if smoke else 4096
     for kv in ("bfloat16", "float8_e4m3fn"):
         try:
@@ -783,7 +806,6 @@ def part_quant(res, roof, smoke):
         except Exception as e:  # noqa: BLE001
             out[f"kv_{kv}"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             add_row(f"{shape} {kv} KV, ctx {ctx}", "pallas", note=f"FAILED {type(e).__name__}: {str(e)[:120]}")
-    del dense
 
 
 # -- the peer: llama.cpp's llama-bench, on GGUFs of the same shapes -------------------------

@@ -191,8 +191,10 @@ def test_gemv_forms_lower(dtype, n, k, form):
 @pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int4:128", False),
                                           ("fp8", False), ("fp8_e5m2", False)])  # fmt: skip
 @pytest.mark.parametrize("n,k,form", [(6144, 4096, dict(norm=True)), (28672, 4096, dict(gated=True, norm=True)),
-                                      (4096, 14336, dict(residual=True))])  # fmt: skip
+                                      (4096, 14336, dict(residual=True)), (3072, 576, dict(gated=True, norm=True)),
+                                      (576, 1536, dict(residual=True))])  # fmt: skip
 def test_quantized_gemv_forms_lower(fmt, with_min, n, k, form):
+    # Mistral-7B's rows and SmolLM2's (whose last chunk is masked: every format's load takes a mask).
     w = quantized(n, k, fmt, "bfloat16", with_min)
     n_out = n // 2 if form.get("gated") else n
     norm = SDS((k,), jnp.bfloat16) if form.get("norm") else None

@@ -157,7 +157,7 @@ def test_gguf_source_serves_blocks_in_transformers_row_order(smollm2_gguf):
 SMALL = (8, 64, 4, 2)  # block_n, block_k (stored columns), warps, stages: grids of 8 steps below
 
 
-def _check_gemv(rng, fmt, group, with_min, dtype, n=64, k=256, **form):
+def _check_gemv(rng, fmt, group, with_min, dtype, n=64, k=256, config=SMALL, **form):
     qm = jax.device_put(dataclasses.replace(quant.quantize(_weights(rng, n, k), fmt, group, with_min=with_min), dtype=dtype))
     x = jnp.asarray(rng.standard_normal(k), dtype)
     gated = form.pop("gated", False)
@@ -170,7 +170,7 @@ def _check_gemv(rng, fmt, group, with_min, dtype, n=64, k=256, **form):
     if form.pop("norm", False):
         args["norm"] = (jnp.asarray(1 + 0.1 * rng.standard_normal(k), dtype), 1e-5)
     poison = jnp.full((n_out,), jnp.nan, dtype)
-    out = jax.jit(lambda w, x, p: gemv_quant(w, x, config=SMALL, out=p, interpret=INTERPRET, **args))(qm, x, poison)
+    out = jax.jit(lambda w, x, p: gemv_quant(w, x, config=config, out=p, interpret=INTERPRET, **args))(qm, x, poison)
     ref = gemv_quant_reference(qm, x, **args)
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert out.shape == (n_out,) and np.isfinite(out).all(), "unwritten (NaN) output"
@@ -196,10 +196,14 @@ def test_gemv_quant_bf16_with_norm(rng, fmt, group, with_min):
     _check_gemv(rng, fmt, group, with_min, jnp.bfloat16, norm=True)
 
 
-def test_gemv_quant_smollm2_row_length(rng):
-    # 576 columns (SmolLM2's dim): int4 groups of 64 fall on 32-byte chunks; Q8_0-like groups of 32.
-    _check_gemv(rng, "int4", 64, True, jnp.float32, n=64, k=576)
-    _check_gemv(rng, "int8", 32, False, jnp.float32, n=64, k=576)
+@pytest.mark.parametrize("fmt,group,with_min", [("int4", 64, True), ("int4", 32, False), ("int8", 32, False),
+                                                ("int8", None, False), ("fp8_e4m3", 32, False)])  # fmt: skip
+@pytest.mark.parametrize("k", [576, 1536])
+def test_gemv_quant_smollm2_row_length(rng, fmt, group, with_min, k):
+    # SmolLM2's rows (576 and 1536 columns) hold no power of two of chunks: chunks of 256 stored bytes leave
+    # the last one part-empty (masked), as the default tile's one chunk a row does.
+    for config in (SMALL, (8, 256, 4, 2)):
+        _check_gemv(rng, fmt, group, with_min, jnp.float32, n=64, k=k, norm=True, config=config)
 
 
 # -- int8 activations -----------------------------------------------------------------------
@@ -331,9 +335,15 @@ def test_int8_activations_leave_other_weights(rng, fmt, group):
     assert not quant.with_int8_activations(qm).int8_activations  # left as it is, multiplying floats
 
 
-@pytest.mark.parametrize("choice", ["int8", "int4:32"])
-def test_tiny_model_with_int8_activations(tiny_dir, rng, choice):
+@pytest.mark.parametrize("choice,h_by_w13", [("int8", False), ("int4:32", False), ("int4:32", True)])
+def test_tiny_model_with_int8_activations(tiny_dir, rng, choice, h_by_w13, monkeypatch, request):
+    from pallas_kernels import gemv_quant as gq
     from yalm_jax.loading import load_model
+
+    # With h_by_w13, w13's kernel rounds h for w2 (gemv_quant.rounds_h_for), as it does on Mistral-7B's rows.
+    monkeypatch.setattr(gq, "MIN_INT8_OUT_PROGRAMS", 0 if h_by_w13 else gq.MIN_INT8_OUT_PROGRAMS)
+    jax.clear_caches()  # a decode step traced by another case would not ask again
+    request.addfinalizer(jax.clear_caches)
 
     plain = load_model(tiny_dir, quant=choice)
     lm = load_model(tiny_dir, quant=choice, int8_activations=True)

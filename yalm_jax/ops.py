@@ -138,15 +138,12 @@ def gated_ffn_up(
 ) -> jax.Array | quant.Int8Vector:
     """act(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in).
 
-    `next_w` is the matrix that multiplies the result next. Where it is int4 taking int8 activations and w13 is
-    quantized too, a decoded token's result comes as a quant.Int8Vector, rounded by w13's kernel as it writes
-    it, so next_w's kernel does not round it again in every program. Only int4's: that rounding costs a
-    Mistral-7B w2 kernel 2.6 us in int4, whose half-byte weights leave it exposed, and 0.7 us in int8, while
-    w13's rounding costs 1.1-1.4 us (KERNEL_NOTES.md, run 10).
+    `next_w` is the matrix that multiplies the result next. Where it takes int8 activations and that pays
+    (gemv_quant.rounds_h_for), a decoded token's result comes as a quant.Int8Vector, rounded by w13's kernel as
+    it writes it, so next_w's kernel does not round it again in every program.
     """
     if _decode(x, backend):
-        int4_a8 = quant.is_quantized(next_w) and next_w.int8_activations and next_w.fmt == "int4"
-        if int4_a8 and quant.is_quantized(w13):
+        if _gemv_quant.rounds_h_for(w13, next_w):
             return _gemv_quant.gemv_quant(
                 w13, x[0], norm=norm, gated=True, activation=activation, int8_out=True, interpret=_interpret()
             )[1]
