@@ -744,7 +744,8 @@ def part_quant(res, roof, smoke):
     """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 (group 32) weights, beside bf16, at
     context 128, and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations); and bf16
     against fp8 KV at context 4096. Then SmolLM2's shape in its shipped Q4_1 form (int4_min) and the others,
-    128 steps from context 128 (a tied model: its output matrix, the embedding, stays bf16)."""
+    128 steps from context 128 (a tied model: its embedding, the output matrix, in the format too, as
+    llama-quantize --pure writes it)."""
     dense = _quant_decodes(res.setdefault("quant", {}), roof, "toy" if smoke else "mistral7b", smoke, 32,
                            ("bf16", "int8", "int4", "fp8_e4m3", "int8_a8", "int4_a8"))  # fmt: skip
     _kv_decodes(res["quant"], dense, "toy" if smoke else "mistral7b", smoke)
@@ -770,7 +771,7 @@ def _quant_decodes(out, roof, shape, smoke, n_steps, fmts):
                 seeds = iter(range(10_000))
                 q = lambda w: random_quantized(w.shape, fmt.removesuffix("_a8"), next(seeds))  # noqa: E731
                 weights = Weights(
-                    embed=dense.embed, final_norm=dense.final_norm,
+                    embed=q(dense.embed) if dense.lm_head is None else dense.embed, final_norm=dense.final_norm,
                     lm_head=None if dense.lm_head is None else q(dense.lm_head),
                     layers=[dataclasses.replace(l, wqkv=q(l.wqkv), wo=q(l.wo), w13=q(l.w13), w2=q(l.w2)) for l in dense.layers],
                 )  # fmt: skip
@@ -819,14 +820,19 @@ LLAMA_QUANTIZE = os.environ.get("LLAMA_QUANTIZE")
 # (make_gguf shape, GGUF type, our results' part, our key at depth 0, our key at depth 4096 or None, tokens
 # generated), with our dtype matching the GGUF's bytes: F16 beside bf16, F32 beside f32; Q8_0 and Q4_0
 # (llama-quantize --pure of the F16 file) beside the quant part's int8 (per channel) and int4 (group 32,
-# no min: Q4_0's own bytes), both with int8 activations, as llama.cpp multiplies them.
+# no min: Q4_0's own bytes), both with int8 activations, as llama.cpp multiplies them; Q4_1 beside SmolLM2's
+# int4 with mins, as the default chat runs its shipped Q4_1 file (float products; the part's int4_min_a8 row
+# multiplies int8 activations, as llama.cpp does).
 PEER_RUNS = [
     ("mistral7b", "f16", "mistral", "ctx128_pallas", "ctx4096_pallas", 64),
     ("smollm2", "f32", "smollm2", "float32_pallas_steps256", None, 256),
     ("smollm2", "f16", "smollm2", "bfloat16_pallas_steps256", None, 256),
     ("mistral7b", "q8_0", "quant", "int8_a8", None, 64),
     ("mistral7b", "q4_0", "quant", "int4_a8", None, 64),
+    ("smollm2", "q4_1", "quant_smollm2", "int4_min", None, 128),
 ]
+# PEER_RUNS_ONLY=smollm2_q4_1,... runs just those (shape_gtype), to fit the build and the runs in one call.
+PEER_RUNS_ONLY = [r for r in os.environ.get("PEER_RUNS_ONLY", "").split(",") if r]
 
 
 def llama_bench(path: str, *, n_prompt: int, n_gen: int, depths: list[int], gpu: bool) -> list[dict]:
@@ -860,7 +866,7 @@ def part_llama_cpp(res, roof, smoke, gguf_dir):
         return
     out = res.setdefault("llama_cpp", {})
     os.makedirs(gguf_dir, exist_ok=True)
-    runs = PEER_RUNS[1:2] if smoke else PEER_RUNS
+    runs = PEER_RUNS[1:2] if smoke else [r for r in PEER_RUNS if not PEER_RUNS_ONLY or f"{r[0]}_{r[1]}" in PEER_RUNS_ONLY]
     for shape, gtype, part, key0, key4096, n_gen in runs:
         if not gtype.startswith("q"):
             path = _random_gguf(gguf_dir, shape, gtype)
