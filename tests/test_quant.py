@@ -198,10 +198,10 @@ def test_gemv_quant_bf16_with_norm(rng, fmt, group, with_min):
 
 @pytest.mark.parametrize("fmt,group,with_min", [("int4", 64, True), ("int4", 32, False), ("int8", 32, False),
                                                 ("int8", None, False), ("fp8_e4m3", 32, False)])  # fmt: skip
-@pytest.mark.parametrize("k", [576, 1536])
+@pytest.mark.parametrize("k", [576, 896, 1536])
 def test_gemv_quant_smollm2_row_length(rng, fmt, group, with_min, k):
-    # SmolLM2's rows (576 and 1536 columns) hold no power of two of chunks: chunks of 256 stored bytes leave
-    # the last one part-empty (masked), as the default tile's one chunk a row does.
+    # SmolLM2's rows (576 and 1536 columns; Qwen2-0.5B's 896) hold no power of two of chunks: chunks of 256
+    # stored bytes leave the last one part-empty (masked), as the default tile's one chunk a row does.
     for config in (SMALL, (8, 256, 4, 2)):
         _check_gemv(rng, fmt, group, with_min, jnp.float32, n=64, k=k, norm=True, config=config)
 
