@@ -5,7 +5,7 @@
 Phases: roof (read bandwidth: jnp.sum and torch.sum over 8 GiB), sweep (GEMV
 block configs per Mistral shape, vs XLA's dot; `sweep:FORMAT[:SHAPES]` for
 int8 / int4 / fp8_e4m3 weights (int8_a8 / int4_a8: multiplying int8 activations) or float32,
-and SmolLM2's shapes), mosaic[:SHAPES] (the plain
+and SHAPES smollm2, or mistral_int8_h: w13 writing h's int8 form and w2 reading it), mosaic[:SHAPES] (the plain
 GEMV through Mosaic GPU beside the Triton kernel, by the GPU's kernel times), overhead (a GEMV kernel's
 fixed time and streaming rate, from its times against rows), attn (decode attention at
 T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
