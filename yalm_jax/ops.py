@@ -35,11 +35,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def _decode(x: jax.Array, backend: str) -> bool:
-    """Whether this call goes to the Pallas kernels: one token (batch-1 decode) on the pallas backend."""
+def _decode(x: jax.Array | quant.Int8Vector, backend: str) -> bool:
+    """Whether this call goes to the Pallas kernels: one token (batch-1 decode) on the pallas backend, or an
+    Int8Vector, which only those kernels make."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    return backend == "pallas" and x.shape[0] == 1
+    return isinstance(x, quant.Int8Vector) or (backend == "pallas" and x.shape[0] == 1)
 
 
 def _interpret() -> bool:
@@ -67,8 +68,6 @@ def linear(
 
     x may be one token's quant.Int8Vector (from `gated_ffn_up`'s `next_w`), for w's decode kernel to read.
     """
-    if isinstance(x, quant.Int8Vector):
-        return _decode_gemv(w, x, norm, bias=b, residual=None if residual is None else residual[0])
     if reduce_axis is not None:
         if _decode(x, backend):
             part = _gemv.gemv(w, x[0], norm=norm, interpret=_interpret())[None]
