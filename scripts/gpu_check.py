@@ -98,10 +98,13 @@ GEMV_SHAPES = {
     "smoke": [("toy", 64, 256, {"norm": True}), ("toy gated", 128, 256, {"gated": True}), ("toy 576", 32, 576, {})],
 }
 GEMV_SHAPES["mistral_small"] = GEMV_SHAPES["mistral"][:2]  # wqkv and wo, the ones furthest from the roofline
-# With int8 activations, w13's kernel rounds h for w2's, which reads it as it is (quant.Int8Vector).
+# With int8 activations, w13's kernel rounds h for w2's, which reads it as it is (quant.Int8Vector), and wo's
+# rounds the FFN's normed input for w13's.
 GEMV_SHAPES["mistral_int8_h"] = [
     ("w13 gated+norm, h int8", 2 * 14336, 4096, {"gated": True, "norm": True, "int8_out": True}),
     ("w2 +residual, h int8", 4096, 14336, {"residual": True, "int8_in": True}),
+    ("wo +residual, x int8 normed", 4096, 4096, {"residual": True, "int8_out": True, "norm_out": True}),
+    ("w13 gated, x int8 normed, h int8", 2 * 14336, 4096, {"gated": True, "int8_in_normed": True, "int8_out": True}),
 ]
 # Configs tried per weight format, (block_n, block_k, num_warps, num_stages); block_k counts elements
 # (dense) or stored bytes (quantized). The products tile (block_n x block_k values, twice that for int4's
@@ -117,6 +120,8 @@ GRIDS = {
              (16, 512, 4, 2), (16, 1024, 8, 2), (32, 512, 8, 2)],
     "int4": [(8, 2048, 8, 2), (4, 2048, 8, 2), (16, 1024, 8, 2), (8, 1024, 8, 2), (4, 2048, 4, 2), (16, 512, 8, 2),
              (16, 512, 4, 2), (32, 256, 8, 2), (64, 128, 8, 2)],
+    "int8_out": [(32, 2048, 16, 2), (32, 2048, 8, 2), (32, 1024, 8, 2), (32, 1024, 4, 2), (32, 512, 8, 2),
+                 (32, 512, 4, 2), (32, 256, 4, 2), (64, 1024, 16, 2), (64, 512, 8, 2), (64, 256, 8, 2)],
 }  # fmt: skip
 
 
@@ -133,8 +138,12 @@ def _gemv_inputs(n, k, form, copies, fmt="bfloat16"):
         ws = [quant.with_int8_activations(w) for w in ws] if fmt.endswith("_a8") else ws
     x = jax.random.normal(keys[-1], (k,), dtype)
     x = quant.to_int8_vector(x) if form.get("int8_in") else x
+    if form.get("int8_in_normed"):  # rms_norm(x) rounded, as wo's kernel writes it for w13
+        x = quant.to_int8_vector(x, (1.0 + 0.1 * jax.random.normal(keys[-2], (k,), dtype), 1e-5))
     n_out = n // 2 if form.get("gated") else n
     extra = {"int8_out": True} if form.get("int8_out") else {}
+    if form.get("norm_out"):
+        extra["norm_out"] = (1.0 + 0.1 * jax.random.normal(keys[-2], (n_out,), dtype), 1e-5)
     if form.get("norm"):
         extra["norm"] = (1.0 + 0.1 * jax.random.normal(keys[-2], (k,), dtype), 1e-5)
     if form.get("residual"):
@@ -198,6 +207,8 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
     for name, n, k, form in shapes:
         if smoke:
             grid = [(8, 64, 4, 2), (8, 512, 4, 2)]
+        elif form.get("int8_out"):  # its programs round whole blocks of 32 rows
+            grid = GRIDS["int8_out"]
         elif dense:
             grid = GRIDS["dense" if k > 1024 else "dense_small_k"]
         else:
@@ -210,7 +221,7 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         gated = form.get("gated", False)
         # Correctness of every config against the reference on the first copy.
         ref_fn = gemv_mod.gemv_reference if dense else gemv_quant.gemv_quant_reference
-        ref = ref_fn(ws[0], x, gated=gated, **{f: v for f, v in extra.items() if f != "int8_out"})
+        ref = ref_fn(ws[0], x, gated=gated, **{f: v for f, v in extra.items() if f not in ("int8_out", "norm_out")})
 
         fns = {}
 
