@@ -19,8 +19,8 @@ a (block_n, 1, block_k) accumulator and scale once at the end.
 
 For a matrix with int8_activations (quant.with_int8_activations: int8, or int4
 in groups of 32, its bytes held as int32 words), the kernel multiplies integers
-instead: every program rounds each chunk of x (after the fused norm) to int8 in
-blocks of 32 in registers, as quant.round_activations does, packs four to a
+instead: every program rounds each chunk of x (x * g with a fused norm) to int8
+in blocks of 32 in registers, as quant.round_activations does, packs four to a
 word, and multiplies words through PTX's dp4a (four products an instruction;
 int4 unpacked into two words of nibbles); each block's integer sum is scaled
 once by x's and the weights' scales. Rounding x in every program repeats a
@@ -29,7 +29,11 @@ little work per program, and measured cheaper than rounding it once in XLA
 run 8), and no dearer than rounding it once an SM in a persistent grid (run 9).
 Where the kernel that computes x can round it as it writes it (`int8_out`: each
 program rounds its own rows, whole blocks of 32), x comes as a quant.Int8Vector
-and the products read its words as they are (run 10).
+and the products read its words as they are (run 10). A normed x (rms_norm(x)
+with weight g) is rounded as the integers of x * g, the norm's 1 / rms(x) going
+into the block scales, so a kernel can round it before rms(x) is known: with
+`norm_out` it also writes each block's sum of x^2, from which the reader takes
+1 / rms(x) (run 11).
 
 `gemv_quant_reference` is the function in plain jnp (dequantize, then
 `gemv.gemv_reference`). Lowered through Pallas' Triton backend on the GPU;
@@ -52,7 +56,6 @@ from pallas_kernels.gemv import (
     append_epilogue,
     gemv_reference,
     kernel_name,
-    rms_norm_reference,
     write_epilogue,
 )
 from yalm_jax.quant import ACT_BLOCK, Int8Vector, is_quantized, round_activations
@@ -82,8 +85,9 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     # Taller tiles than the float products': every program rounds all of x, so fewer programs round it less.
     ("4bit_a8", 6144, 4096, False): (16, 2048, 16, 2),
     ("4bit_a8", 4096, 4096, False): (16, 2048, 16, 2),
-    # w13 rounds h for w2 (ops.gated_ffn_up), which reads it as it is: their best tiles in that form (run 10).
-    ("4bit_a8", 14336, 4096, True): (32, 2048, 16, 2),
+    # w13 reads x rounded by wo (ops.linear_for_next) and rounds h for w2 (ops.gated_ffn_up), which reads it as
+    # it is: their best tiles in those forms (runs 10 and 11).
+    ("4bit_a8", 14336, 4096, True): (32, 2048, 8, 2),
     ("4bit_a8", 4096, 14336, False): (4, 1024, 8, 2),
     ("4bit_a8", 32000, 4096, False): (8, 2048, 8, 2),
     # SmolLM2-135M (rows of 576 and 1536 columns: one masked chunk a row), ranked by kernel times (run 10).
@@ -100,19 +104,21 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
 }
 
 
-# w13's kernel rounding h for w2 (int8_out) measured faster on Mistral-7B's int4 (2.061 against 2.106 ms a token:
-# its w2 rounds a 14,336-long h in every program, 2.6 us a call, where w13's programs round their own rows for
-# 1.1-1.4 us), and slower where w2 rounds h cheaply or w13's 32-row programs are too few to fill the card:
-# Mistral's int8 (3.142 against 3.092), SmolLM2's int4 (1,536 rows, 48 programs: 0.545 against 0.488 ms)
-# (H100; KERNEL_NOTES.md, run 10).
-MIN_INT8_OUT_PROGRAMS = 132  # an H100's SMs
+# A kernel rounding its output for the next matrix (int8_out), instead of that matrix's kernel rounding it in
+# every program, measured faster on Mistral-7B's int4: w13 rounding h for w2 (2.061 against 2.106 ms a token: w2
+# rounds a 14,336-long h in every program, 2.6 us a call, where w13's programs round their own rows for 1.1-1.4
+# us; KERNEL_NOTES.md, run 10), and wo rounding the FFN's normed input for w13 (run 11). Slower where the next
+# kernel rounds its input cheaply or the 32-row programs are too few to fill the card: Mistral's int8 (3.142
+# against 3.092), SmolLM2's int4 (1,536 rows, 48 programs: 0.545 against 0.488 ms) (H100).
+MIN_INT8_OUT_PROGRAMS = 128  # about an H100's 132 SMs; Mistral-7B's wo has 4,096 rows
 
 
-def rounds_h_for(w13, w2) -> bool:
-    """Whether w13's kernel should round h for w2 (int8_out), rather than w2's kernel rounding it."""
-    if not (is_quantized(w13) and is_quantized(w2) and w2.int8_activations and w2.fmt == "int4"):
+def rounds_output_for(w, next_w, gated: bool = False) -> bool:
+    """Whether w's kernel should round its output for next_w (int8_out), rather than next_w's kernel rounding
+    it; `gated`: w holds gate and up rows, so its output has half as many."""
+    if not (is_quantized(w) and is_quantized(next_w) and next_w.int8_activations and next_w.fmt == "int4"):
         return False
-    return w13.shape[0] // 2 // ACT_BLOCK >= MIN_INT8_OUT_PROGRAMS
+    return w.shape[0] // (2 if gated else 1) // ACT_BLOCK >= MIN_INT8_OUT_PROGRAMS
 
 
 def config_kind(fmt: str, int8_activations: bool) -> str:
@@ -194,25 +200,30 @@ def _int8_blocks(xs: list, interpret: bool):
     return words, (amax / 127)[None], qsum[None]
 
 
-def _round_rows(y, interpret: bool):
-    """A program's rows y (block_n,) f32 rounded as an Int8Vector's part: words, scales and sums."""
-    words, scale, qsum = _int8_blocks([y.reshape(-1, ACT_BLOCK // 4, 4)], interpret)
-    return words[0], scale[0], qsum[0]
+def _round_rows(y, g, interpret: bool) -> list:
+    """A program's rows y (block_n,) f32 rounded as an Int8Vector's part: words, scales and sums; with the next
+    norm's weight g (its rows, f32), y * g rounded and each block's sum of y^2 after them."""
+    blocks = y.reshape(-1, ACT_BLOCK // 4, 4)
+    words, scale, qsum = _int8_blocks([blocks if g is None else blocks * g.reshape(blocks.shape)], interpret)
+    return [words[0], scale[0], qsum[0]] + ([] if g is None else [_group_sums(jnp.square(blocks))])
 
 
 def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmetric, per_channel, gated, activation,
-            has_norm, has_min, has_bias, has_res, eps, interpret):  # fmt: skip
+            has_norm, has_min, has_bias, has_res, eps, norm_out, interpret):  # fmt: skip
     refs = list(refs)
-    x_ref = refs.pop(0)  # x, or with x_rounded an Int8Vector's words, then its scales and sums
+    x_ref = refs.pop(0)  # x, or with x_rounded an Int8Vector's words, then its scales and sums (and sums of x^2)
     xr_refs = [refs.pop(0), refs.pop(0)] if x_rounded else None
-    g_ref = refs.pop(0) if has_norm else None
+    sumsq_ref = refs.pop(0) if x_rounded and has_norm else None
+    g_ref = refs.pop(0) if has_norm and not x_rounded else None
     n_w = 2 if gated else 1
     q_refs = [refs.pop(0) for _ in range(n_w)]
     s_refs = [refs.pop(0) for _ in range(n_w)]
     m_refs = [refs.pop(0) for _ in range(n_w)] if has_min else None
+    g_out_ref = refs.pop(0) if norm_out else None
     int8_refs = None
     if int8_out:  # the outputs after y
-        int8_refs, refs = refs[-3:], refs[:-3]
+        n_int8 = 4 if norm_out else 3
+        int8_refs, refs = refs[-n_int8:], refs[:-n_int8]
     f32 = jnp.float32
     int4 = fmt == "int4"
     n_groups = x_ref.shape[0]
@@ -236,7 +247,9 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
         return [load(ref.at[pl.ds(g0, ng)], g0)]
 
     norm_scale = None
-    if has_norm:
+    if sumsq_ref is not None:  # a normed Int8Vector: its blocks' sums of x^2 give the norm's 1 / rms(x)
+        norm_scale = lax.rsqrt(jnp.sum(sumsq_ref[...]) / k + eps)
+    elif has_norm:
 
         def sum_sq(i, acc):
             return acc + sum(_group_sums(jnp.square(t.astype(f32))) for t in tiles(x_ref, pl.multiple_of(i * ng, ng)))
@@ -247,14 +260,19 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
         g0 = pl.multiple_of(i * ng, ng)
         if x_rounded:
             x_words, (x_scale, x_qsum) = tiles(x_ref, g0), [load(r.at[pl.ds(g0, ng)], g0)[None] for r in xr_refs]
+        elif int8_activations:
+            xs = [t.astype(f32) for t in tiles(x_ref, g0)]
+            if has_norm:  # x * g rounded, 1 / rms(x) in the scales (quant.round_activations)
+                xs = [t * g.astype(f32) for t, g in zip(xs, tiles(g_ref, g0))]
+            x_words, x_scale, x_qsum = _int8_blocks(xs, interpret)
         else:
             xs = tiles(x_ref, g0)
             if has_norm:
                 # Same roundings as ops.rms_norm: normalise in f32, round, scale by g in x's dtype.
                 xs = [(t.astype(f32) * norm_scale).astype(t.dtype) * g for t, g in zip(xs, tiles(g_ref, g0))]
             xs = [t.astype(f32) for t in xs]
-        if int8_activations and not x_rounded:
-            x_words, x_scale, x_qsum = _int8_blocks(xs, interpret)
+        if int8_activations and has_norm:
+            x_scale = x_scale * norm_scale
         new = []
         for w, acc in enumerate(accs):
             q = load(q_refs[w].at[:, pl.ds(g0, ng), :], g0, 1, weights=True)  # (bn, ng, bytes, or words, of a group)
@@ -289,7 +307,8 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
         ys = [y * s[...].astype(f32)[:, 0] for y, s in zip(ys, s_refs)]
     y = write_epilogue(refs, ys, gated, activation, has_bias, has_res)
     if int8_out:  # y rounded as it was written, its blocks whole in this program's rows
-        for ref, v in zip(int8_refs, _round_rows(y.astype(f32), interpret)):
+        g_out = None if g_out_ref is None else g_out_ref[...].astype(f32)
+        for ref, v in zip(int8_refs, _round_rows(y.astype(f32), g_out, interpret)):
             ref[...] = v.reshape(ref.shape)
 
 
@@ -305,6 +324,7 @@ def gemv_quant(
     config: tuple[int, int, int, int] | None = None,
     out: jax.Array | None = None,
     int8_out: bool = False,
+    norm_out: tuple[jax.Array, float] | None = None,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, Int8Vector]:
     """`gemv.gemv` for a QuantizedMatrix w (N, K): y = W x (+ bias) (+ residual) in x's dtype, f32 accumulation.
@@ -314,9 +334,11 @@ def gemv_quant(
     and a chunk holds whole groups (the last one masked where the chunks do not
     divide the row). `out` is an optional buffer aliased to the result.
 
-    x may be an Int8Vector (for w with int8_activations, without a norm): the kernel reads its integers as they
-    are, and y comes out in w's compute dtype. With `int8_out`, the result is (y, y as an Int8Vector): each
-    program rounds its own rows (block_n grows to a whole number of ACT_BLOCK blocks).
+    x may be an Int8Vector (for w with int8_activations; a normed one brings its norm, so `norm` stays None):
+    the kernel reads its integers as they are, and y comes out in w's compute dtype. With `int8_out`, the
+    result is (y, y as an Int8Vector): each program rounds its own rows (block_n grows to a whole number of
+    ACT_BLOCK blocks); with `norm_out` = (weight, eps) too, the Int8Vector stands for rms_norm(y) with them,
+    for a next matrix whose input is normed (quant.round_activations).
     """
     n, k = w.shape
     x_rounded = isinstance(x, Int8Vector)
@@ -325,7 +347,9 @@ def gemv_quant(
     if gated and n % 2:
         raise ValueError(f"gated gemv needs an even row count, got {n}")
     if x_rounded and (not w.int8_activations or norm is not None):
-        raise ValueError("an Int8Vector x is for a matrix with int8_activations, without a norm")
+        raise ValueError("an Int8Vector x is for a matrix with int8_activations, without a norm of its own")
+    if norm_out is not None and not int8_out:
+        raise ValueError("norm_out is the norm of int8_out's vector")
     int4 = w.fmt == "int4"
     per_channel = w.group == k and not int4
     act8 = w.int8_activations
@@ -350,6 +374,8 @@ def gemv_quant(
         view = (lambda v: v.reshape(-1, 2, group // 2)) if int4 else (lambda v: v.reshape(-1, group))
     if x_rounded:  # its words as (blocks, [halves,] words), as _int8_blocks would make them
         xs = [x.words.reshape(-1, 2, ACT_BLOCK // 8) if int4 else x.words.reshape(-1, ACT_BLOCK // 4), x.scale, x.qsum]
+        xs += [] if x.sumsq is None else [x.sumsq]
+        norm = None if x.sumsq is None else (None, x.eps)
     else:
         xs = [view(x)] + ([view(norm[0].astype(x.dtype))] if norm is not None else [])
     vec_n = pl.BlockSpec((bn,), lambda i: (i,))
@@ -364,11 +390,16 @@ def gemv_quant(
         if gated:
             specs.append(pl.BlockSpec(block, lambda i, z=zeros: (i + h, *z)))
             operands.append(arr)
+    if norm_out is not None:
+        operands.append(norm_out[0])
+        specs.append(vec_n)
     aliases = append_epilogue(operands, specs, vec_n, bias, residual, out)
     dtype = jnp.dtype(w.dtype) if x_rounded else x.dtype
     out_shape, out_specs = jax.ShapeDtypeStruct((n_out,), dtype), vec_n
-    if int8_out:  # words, then each block's scale and integer sum
-        sizes = [(n_out // 4, bn // 4, jnp.int32)] + [(n_out // ACT_BLOCK, bn // ACT_BLOCK, jnp.float32)] * 2
+    if int8_out:  # words, then each block's scale and integer sum (and with norm_out, its sum of y^2)
+        sizes = [(n_out // 4, bn // 4, jnp.int32)] + [(n_out // ACT_BLOCK, bn // ACT_BLOCK, jnp.float32)] * (
+            3 if norm_out is not None else 2
+        )
         out_shape = (out_shape, *(jax.ShapeDtypeStruct((size,), dt) for size, _, dt in sizes))
         out_specs = (vec_n, *(pl.BlockSpec((block,), lambda i: (i,)) for _, block, _ in sizes))
 
@@ -376,7 +407,7 @@ def gemv_quant(
                   activation=activation, has_min=w.min is not None, has_bias=bias is not None,
                   has_res=residual is not None, interpret=interpret)  # fmt: skip
     kernel = functools.partial(_kernel, k=k, fmt=w.fmt, int8_activations=act8, x_rounded=x_rounded,
-                               int8_out=int8_out, has_norm=norm is not None,
+                               int8_out=int8_out, has_norm=norm is not None, norm_out=norm_out is not None,
                                eps=float(norm[1]) if norm is not None else 0.0, **common)  # fmt: skip
     result = pl.pallas_call(
         kernel,
@@ -389,7 +420,9 @@ def gemv_quant(
         interpret=interpret,
         name=kernel_name(f"gemv_{w.fmt}{'_a8' if act8 else ''}", n_out, k, gated, (bn, bk, num_warps)),
     )(*operands)
-    return (result[0], Int8Vector(*result[1:])) if int8_out else result
+    if not int8_out:
+        return result
+    return result[0], Int8Vector(*result[1:], eps=None if norm_out is None else float(norm_out[1]))
 
 
 def gemv_quant_reference(w, x, **kw) -> jax.Array:
@@ -398,7 +431,6 @@ def gemv_quant_reference(w, x, **kw) -> jax.Array:
     first, or an Int8Vector's values."""
     if isinstance(x, Int8Vector):  # its f32 values; y in w's compute dtype, as the kernel writes it
         return gemv_reference(w.dequantize(jnp.float32), x.values(), **kw).astype(w.dtype)
-    if w.int8_activations:  # x normed, then rounded to int8 blocks, in x's dtype
-        norm = kw.pop("norm", None)
-        x = round_activations((x if norm is None else rms_norm_reference(x, *norm))[None])[0]
+    if w.int8_activations:  # x normed and rounded to int8 blocks (quant.round_activations), in x's dtype
+        x = round_activations(x[None], kw.pop("norm", None))[0]
     return gemv_reference(w.dequantize(jnp.float32), x, **kw)

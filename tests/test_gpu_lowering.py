@@ -157,27 +157,33 @@ def test_int8_activation_decode_step(compiled_kernels, fmt):
     cfg = make_cfg("mistral7b", "bfloat16")
     names = decode_step_kernels(cfg, fmt, int8_activations=True)
     assert_kernels(names, expected_step(cfg, f"gemv_{fmt}_a8"))
-    # int4's w13 rounds h as it writes it, for w2 (ops.gated_ffn_up): its programs hold whole blocks of 32.
-    if fmt == "int4":
-        assert all(n.split("_")[-1].startswith("32x") for n in names if "_gated_" in n)
+    # int4's w13 rounds h as it writes it, for w2 (ops.gated_ffn_up), and wo the FFN's normed input, for w13
+    # (ops.linear_for_next): their programs hold whole blocks of 32.
+    rounding = [n for n in names if "_gated_" in n or "_4096x4096_" in n]
+    assert len(rounding) == 2 * cfg.n_layers
+    assert all(n.split("_")[-1].startswith("32x") for n in rounding) == (fmt == "int4")
 
 
 @pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True)])
 def test_int8_vector_gemv_forms_lower(fmt, with_min):
-    # A gated, normed GEMV writing its result's int8 form (int8_out), and the next one reading it.
+    # wo writing its result and that result normed and rounded (int8_out, norm_out); w13 reading it, gated,
+    # writing h rounded; w2 reading h.
     def a8(w):
         return dataclasses.replace(w, q=SDS((w.q.shape[0], w.q.shape[1] // 4), jnp.int32), int8_activations=True)
 
-    w13, w2 = a8(quantized(28672, 4096, fmt, "bfloat16", with_min)), a8(quantized(4096, 14336, fmt, "bfloat16"))
+    wo, w13 = a8(quantized(4096, 4096, fmt, "bfloat16", with_min)), a8(quantized(28672, 4096, fmt, "bfloat16"))
+    w2 = a8(quantized(4096, 14336, fmt, "bfloat16"))
 
-    def run(w13, w2, x, g, r):
-        _, h = gemv_quant.gemv_quant(w13, x, norm=(g, 1e-5), gated=True, int8_out=True)
-        return gemv_quant.gemv_quant(w2, h, residual=r)
+    def run(wo, w13, w2, a, g, r):
+        x, xv = gemv_quant.gemv_quant(wo, a, residual=r, int8_out=True, norm_out=(g, 1e-5))
+        _, h = gemv_quant.gemv_quant(w13, xv, gated=True, int8_out=True)
+        return gemv_quant.gemv_quant(w2, h, residual=x)
 
-    bf16 = jnp.bfloat16
-    names = triton_kernels(run, w13, w2, SDS((4096,), bf16), SDS((4096,), bf16), SDS((4096,), bf16))
-    assert len(names) == 2
-    assert names[0].startswith(f"gemv_{fmt}_a8_gated_14336x4096_") and names[1].startswith(f"gemv_{fmt}_a8_4096x14336_")
+    vec = SDS((4096,), jnp.bfloat16)
+    names = triton_kernels(run, wo, w13, w2, vec, vec, vec)
+    assert len(names) == 3
+    assert names[0].startswith(f"gemv_{fmt}_a8_4096x4096_32x")
+    assert names[1].startswith(f"gemv_{fmt}_a8_gated_14336x4096_") and names[2].startswith(f"gemv_{fmt}_a8_4096x14336_")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])

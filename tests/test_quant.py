@@ -23,7 +23,7 @@ import pytest
 
 from pallas_kernels.decode_attention import decode_attention_reference, decode_attention_update
 from pallas_kernels.gemv_quant import gemv_quant, gemv_quant_reference
-from yalm_jax import model, quant
+from yalm_jax import model, ops, quant
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -226,6 +226,33 @@ def test_int8_activation_rounds_each_block_within_half_a_step(rng):
     assert (r[1, 2] == 0).all() and (r[xb == 0] == 0).all()
 
 
+def test_int8_activation_of_a_normed_input_rounds_x_times_g(rng):
+    x = rng.standard_normal((2, 256)).astype(np.float32) * rng.uniform(0.01, 5, (2, 256)).astype(np.float32)
+    g = (1 + 0.3 * rng.standard_normal(256)).astype(np.float32)
+    eps = 1e-5
+    r = np.asarray(quant.round_activations(jnp.asarray(x), (jnp.asarray(g), eps))).reshape(2, -1, quant.ACT_BLOCK)
+    rms = np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1) + eps)[:, None, None]
+    normed = (x * g).reshape(r.shape) / rms  # rms_norm(x) with weight g
+    step = np.abs(normed).max(-1, keepdims=True) / 127
+    # Rounded within half a step of rms_norm(x), each block to integers of its own step...
+    assert (np.abs(r - normed) <= step / 2 * (1 + 1e-4)).all()
+    q = r / step
+    np.testing.assert_allclose(q, np.round(q), atol=1e-3)
+    # ...which are those of x * g: the norm's 1 / rms, the same for every block, changes no integer.
+    xg = (x * g).reshape(r.shape)
+    np.testing.assert_array_equal(np.round(q), np.round(xg * 127 / np.abs(xg).max(-1, keepdims=True)))
+
+
+def test_normed_int8_vector_holds_what_round_activations_gives(rng):
+    x = jnp.asarray(rng.standard_normal(256) * rng.uniform(0.01, 5, 256), jnp.float32)
+    norm = (jnp.asarray(1 + 0.3 * rng.standard_normal(256), jnp.float32), 1e-5)
+    v = quant.to_int8_vector(x, norm)
+    assert v.eps == 1e-5 and v.sumsq.shape == (256 // quant.ACT_BLOCK,)
+    # Its 1 / rms from the blocks' sums (the kernels' order) against jnp.mean's: the same to float precision.
+    np.testing.assert_allclose(np.asarray(v.values()), np.asarray(quant.round_activations(x, norm)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(v.words), np.asarray(quant.to_int8_vector(x * norm[0]).words))
+
+
 def _a8_case(rng, fmt, group, with_min, form, dtype):
     """A (n, 256) matrix of `fmt` as quantize leaves it and marked for int8 activations, and gemv_quant's
     keyword arguments for `form` (gated, norm, bias, residual), all drawn fresh."""
@@ -254,11 +281,11 @@ def test_gemv_quant_with_int8_activations_matches_reference(rng, fmt, group, wit
     ref = gemv_quant_reference(qm, x, **args)
     assert out.dtype == dtype and np.isfinite(np.asarray(out, np.float32)).all()
     # The kernel rounds x (normed) as round_activations does and its integer products are exact, so it is as
-    # close to its reference as the float kernel is to its own, but for one thing: in bf16 the kernel's norm
-    # (its own order of sums) can land a bf16 step from the reference's on some values, which the rounding to
-    # int8 turns into whole int8 steps (measured over 300 draws: median 0.8%, worst 3.7%, as large as the
-    # rounding's own effect).
-    tol = {jnp.float32: 1e-5, jnp.bfloat16: 5e-2 if "norm" in args else 1.5e-2}[dtype]
+    # close to its reference as the float kernel is to its own: in bf16, the output's rounding (over 40 draws
+    # of each form: median 0.25%, worst 0.66%). A normed x's integers are those of x * g, which no order of
+    # the norm's sums changes (in run 10's form, x normed and then rounded, a bf16 step of the norm became
+    # whole int8 steps: worst 3.7%).
+    tol = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}[dtype]
     assert _rel(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < tol
     # And the rounding of x to int8 moves the product by about a step of it (1/254 of a block's absmax).
     unrounded = gemv_quant_reference(plain, x, **args)
@@ -288,11 +315,15 @@ def test_int8_vector_holds_what_round_activations_gives(rng):
 
 
 @pytest.mark.parametrize("fmt,group,with_min", ACT8_FORMATS, ids=ACT8_IDS)
-@pytest.mark.parametrize("form", [{"residual": True, "bias": True}, {"gated": True}], ids=["res_bias", "gated"])
+@pytest.mark.parametrize("form", [{"residual": True, "bias": True}, {"gated": True}, {"gated": True, "normed": True}],
+                         ids=["res_bias", "gated", "gated_normed"])  # fmt: skip
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gemv_quant_reads_an_int8_vector(rng, fmt, group, with_min, form, dtype):
     _, qm, args, n_out = _a8_case(rng, fmt, group, with_min, form, dtype)
-    xv = quant.to_int8_vector(jnp.asarray(rng.standard_normal(256) * rng.uniform(0.1, 3, 256), jnp.float32))
+    x = jnp.asarray(rng.standard_normal(256) * rng.uniform(0.1, 3, 256), jnp.float32)
+    # normed: rms_norm(x) rounded as wo's kernel writes it for w13, which applies the norm's 1 / rms.
+    norm = (jnp.asarray(1 + 0.2 * rng.standard_normal(256), jnp.float32), 1e-5) if form.get("normed") else None
+    xv = quant.to_int8_vector(x, norm)
     poison = jnp.full((n_out,), jnp.nan, dtype)
     out = jax.jit(lambda w, x, p: gemv_quant(w, x, config=SMALL, out=p, interpret=INTERPRET, **args))(qm, xv, poison)
     ref = gemv_quant_reference(qm, xv, **args)
@@ -303,20 +334,26 @@ def test_gemv_quant_reads_an_int8_vector(rng, fmt, group, with_min, form, dtype)
 
 @pytest.mark.parametrize("fmt,group,with_min", ACT8_FORMATS, ids=ACT8_IDS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gemv_quant_int8_out_rounds_what_it_writes(rng, fmt, group, with_min, dtype):
-    # w13's form in the model: gated, normed, writing h and h rounded for the next matrix.
-    _, qm, args, _ = _a8_case(rng, fmt, group, with_min, {"gated": True, "norm": True}, dtype)
+@pytest.mark.parametrize("norm_out", [False, True], ids=["h", "normed"])
+def test_gemv_quant_int8_out_rounds_what_it_writes(rng, fmt, group, with_min, dtype, norm_out):
+    # w13's form in the model: gated, normed, writing h and h rounded for the next matrix; normed: as wo's
+    # kernel writes the FFN's input, rms_norm(y) rounded for w13 (here after a gated, normed product too).
+    _, qm, args, n_out = _a8_case(rng, fmt, group, with_min, {"gated": True, "norm": True}, dtype)
     x = jnp.asarray(rng.standard_normal(256) * rng.uniform(0.1, 3, 256), dtype)
-    y, yv = gemv_quant(qm, x, int8_out=True, config=SMALL, interpret=INTERPRET, **args)
+    nxt = (jnp.asarray(1 + 0.2 * rng.standard_normal(n_out), dtype), 1e-6) if norm_out else None
+    y, yv = gemv_quant(qm, x, int8_out=True, norm_out=nxt, config=SMALL, interpret=INTERPRET, **args)
     plain = gemv_quant(qm, x, config=SMALL, interpret=INTERPRET, **args)
     # y is the product (the tolerances of test_gemv_quant_with_int8_activations_matches_reference's normed
     # case), and its block_n, grown to whole blocks of 32, does not change a row's sums.
     ref = gemv_quant_reference(qm, x, **args)
     assert _rel(np.asarray(y, np.float32), np.asarray(ref, np.float32)) < (1e-5 if dtype == jnp.float32 else 5e-2)
     assert _rel(np.asarray(y, np.float32), np.asarray(plain, np.float32)) < 1e-6
-    want = quant.to_int8_vector(y)  # y rounded as written: the same integers, bit for bit
+    want = quant.to_int8_vector(y, nxt)  # y rounded as written: the same integers, bit for bit
     for got, ref in zip((yv.words, yv.scale, yv.qsum), (want.words, want.scale, want.qsum)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert yv.eps == want.eps
+    if norm_out:  # each block's sum of y^2, in the kernel's order of sums
+        np.testing.assert_allclose(np.asarray(yv.sumsq), np.asarray(want.sumsq), rtol=1e-6)
 
 
 def test_int8_vector_misuse_is_refused(rng):
@@ -326,6 +363,13 @@ def test_int8_vector_misuse_is_refused(rng):
         gemv_quant(qm, x, int8_out=True, interpret=INTERPRET)  # 48 rows: a block would straddle programs
     with pytest.raises(ValueError, match="without a norm"):
         gemv_quant(qm, quant.to_int8_vector(x), norm=(x, 1e-5), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="norm_out"):
+        gemv_quant(qm, x, norm_out=(x, 1e-5), interpret=INTERPRET)
+    # A normed vector goes only where its producer's norm applies (ops.linear_for_next's next_norm).
+    normed = quant.to_int8_vector(x, (x, 1e-5))
+    for norm in (None, (x, 1e-6)):
+        with pytest.raises(ValueError, match="next_norm"):
+            ops.linear(normed, qm, norm=norm, backend="pallas")
 
 
 @pytest.mark.parametrize("fmt,group", [("fp8_e4m3", 32), ("int4", 64), ("int8", 64)])
@@ -340,7 +384,8 @@ def test_tiny_model_with_int8_activations(tiny_dir, rng, choice, h_by_w13, monke
     from pallas_kernels import gemv_quant as gq
     from yalm_jax.loading import load_model
 
-    # With h_by_w13, w13's kernel rounds h for w2 (gemv_quant.rounds_h_for), as it does on Mistral-7B's rows.
+    # With h_by_w13, w13's kernel rounds h for w2 and wo's the FFN's normed input for w13
+    # (gemv_quant.rounds_output_for), as they do on Mistral-7B's rows.
     monkeypatch.setattr(gq, "MIN_INT8_OUT_PROGRAMS", 0 if h_by_w13 else gq.MIN_INT8_OUT_PROGRAMS)
     jax.clear_caches()  # a decode step traced by another case would not ask again
     request.addfinalizer(jax.clear_caches)
@@ -359,9 +404,10 @@ def test_tiny_model_with_int8_activations(tiny_dir, rng, choice, h_by_w13, monke
     # Rounded, and only by about the int8 step: over 120 draws of this tiny random model's logits, up to 5.8%.
     assert 0 < _rel(pre, ref_pre) < 0.12
     # The pallas decode step (dp4a products, in the interpreter) computes what the xla path does. Rounding
-    # is discontinuous: where the kernel's fused norm (its own order of sums) lands an ulp from XLA's, a value
-    # on a rounding boundary may round the other way, which at this model's width moves the logits ~1% (3 of
-    # 200 sequences measured). So most of several sequences must agree to float precision.
+    # is discontinuous: where a kernel's sums (their own order) land a value an ulp from XLA's, on a rounding
+    # boundary, it may round the other way, which at this model's width moves the logits ~1% (a normed
+    # input's integers are those of x * g, the same product on both paths, but the attention's output and h
+    # come from sums; 2 of ~200 sequences measured). So most of several sequences must agree to float precision.
     agree = 0
     for _ in range(6):
         tokens = rng.integers(0, lm.cfg.vocab_size, 12).tolist()

@@ -66,7 +66,9 @@ def attention_block(
 ):  # fmt: skip
     """x + attention(rms_norm(x)) for layer i; the norm and the residual add fuse into the projections.
 
-    Returns it with the layer's new caches and `split_counter` (ops.attention's scratch, for the next layer).
+    Returns it, the FFN's input as `ffn_block` takes it (it again, or its normed int8 form:
+    ops.linear_for_next), the layer's new caches and `split_counter` (ops.attention's scratch, for the next
+    layer).
 
     With cfg.qk_norm each head's query and key are RMS-normed before rope; with
     cfg.post_norms the attention output is RMS-normed before the residual add.
@@ -83,9 +85,13 @@ def attention_block(
     )  # fmt: skip
     if cfg.post_norms:
         y = ops.linear(out, layer.wo, reduce_axis=cfg.tp_axis, backend=backend)
-        return x + ops.rms_norm(y, layer.attn_post_norm, cfg.norm_eps), k_cache, v_cache, split_counter
-    y = ops.linear(out, layer.wo, residual=x, reduce_axis=cfg.tp_axis, backend=backend)
-    return y, k_cache, v_cache, split_counter
+        y = x + ops.rms_norm(y, layer.attn_post_norm, cfg.norm_eps)
+        return y, y, k_cache, v_cache, split_counter
+    y, ffn_in = ops.linear_for_next(
+        out, layer.wo, residual=x, next_w=None if cfg.is_moe else layer.w13, next_norm=(layer.ffn_norm, cfg.norm_eps),
+        reduce_axis=cfg.tp_axis, backend=backend,
+    )  # fmt: skip
+    return y, ffn_in, k_cache, v_cache, split_counter
 
 
 def route(x: jax.Array, router: jax.Array, k: int, backend: str) -> tuple[jax.Array, jax.Array]:
@@ -96,10 +102,11 @@ def route(x: jax.Array, router: jax.Array, k: int, backend: str) -> tuple[jax.Ar
     return experts, weights / jnp.sum(weights, axis=-1, keepdims=True)
 
 
-def ffn_block(x, layer: LayerWeights, cfg: ModelConfig, backend):
+def ffn_block(x, layer: LayerWeights, cfg: ModelConfig, backend, x_in=None):
     """x + w2 (act(w1 rms_norm(x)) * w3 rms_norm(x)), or the mixture of the routed experts' FFNs.
 
-    With cfg.post_norms the FFN output is RMS-normed before the residual add.
+    `x_in` is x as w13's kernel takes it (attention_block's second result: x, or rms_norm(x) rounded to int8
+    by wo's kernel); None: x. With cfg.post_norms the FFN output is RMS-normed before the residual add.
     """
     if cfg.is_moe:
         xn = ops.rms_norm(x, layer.ffn_norm, cfg.norm_eps)
@@ -110,8 +117,9 @@ def ffn_block(x, layer: LayerWeights, cfg: ModelConfig, backend):
         )  # fmt: skip
         return x + y
     h = ops.gated_ffn_up(
-        x, layer.w13, norm=(layer.ffn_norm, cfg.norm_eps), activation=cfg.activation, next_w=layer.w2, backend=backend
-    )
+        x if x_in is None else x_in, layer.w13, norm=(layer.ffn_norm, cfg.norm_eps), activation=cfg.activation,
+        next_w=layer.w2, backend=backend,
+    )  # fmt: skip
     if cfg.post_norms:
         y = ops.linear(h, layer.w2, reduce_axis=cfg.tp_axis, backend=backend)
         return x + ops.rms_norm(y, layer.ffn_post_norm, cfg.norm_eps)
@@ -163,11 +171,11 @@ def _hidden_states(weights: Weights, cache: KVCache, tokens, positions, cfg: Mod
     split_counter = ops.new_split_counter(cache.k[0])  # one for all layers: the kernels leave it zeroed
     for i, (layer, k_cache, v_cache) in enumerate(zip(weights.layers, cache.k, cache.v)):
         with jax.named_scope("attention"):
-            x, k_cache, v_cache, split_counter = attention_block(
+            x, ffn_in, k_cache, v_cache, split_counter = attention_block(
                 x, layer, k_cache, v_cache, split_counter, positions, cfg, attn_len, backend, i, cache.ring_sinks
             )
         with jax.named_scope("ffn"):
-            x = ffn_block(x, layer, cfg, backend)
+            x = ffn_block(x, layer, cfg, backend, ffn_in)
         new_k.append(k_cache)
         new_v.append(v_cache)
     return ops.rms_norm(x, weights.final_norm, cfg.norm_eps), KVCache(k=new_k, v=new_v, ring_sinks=cache.ring_sinks)

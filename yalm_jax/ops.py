@@ -66,7 +66,8 @@ def linear(
     device's slice of the input features: the partial products are summed over
     that mesh axis, in f32, before b and the residual are added.
 
-    x may be one token's quant.Int8Vector (from `gated_ffn_up`'s `next_w`), for w's decode kernel to read.
+    x may be one token's quant.Int8Vector (from `gated_ffn_up`'s `next_w`, or `linear_for_next`'s, which
+    brings its norm), for w's decode kernel to read.
     """
     if reduce_axis is not None:
         if _decode(x, backend):
@@ -79,12 +80,13 @@ def linear(
         return (y if residual is None else residual + y).astype(x.dtype)
     if _decode(x, backend):
         return _decode_gemv(w, x, norm, bias=b, residual=None if residual is None else residual[0])
-    if norm is not None:
-        x = rms_norm(x, *norm)
-    if quant.is_quantized(w):  # dequantized inside the graph (quant.py)
-        y = quant.matmul(quant.round_activations(x) if w.int8_activations else x, w).astype(x.dtype)
+    if quant.is_quantized(w) and w.int8_activations:  # the norm is part of the rounding (quant.round_activations)
+        y = quant.matmul(quant.round_activations(x, norm), w)
     else:
-        y = jnp.einsum("si,oi->so", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        xn = x if norm is None else rms_norm(x, *norm)
+        f32 = jnp.float32  # a QuantizedMatrix is dequantized inside the graph (quant.py)
+        y = quant.matmul(xn, w) if quant.is_quantized(w) else jnp.einsum("si,oi->so", xn, w, preferred_element_type=f32)
+    y = y.astype(x.dtype)
     y = y if b is None else y + b
     return y if residual is None else residual + y
 
@@ -110,11 +112,47 @@ def _gemv_for(w):
     return _gemv_quant.gemv_quant if quant.is_quantized(w) else _gemv.gemv
 
 
+def _kernel_input(x: jax.Array | quant.Int8Vector, norm):
+    """A decoded token's (1, in) x and its norm as a GEMV kernel takes them: x[0] and the norm to fuse, or an
+    Int8Vector as it is, without the norm where it brings it (its producer applied that norm)."""
+    if not isinstance(x, quant.Int8Vector):
+        return x[0], norm
+    if x.sumsq is None:
+        return x, norm
+    if norm is None or norm[1] != x.eps:
+        raise ValueError("a normed Int8Vector goes where its producer's norm (next_norm) applies")
+    return x, None
+
+
 def _decode_gemv(w, x: jax.Array | quant.Int8Vector, norm, **kw) -> jax.Array:
     """One token's (1, in) product with w through its GEMV kernel, the norm fused (and for a matrix with
     int8_activations, the rounding of x too, unless x comes rounded: an Int8Vector)."""
-    x = x if isinstance(x, quant.Int8Vector) else x[0]
+    x, norm = _kernel_input(x, norm)
     return _gemv_for(w)(w, x, norm=norm, interpret=_interpret(), **kw)[None]
+
+
+def linear_for_next(
+    x: jax.Array,
+    w,
+    *,
+    residual: jax.Array,
+    next_w,
+    next_norm: tuple[jax.Array, float],
+    reduce_axis: str | None = None,
+    backend: str = "xla",
+) -> tuple[jax.Array, jax.Array | quant.Int8Vector]:
+    """linear(x, w, residual=residual, reduce_axis=reduce_axis) = y, and y as the next matrix's kernel takes
+    it: next_w (None: no matrix) multiplies rms_norm(y, *next_norm). For a decoded token where that pays
+    (gemv_quant.rounds_output_for), w's kernel also writes rms_norm(y) rounded to int8 (a quant.Int8Vector,
+    to pass to next_w's `linear` or `gated_ffn_up` with the same `norm`), so next_w's kernel neither norms nor
+    rounds y in every program; otherwise the second result is y itself."""
+    if reduce_axis is None and _decode(x, backend) and _gemv_quant.rounds_output_for(w, next_w):
+        y, y_int8 = _gemv_quant.gemv_quant(
+            w, x[0], residual=residual[0], int8_out=True, norm_out=next_norm, interpret=_interpret()
+        )
+        return y[None], y_int8
+    y = linear(x, w, residual=residual, reduce_axis=reduce_axis, backend=backend)
+    return y, y
 
 
 def activate(x: jax.Array, activation: str) -> jax.Array:
@@ -138,13 +176,15 @@ def gated_ffn_up(
     """act(x @ w_gate.T) * (x @ w_up.T), for w13 holding gate rows then up rows (2 * hidden, in).
 
     `next_w` is the matrix that multiplies the result next. Where it takes int8 activations and that pays
-    (gemv_quant.rounds_h_for), a decoded token's result comes as a quant.Int8Vector, rounded by w13's kernel as
-    it writes it, so next_w's kernel does not round it again in every program.
+    (gemv_quant.rounds_output_for), a decoded token's result comes as a quant.Int8Vector, rounded by w13's
+    kernel as it writes it, so next_w's kernel does not round it again in every program. x may be one too
+    (`linear_for_next`'s, normed with `norm`).
     """
     if _decode(x, backend):
-        if _gemv_quant.rounds_h_for(w13, next_w):
+        if _gemv_quant.rounds_output_for(w13, next_w, gated=True):
+            x, norm = _kernel_input(x, norm)
             return _gemv_quant.gemv_quant(
-                w13, x[0], norm=norm, gated=True, activation=activation, int8_out=True, interpret=_interpret()
+                w13, x, norm=norm, gated=True, activation=activation, int8_out=True, interpret=_interpret()
             )[1]
         return _decode_gemv(w13, x, norm, gated=True, activation=activation)
     gate, up = jnp.split(linear(x, w13, norm=norm), 2, axis=-1)

@@ -112,41 +112,75 @@ def _int8_codes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.round(xb * jnp.where(amax > 0, 127 / amax, 0.0)), amax
 
 
-def round_activations(x: jax.Array) -> jax.Array:
+def _rms_scale(x: jax.Array, eps: float) -> jax.Array:
+    """1 / rms(x) over the last axis, in f32 (the norm's factor), with a kept axis for the blocks' broadcast."""
+    xf = x.astype(jnp.float32)
+    return lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)[..., None]
+
+
+def round_activations(x: jax.Array, norm: tuple[jax.Array, float] | None = None) -> jax.Array:
     """x (..., K) as int8 activations stand for it, in x's dtype: each block of ACT_BLOCK values scaled by its
     absmax / 127 and rounded to an integer, then scaled back. The GPU kernels round x the same way, in
     registers (gemv_quant._int8_blocks); paths that compute in floating point (the CPU, prefill) multiply
-    these values."""
-    q, amax = _int8_codes(x)
-    return (q * (amax / 127)).reshape(x.shape).astype(x.dtype)
+    these values.
+
+    With `norm` = (weight, eps), what is rounded is rms_norm(x) = x * weight / rms(x): the integers are those
+    of x * weight (in f32), and the norm's 1 / rms(x), a factor common to every block, goes into the block
+    scales. Rounding does not depend on that factor, so the kernel that computes x can round x * weight as it
+    writes it, before anyone knows rms(x) (gemv_quant's `int8_out` with `norm_out`).
+    """
+    if norm is None:
+        q, amax = _int8_codes(x)
+        return (q * (amax / 127)).reshape(x.shape).astype(x.dtype)
+    weight, eps = norm
+    q, amax = _int8_codes(x.astype(jnp.float32) * weight.astype(jnp.float32))
+    return (q * (amax / 127 * _rms_scale(x, eps))).reshape(x.shape).astype(x.dtype)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["words", "scale", "qsum"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["words", "scale", "qsum", "sumsq"],
+                   meta_fields=["eps"])  # fmt: skip
 @dataclasses.dataclass
 class Int8Vector:
     """A vector (K,) held as int8 activations: what the GEMV that computes it writes when the next matrix
     multiplies int8 activations (gemv_quant's `int8_out`), so that matrix's kernel reads them instead of rounding
-    the vector again in every program (KERNEL_NOTES.md, run 10)."""
+    the vector again in every program (KERNEL_NOTES.md, run 10).
+
+    With `sumsq`, it stands for rms_norm(x) rounded (round_activations with a norm): the integers and scales
+    are those of x * weight, and the reader multiplies the scales by 1 / rms(x), from the blocks' sums of x^2
+    and `eps` (KERNEL_NOTES.md, run 11)."""
 
     words: jax.Array  # (K / 4,) int32: the integers, four bytes a word, the lowest first
     scale: jax.Array  # (K / ACT_BLOCK,) f32: each block's absmax / 127
     qsum: jax.Array  # (K / ACT_BLOCK,) f32: each block's sum of its integers (for int4's -8 and mins)
+    sumsq: jax.Array | None = None  # (K / ACT_BLOCK,) f32: each block's sum of x^2, for a normed vector
+    eps: float | None = None  # the norm's epsilon, for a normed vector
 
     @property
     def shape(self) -> tuple[int]:
         return (self.words.shape[0] * 4,)
 
+    def rms_scale(self) -> jax.Array | float:
+        """The factor the scales take at use: the norm's 1 / rms(x), or 1 for a vector without a norm."""
+        if self.sumsq is None:
+            return 1.0
+        return lax.rsqrt(jnp.sum(self.sumsq) / self.shape[0] + self.eps)
+
     def values(self) -> jax.Array:
-        """The f32 values it stands for: round_activations(x) before that rounds them to x's dtype."""
+        """The f32 values it stands for: round_activations(x[, norm]) before that rounds them to x's dtype."""
         q = lax.bitcast_convert_type(self.words, jnp.int8).reshape(-1, ACT_BLOCK).astype(jnp.float32)
-        return (q * self.scale[:, None]).reshape(-1)
+        return (q * (self.scale * self.rms_scale())[:, None]).reshape(-1)
 
 
-def to_int8_vector(x: jax.Array) -> Int8Vector:
+def to_int8_vector(x: jax.Array, norm: tuple[jax.Array, float] | None = None) -> Int8Vector:
     """x (K,) rounded as round_activations rounds it, held as an Int8Vector (the kernels' reference)."""
-    q, amax = _int8_codes(x)
+    xf = x.astype(jnp.float32)
+    q, amax = _int8_codes(xf if norm is None else xf * norm[0].astype(jnp.float32))
     words = lax.bitcast_convert_type(q.astype(jnp.int8).reshape(-1, 4), jnp.int32)
-    return Int8Vector(words=words, scale=amax[..., 0] / 127, qsum=jnp.sum(q, axis=-1))
+    vector = Int8Vector(words=words, scale=amax[..., 0] / 127, qsum=jnp.sum(q, axis=-1))
+    if norm is None:
+        return vector
+    sumsq = jnp.sum(jnp.square(xf).reshape(-1, ACT_BLOCK), axis=-1)
+    return dataclasses.replace(vector, sumsq=sumsq, eps=float(norm[1]))
 
 
 def takes_int8_activations(w) -> bool:
