@@ -287,9 +287,12 @@ def test_gemv_quant_with_int8_activations_matches_reference(rng, fmt, group, wit
     # whole int8 steps: worst 3.7%).
     tol = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2}[dtype]
     assert _rel(np.asarray(out, np.float32), np.asarray(ref, np.float32)) < tol
-    # And the rounding of x to int8 moves the product by about a step of it (1/254 of a block's absmax).
+    # And the rounding of x to int8 moves the product by about a step of it (1/254 of a block's absmax); the
+    # gate's product, silu(g) * u, compounds two such moves (bf16, 150 draws of each int8 / int4 form: normed
+    # median 0.8%, worst 1.4%; gated median 1.2%, worst 4.1%).
     unrounded = gemv_quant_reference(plain, x, **args)
-    assert _rel(np.asarray(ref, np.float32), np.asarray(unrounded, np.float32)) < 3e-2
+    bound = 6e-2 if args["gated"] else 3e-2
+    assert _rel(np.asarray(ref, np.float32), np.asarray(unrounded, np.float32)) < bound
 
 
 @pytest.mark.parametrize("fmt,group,with_min", [("int4", 32, True), ("int8", 32, False), ("int8", None, False)])
