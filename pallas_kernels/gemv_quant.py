@@ -374,6 +374,7 @@ def gemv_quant(
         view = (lambda v: v.reshape(-1, 2, group // 2)) if int4 else (lambda v: v.reshape(-1, group))
     if x_rounded:  # its words as (blocks, [halves,] words), as _int8_blocks would make them
         xs = [x.words.reshape(-1, 2, ACT_BLOCK // 8) if int4 else x.words.reshape(-1, ACT_BLOCK // 4), x.scale, x.qsum]
+        # A normed vector: its integers hold the norm's weight already; the kernel takes 1 / rms(x) from its sums.
         xs += [] if x.sumsq is None else [x.sumsq]
         norm = None if x.sumsq is None else (None, x.eps)
     else:
