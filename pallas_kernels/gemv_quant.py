@@ -372,11 +372,12 @@ def gemv_quant(
     else:
         q = w.q_bytes().reshape(n, k // group, stored)
         view = (lambda v: v.reshape(-1, 2, group // 2)) if int4 else (lambda v: v.reshape(-1, group))
+    # A normed Int8Vector: its integers hold the norm's weight already; the kernel takes 1 / rms(x) from its sums.
+    normed_vector = x_rounded and x.sumsq is not None
+    eps = x.eps if normed_vector else float(norm[1]) if norm is not None else 0.0
     if x_rounded:  # its words as (blocks, [halves,] words), as _int8_blocks would make them
         xs = [x.words.reshape(-1, 2, ACT_BLOCK // 8) if int4 else x.words.reshape(-1, ACT_BLOCK // 4), x.scale, x.qsum]
-        # A normed vector: its integers hold the norm's weight already; the kernel takes 1 / rms(x) from its sums.
-        xs += [] if x.sumsq is None else [x.sumsq]
-        norm = None if x.sumsq is None else (None, x.eps)
+        xs += [x.sumsq] if normed_vector else []
     else:
         xs = [view(x)] + ([view(norm[0].astype(x.dtype))] if norm is not None else [])
     vec_n = pl.BlockSpec((bn,), lambda i: (i,))
@@ -408,8 +409,8 @@ def gemv_quant(
                   activation=activation, has_min=w.min is not None, has_bias=bias is not None,
                   has_res=residual is not None, interpret=interpret)  # fmt: skip
     kernel = functools.partial(_kernel, k=k, fmt=w.fmt, int8_activations=act8, x_rounded=x_rounded,
-                               int8_out=int8_out, has_norm=norm is not None, norm_out=norm_out is not None,
-                               eps=float(norm[1]) if norm is not None else 0.0, **common)  # fmt: skip
+                               int8_out=int8_out, has_norm=norm is not None or normed_vector,
+                               norm_out=norm_out is not None, eps=eps, **common)  # fmt: skip
     result = pl.pallas_call(
         kernel,
         out_shape=out_shape,

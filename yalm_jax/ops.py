@@ -81,12 +81,13 @@ def linear(
     if _decode(x, backend):
         return _decode_gemv(w, x, norm, bias=b, residual=None if residual is None else residual[0])
     if quant.is_quantized(w) and w.int8_activations:  # the norm is part of the rounding (quant.round_activations)
-        y = quant.matmul(quant.round_activations(x, norm), w)
+        xn = quant.round_activations(x, norm)
     else:
         xn = x if norm is None else rms_norm(x, *norm)
-        f32 = jnp.float32  # a QuantizedMatrix is dequantized inside the graph (quant.py)
-        y = quant.matmul(xn, w) if quant.is_quantized(w) else jnp.einsum("si,oi->so", xn, w, preferred_element_type=f32)
-    y = y.astype(x.dtype)
+    if quant.is_quantized(w):  # dequantized inside the graph (quant.py)
+        y = quant.matmul(xn, w).astype(x.dtype)
+    else:
+        y = jnp.einsum("si,oi->so", xn, w, preferred_element_type=jnp.float32).astype(x.dtype)
     y = y if b is None else y + b
     return y if residual is None else residual + y
 
