@@ -7,7 +7,9 @@ block configs per Mistral shape, vs XLA's dot; `sweep:FORMAT[:SHAPES]` for
 int8 / int4 / fp8_e4m3 weights (int8_a8 / int4_a8: multiplying int8 activations) or float32,
 and SHAPES smollm2, or mistral_int8_h: w13 writing h's int8 form and w2 reading it), mosaic[:SHAPES] (the plain
 GEMV through Mosaic GPU beside the Triton kernel, by the GPU's kernel times), overhead (a GEMV kernel's
-fixed time and streaming rate, from its times against rows), attn (decode attention at
+fixed time and streaming rate, from its times against rows), s8 (int8 x int8 GEMVs on s8 tensor cores through
+Mosaic GPU beside the Triton dp4a kernel), pairs (a chain of GEMV pairs as one persistent Mosaic kernel beside
+one Triton kernel a matrix: gemv_pair_mosaic.py), attn (decode attention at
 T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
 through yalm_jax.model.forward in a jitted lax.scan, pallas vs xla, at context
 128 and 4096). `--smoke` runs every phase at toy shapes in interpret mode on
@@ -346,6 +348,91 @@ def phase_mosaic(smoke, roof, shapes="mistral"):
         LOG["mosaic"][name] = {f"{kd} {c}": [gpu_us.get((kd, c)), walls[(kd, c)], errs[(kd, c)]] for kd, c in fns}
 
 
+def phase_s8(smoke, roof):
+    """int8 weights times int8 activations (blocks of 32): gemv_s8_mosaic (s8 tensor cores) beside the Triton
+    dp4a kernel (gemv_quant, int8_a8, x pre-rounded), on wo, w13 and w2's shapes, by the GPU's kernel times."""
+    from pallas_kernels.gemv_mosaic import gemv_s8_mosaic, gemv_s8_reference
+    from pallas_kernels.gemv_quant import gemv_quant
+
+    if smoke:
+        return row("s8: skipped in --smoke (Mosaic GPU's interpreter runs no WGMMA)")
+    LOG.setdefault("s8", {})
+    for name, n, k in [("wo", 4096, 4096), ("w13", 2 * 14336, 4096), ("w2", 4096, 14336)]:
+        copies = max(4, min(24, int(0.6e9 // (n * k))))
+        keys = jax.random.split(jax.random.key(3), copies + 3)
+        qs = [jax.random.randint(keys[c], (n, k), -127, 128, jnp.int32).astype(jnp.int8) for c in range(copies)]
+        row_scale = 0.01 * (1 + jax.random.uniform(keys[-1], (n,)))
+        x_codes = jax.random.randint(keys[-2], (k,), -127, 128, jnp.int32).astype(jnp.int8)
+        x_scales = 0.01 * (1 + jax.random.uniform(keys[-3], (k // 32,)))
+        ref = gemv_s8_reference(qs[0], row_scale, x_codes, x_scales)
+        tw, tx, _ = _gemv_inputs(n, k, {"int8_in": True}, copies, "int8_a8")
+        fns = {"triton dp4a": jax.jit(lambda ws, x: [gemv_quant(w, x) for w in ws])}
+        for st in (4, 6):
+            fns[f"mosaic s8 wgmma, {st} stages"] = jax.jit(
+                lambda qs, st=st: [gemv_s8_mosaic(q, row_scale, x_codes, x_scales, stages=st) for q in qs])
+        nbytes = n * k
+        for label, fn in fns.items():
+            args = (tw, tx) if label.startswith("triton") else (qs,)
+            out = jax.block_until_ready(fn(*args))[0]
+            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) if not label.startswith("triton") else None
+            us = _span_us(lambda: fn(*args), f"s8_{name}_{label}", lambda e: "gemv" in e["name"], per=copies, mean=True)
+            gbs = nbytes / us / 1e3
+            row(f"s8 {name:4s} {n}x{k} {label:26s} {us:7.2f} us {gbs:5.0f} GB/s ({gbs / roof:4.0%} roof)"
+                + (f" err {err:.1e}" if err is not None else ""))
+            LOG["s8"][f"{name} {label}"] = [us, err]
+
+
+def phase_pairs(smoke, roof, pairs=8, hidden=8192, dim=4096):
+    """A chain of bf16 GEMV pairs x <- B (A x) (A hidden x dim, B dim x hidden): one persistent Mosaic kernel
+    (gemv_pair_mosaic) against the Triton GEMV, one kernel a matrix; the span of a chain by CUPTI, a pair."""
+    from pallas_kernels.gemv_pair_mosaic import arrange_pairs, gemv_pair_chain, gemv_pair_chain_reference
+
+    if smoke:
+        return row("pairs: skipped in --smoke (an interpreter running programs one at a time cannot pass a grid barrier)")
+    ka, kb, kx = jax.random.split(jax.random.key(4), 3)
+    a = (jax.random.normal(ka, (pairs, hidden, dim), jnp.float32) / np.sqrt(dim)).astype(jnp.bfloat16)
+    b = (jax.random.normal(kb, (pairs, dim, hidden), jnp.float32) / np.sqrt(hidden)).astype(jnp.bfloat16)
+    x = jax.random.normal(kx, (dim,), jnp.float32)
+    ref = gemv_pair_chain_reference(a, b, x)
+    a_list, b_list = [a[i] for i in range(pairs)], [b[i] for i in range(pairs)]
+    w_pairs = jax.block_until_ready(jax.jit(arrange_pairs)(a, b))
+
+    def triton_chain(a_list, b_list, x):
+        ys, x = [], x.astype(jnp.bfloat16)
+        for a_p, b_p in zip(a_list, b_list):
+            x = gemv_mod.gemv(b_p, gemv_mod.gemv(a_p, x))
+            ys.append(x)
+        return jnp.stack(ys).astype(jnp.float32)
+
+    fns = {"triton, 2 kernels a pair": (jax.jit(triton_chain), (a_list, b_list, x))}
+    for st in (3, 4, 5):
+        fns[f"mosaic pairs, {st} stages"] = (
+            jax.jit(lambda w, x, st=st: gemv_pair_chain(w, x, pairs=pairs, hidden=hidden, stages=st)), (w_pairs, x))
+    bytes_pair = 2 * hidden * dim * 2
+    LOG.setdefault("pairs", {})
+    for label, (fn, args) in fns.items():
+        out = fn(*args)
+        out = jax.block_until_ready(fn(*args))  # twice: the grid barrier's semaphores must be back at 0
+        err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        us = _span_us(lambda: fn(*args), f"pairs_{label}", lambda e: "gemv" in e["name"], per=pairs)
+        row(f"pairs {hidden}x{dim} {label:26s} {us:7.2f} us a pair (bytes at {roof:.0f} GB/s: "
+            f"{bytes_pair / roof / 1e3:.2f}) err {err:.1e}")
+        LOG["pairs"][label] = [us, err]
+
+
+def _span_us(fn, label, keep, per: int, mean: bool = False, runs: int = 5) -> float:
+    """Median over `runs` traces of the GPU's time (CUPTI) for the kernels `keep` selects, divided by `per`: the
+    span from the first kernel's start to the last one's end, or with `mean` their summed durations."""
+    from bench_gpu import gpu_kernel_events
+
+    times = []
+    for r in range(runs):
+        ks = [e for e in gpu_kernel_events(fn, f"{label}_{r}".replace(" ", "_").replace(",", ""), "/tmp/yalm_jax_traces")
+              if keep(e)]  # fmt: skip
+        times.append(sum(e["dur"] for e in ks) if mean else max(e["ts"] + e["dur"] for e in ks) - min(e["ts"] for e in ks))
+    return statistics.median(times) / per
+
+
 # -- attention -----------------------------------------------------------------------
 
 
@@ -602,6 +689,10 @@ def main():
             elif ph.startswith("mosaic"):  # mosaic[:shapes]
                 parts = ph.split(":")
                 phase_mosaic(args.smoke, roof, parts[1] if len(parts) > 1 else "mistral")
+            elif ph == "s8":
+                phase_s8(args.smoke, roof)
+            elif ph == "pairs":
+                phase_pairs(args.smoke, roof)
             elif ph == "overhead":
                 phase_overhead(args.smoke, roof)
             elif ph == "attn":

@@ -12,6 +12,7 @@ step's Triton kernels are counted: a change that sends a projection or the atten
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention as attn
-from pallas_kernels import gemv, gemv_mosaic, gemv_quant
+from pallas_kernels import gemv, gemv_mosaic, gemv_pair_mosaic, gemv_quant
 from pallas_kernels import prefill_attention as prefill
 from yalm_jax import model, ops, quant
 from yalm_jax.config import ModelConfig
@@ -289,6 +290,26 @@ def test_mosaic_gemv_lowers(dtype, n, k):
     config = None if k % 128 == 0 else (64, 64, 8)
     text = gpu_lowering(lambda w, x: gemv_mosaic.gemv_mosaic(w, x, config=config), SDS((n, k), dtype), SDS((k,), dtype))
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (28672, 4096), (4096, 14336)])
+def test_mosaic_s8_gemv_lowers(n, k):
+    """The s8 tensor-core GEMV that gpu_check.py times against the dp4a one lowers: WGMMA on s8 operands from
+    swizzled shared memory into an s32 accumulator, the block-diagonal x operand transposed."""
+    args = SDS((n, k), jnp.int8), SDS((n,), jnp.float32), SDS((k,), jnp.int8), SDS((k // 32,), jnp.float32)
+    assert gpu_lowering(gemv_mosaic.gemv_s8_mosaic, *args).count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize("pairs,hidden,dim", [(8, 8192, 4096), (1, 1024, 1024)])
+def test_mosaic_pair_chain_lowers(pairs, hidden, dim):
+    """The persistent GEMV-pair kernel lowers (grid-barrier semaphores, TMA reduce-adds) as one kernel for the
+    whole chain, and refuses a grid that could not be resident at once."""
+    w = jax.eval_shape(gemv_pair_mosaic.arrange_pairs, SDS((pairs, hidden, dim), jnp.bfloat16),
+                       SDS((pairs, dim, hidden), jnp.bfloat16))  # fmt: skip
+    chain = functools.partial(gemv_pair_mosaic.gemv_pair_chain, pairs=pairs, hidden=hidden)
+    assert gpu_lowering(chain, w, SDS((dim,), jnp.float32)).count("stablehlo.custom_call @mosaic_gpu") == 1
+    with pytest.raises(ValueError, match="resident"):
+        gemv_pair_mosaic.check_shapes(64 * (gemv_pair_mosaic.MAX_CTAS + 1), dim)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

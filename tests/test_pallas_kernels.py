@@ -130,6 +130,80 @@ def test_mosaic_gemv_matches_reference_real(n, k):
     assert _rel_err(gemv_mosaic(w, x), gemv_reference(w, x)) < TOL[jnp.bfloat16]
 
 
+def _s8_inputs(n, k):
+    k1, k2, k3, k4 = jax.random.split(_key(), 4)
+    q = jax.random.randint(k1, (n, k), -127, 128, jnp.int32).astype(jnp.int8)
+    x_codes = jax.random.randint(k2, (k,), -127, 128, jnp.int32).astype(jnp.int8)
+    return q, 0.01 + 0.01 * jax.random.uniform(k3, (n,)), x_codes, 0.01 + 0.01 * jax.random.uniform(k4, (k // 32,))
+
+
+def test_s8_block_diagonal_codes_give_block_sums():
+    """gemv_s8_mosaic's contract with its operand: one (rows, 256) x (256, 8) product of a tile and the
+    block-diagonal codes puts the tile's 8 block dot products in the 8 columns, which the block scales then
+    weight. Emulated here in integers (the kernel itself needs the GPU's tensor cores)."""
+    from pallas_kernels.gemv_mosaic import block_diagonal_codes, gemv_s8_reference
+
+    q, row_scale, x_codes, x_scales = _s8_inputs(64, 1024)
+    operand = np.asarray(block_diagonal_codes(x_codes), np.int64)
+    y = np.zeros(64)
+    for t in range(1024 // 256):
+        blocks = np.asarray(q[:, 256 * t : 256 * t + 256], np.int64) @ operand[:, 256 * t : 256 * t + 256].T
+        y += blocks @ np.asarray(x_scales[8 * t : 8 * t + 8], np.float64)
+    ref = gemv_s8_reference(q, row_scale, x_codes, x_scales)
+    np.testing.assert_allclose(y * np.asarray(row_scale), ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="WGMMA needs a GPU")
+@pytest.mark.parametrize("n,k", [(128, 512), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_s8_mosaic_gemv_matches_reference(n, k):
+    from pallas_kernels.gemv_mosaic import gemv_s8_mosaic, gemv_s8_reference
+
+    args = _s8_inputs(n, k)
+    assert _rel_err(gemv_s8_mosaic(*args), gemv_s8_reference(*args)) < TOL[jnp.float32]
+
+
+def _pair_inputs(pairs, hidden, dim):
+    ka, kb, kx = jax.random.split(_key(), 3)
+    a = (jax.random.normal(ka, (pairs, hidden, dim)) / np.sqrt(dim)).astype(jnp.bfloat16)
+    b = (jax.random.normal(kb, (pairs, dim, hidden)) / np.sqrt(hidden)).astype(jnp.bfloat16)
+    return a, b, jax.random.normal(kx, (dim,))
+
+
+def test_pair_arrangement_walks_to_the_chain():
+    """gemv_pair_chain's contract with arrange_pairs, emulated in numpy as the kernel walks the tiles: CTA j's
+    A tiles give its 64 rows of u, and each B tile's four 64-column segments against u give y's rows
+    s * D/4 + t * 64 + (0..63). (The kernel itself needs the GPU: its grid barrier.)"""
+    from pallas_kernels.gemv_pair_mosaic import TILE, arrange_pairs, gemv_pair_chain_reference
+
+    (bn, bk), (hidden, dim) = TILE, (1024, 1024)
+    a, b, x = _pair_inputs(1, hidden, dim)
+    ctas, tiles = hidden // bn, dim // bk
+    w = np.asarray(arrange_pairs(a, b), np.float64).reshape(2, ctas, tiles, bn, bk)
+    x = np.asarray(x, np.float64)
+    y = np.zeros(dim)
+    for j in range(ctas):
+        u = sum(w[0, j, t] @ x[bk * t : bk * t + bk] for t in range(tiles))
+        for t in range(tiles):
+            for s in range(4):
+                rows = w[1, j, t][:, bn * s : bn * s + bn] @ u
+                y[s * dim // 4 + t * bn + np.arange(bn)] += rows
+    ref = np.asarray(gemv_pair_chain_reference(a, b, jnp.asarray(x, jnp.float32))[0])
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a grid barrier needs every CTA resident: a GPU")
+@pytest.mark.parametrize("pairs,hidden,dim", [(1, 1024, 1024), (3, 8192, 4096)])
+def test_pair_chain_matches_reference(pairs, hidden, dim):
+    """Twice in a row: the barrier's semaphores must be back at 0 after a call."""
+    from pallas_kernels.gemv_pair_mosaic import arrange_pairs, gemv_pair_chain, gemv_pair_chain_reference
+
+    a, b, x = _pair_inputs(pairs, hidden, dim)
+    ref = gemv_pair_chain_reference(a, b, x)
+    for _ in range(2):
+        out = gemv_pair_chain(arrange_pairs(a, b), x, pairs=pairs, hidden=hidden)
+        assert _rel_err(out, ref) < TOL[jnp.float32]
+
+
 def _check_attention(n_heads, n_kv, t, hd, length, window, dtype, config):
     k1, k2, k3 = jax.random.split(_key(), 3)
     q = jax.random.normal(k1, (n_heads, hd), dtype)
