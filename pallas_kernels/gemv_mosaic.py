@@ -18,16 +18,6 @@ lowering, found by lowering on the CPU: TMA copies move at most 256 elements a d
 layout wants block_n a multiple of 64.
 
 `gemv.gemv_reference` is its reference.
-
-`gemv_s8_mosaic` is an int8 GEMV with int8 activations on Hopper's s8 tensor cores: TMA streams (64, 256)
-int8 weight tiles into shared memory and one WGMMA a tile multiplies them, with no dequantization in
-registers, by x's codes laid out block-diagonally (`block_diagonal_codes`: column c of the (256, 8) operand
-holds x's c-th block of 32 and zeros elsewhere), so the s32 accumulator's 8 columns are the tile's 8 block
-dot products and the f32 epilogue applies x's block scales (the numerics of gemv_quant's int8_a8 path: x in
-blocks of 32, one weight scale a row). It is not on the model's path: it measured 5-9% slower than the
-Triton dp4a kernel on Mistral-7B's matrices (KERNEL_NOTES.md, run 12), but it leaves the warpgroup's
-threads idle, which a persistent layer kernel (gemv_pair_mosaic.py) needs. `gemv_s8_reference` is its
-reference.
 """
 
 from __future__ import annotations
@@ -82,10 +72,7 @@ def gemv_mosaic(
             max_concurrent_steps=stages,
             init_carry=acc if interpret else plgpu.layout_cast(acc, tile.reduce(1)),
         )
-        o_smem[...] = stream(w_gmem, x_gmem).astype(o_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(i * bn, bn)])
-        plgpu.wait_smem_to_gmem(0)
+        write_rows(stream(w_gmem, x_gmem), o_smem, o_gmem, i)
 
     return plgpu.kernel(
         body,
@@ -98,76 +85,12 @@ def gemv_mosaic(
     )(w, x)
 
 
-S8_TILE = (64, 256)  # rows, K a tile: one WGMMA of M = 64 over 8 blocks of 32
-
-
-def block_diagonal_codes(x_codes: jax.Array) -> jax.Array:
-    """(8, K) int8: row c keeps x's codes in block c of every 256-wide tile (blocks of 32), zeros elsewhere."""
-    block = (jnp.arange(x_codes.shape[0]) // 32) % 8
-    return jnp.where(block[None, :] == jnp.arange(8)[:, None], x_codes[None, :], 0).astype(jnp.int8)
-
-
-def gemv_s8_mosaic(
-    q: jax.Array, row_scale: jax.Array, x_codes: jax.Array, x_scales: jax.Array, *, stages: int = 6
-) -> jax.Array:
-    """y = (q * row_scale[:, None]) @ (x_codes * x_scales repeated over blocks of 32), f32.
-
-    q (N, K) int8, row_scale (N,) f32, x_codes (K,) int8, x_scales (K // 32,) f32; N % 64 == 0, K % 256 == 0.
-    """
-    n, k = q.shape
-    bn, bk = S8_TILE
-    if n % bn or k % bk:
-        raise ValueError(f"gemv_s8_mosaic needs N % {bn} == 0 and K % {bk} == 0: got {q.shape}")
-    tile = plgpu.Layout.WGMMA
-    transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
-
-    def body(q_gmem, x_gmem, xs_gmem, o_gmem, o_smem, xs_smem, xs_barrier):
-        i = lax.axis_index("rows")
-        # x's scales whole, once: 8 of them a step are too few bytes for a TMA copy of their own.
-        plgpu.copy_gmem_to_smem(xs_gmem, xs_smem, xs_barrier.at[0])
-        plgpu.barrier_wait(xs_barrier.at[0])
-
-        def step(idx, q_smem, x_smem, total):
-            def mma(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(x_smem, (1, 0)))
-
-            blocks = pl.run_state(mma)(plgpu.ACC.init(plgpu.layout_cast(jnp.zeros((bn, 8), jnp.int32), tile)))
-            scales = plgpu.load(xs_smem.at[idx[0]], (), layout=tile.reduce(0))
-            return total + blocks.astype(jnp.float32) * lax.broadcast_in_dim(scales, (bn, 8), (1,))
-
-        total = plgpu.emit_pipeline(
-            step,
-            grid=(k // bk,),
-            in_specs=[
-                plgpu.BlockSpec((bn, bk), lambda kk: (i, kk), transforms=transforms),
-                plgpu.BlockSpec((8, bk), lambda kk: (0, kk), transforms=transforms),
-            ],
-            max_concurrent_steps=stages,
-            init_carry=plgpu.layout_cast(jnp.zeros((bn, 8), jnp.float32), tile),
-        )(q_gmem, x_gmem)
-        o_smem[...] = jnp.sum(total, axis=1)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(i * bn, bn)])
-        plgpu.wait_smem_to_gmem(0)
-
-    y = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((n,), jnp.float32),
-        grid=(n // bn,),
-        grid_names=("rows",),
-        scratch_types=[
-            plgpu.SMEM((bn,), jnp.float32),
-            plgpu.SMEM((k // bk, 8), jnp.float32),
-            plgpu.Barrier(num_arrivals=1, num_barriers=1),
-        ],
-        kernel_name=kernel_name("gemv_s8_mosaic", n, k, False, (bn, bk, stages)),
-    )(q, block_diagonal_codes(x_codes), x_scales.reshape(k // bk, 8))
-    return y * row_scale
-
-
-def gemv_s8_reference(q, row_scale, x_codes, x_scales) -> jax.Array:
-    x = x_codes.astype(jnp.float32) * jnp.repeat(x_scales, 32)
-    return jnp.dot(q.astype(jnp.float32), x, precision="highest") * row_scale
+def write_rows(rows: jax.Array, o_smem, o_gmem, i):
+    """CTA i's block of output rows out to GMEM (rows -> shared memory -> one TMA copy), waited for."""
+    o_smem[...] = rows.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(i * o_smem.shape[0], o_smem.shape[0])])
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _interpret_params():

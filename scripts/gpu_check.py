@@ -7,10 +7,10 @@ block configs per Mistral shape, vs XLA's dot; `sweep:FORMAT[:SHAPES]` for
 int8 / int4 / fp8_e4m3 weights (int8_a8 / int4_a8: multiplying int8 activations) or float32,
 and SHAPES smollm2, or mistral_int8_h: w13 writing h's int8 form and w2 reading it), mosaic[:SHAPES] (the plain
 GEMV through Mosaic GPU beside the Triton kernel, by the GPU's kernel times), overhead (a GEMV kernel's
-fixed time and streaming rate, from its times against rows), s8 (int8 x int8 GEMVs on s8 tensor cores through
-Mosaic GPU beside the Triton dp4a kernel), pairs (a chain of GEMV pairs as one persistent Mosaic kernel beside
-one Triton kernel a matrix: gemv_pair_mosaic.py), attn (decode attention at
-T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
+fixed time and streaming rate, from its times against rows), s8 (int8 and int4 weights x int8
+activations on s8 tensor cores through Mosaic GPU beside the Triton dp4a kernels), pairs (a chain of
+GEMV pairs as one persistent Mosaic kernel beside one Triton kernel a matrix: gemv_pair_mosaic.py),
+attn (decode attention at T=128 and 4096 vs the xla path), model (random bf16 Mistral-7B shape decoded
 through yalm_jax.model.forward in a jitted lax.scan, pallas vs xla, at context
 128 and 4096). `--smoke` runs every phase at toy shapes in interpret mode on
 the CPU, to check the script itself. Prints a table last; logs go to --out.
@@ -349,9 +349,10 @@ def phase_mosaic(smoke, roof, shapes="mistral"):
 
 
 def phase_s8(smoke, roof):
-    """int8 weights times int8 activations (blocks of 32): gemv_s8_mosaic (s8 tensor cores) beside the Triton
-    dp4a kernel (gemv_quant, int8_a8, x pre-rounded), on wo, w13 and w2's shapes, by the GPU's kernel times."""
-    from pallas_kernels.gemv_mosaic import gemv_s8_mosaic, gemv_s8_reference
+    """int8 and int4 weights times int8 activations (blocks of 32) on the s8 tensor cores through Mosaic GPU
+    (gemv_s8_mosaic) beside the Triton dp4a kernels (gemv_quant, _a8, x pre-rounded), on wo, w13 and w2's
+    shapes, by the GPU's kernel times."""
+    from pallas_kernels import gemv_s8_mosaic as s8
     from pallas_kernels.gemv_quant import gemv_quant
 
     if smoke:
@@ -359,27 +360,33 @@ def phase_s8(smoke, roof):
     LOG.setdefault("s8", {})
     for name, n, k in [("wo", 4096, 4096), ("w13", 2 * 14336, 4096), ("w2", 4096, 14336)]:
         copies = max(4, min(24, int(0.6e9 // (n * k))))
-        keys = jax.random.split(jax.random.key(3), copies + 3)
-        qs = [jax.random.randint(keys[c], (n, k), -127, 128, jnp.int32).astype(jnp.int8) for c in range(copies)]
-        row_scale = 0.01 * (1 + jax.random.uniform(keys[-1], (n,)))
-        x_codes = jax.random.randint(keys[-2], (k,), -127, 128, jnp.int32).astype(jnp.int8)
-        x_scales = 0.01 * (1 + jax.random.uniform(keys[-3], (k // 32,)))
-        ref = gemv_s8_reference(qs[0], row_scale, x_codes, x_scales)
-        tw, tx, _ = _gemv_inputs(n, k, {"int8_in": True}, copies, "int8_a8")
-        fns = {"triton dp4a": jax.jit(lambda ws, x: [gemv_quant(w, x) for w in ws])}
-        for st in (4, 6):
-            fns[f"mosaic s8 wgmma, {st} stages"] = jax.jit(
-                lambda qs, st=st: [gemv_s8_mosaic(q, row_scale, x_codes, x_scales, stages=st) for q in qs])
-        nbytes = n * k
-        for label, fn in fns.items():
-            args = (tw, tx) if label.startswith("triton") else (qs,)
-            out = jax.block_until_ready(fn(*args))[0]
-            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) if not label.startswith("triton") else None
-            us = _span_us(lambda: fn(*args), f"s8_{name}_{label}", lambda e: "gemv" in e["name"], per=copies, mean=True)
-            gbs = nbytes / us / 1e3
-            row(f"s8 {name:4s} {n}x{k} {label:26s} {us:7.2f} us {gbs:5.0f} GB/s ({gbs / roof:4.0%} roof)"
-                + (f" err {err:.1e}" if err is not None else ""))
-            LOG["s8"][f"{name} {label}"] = [us, err]
+        keys = jax.random.split(jax.random.key(3), copies + 5)
+        x_codes = jax.random.randint(keys[-1], (k,), -127, 128, jnp.int32).astype(jnp.int8)
+        x_scales = 0.01 * (1 + jax.random.uniform(keys[-2], (k // 32,)))
+        q8 = [jax.random.randint(keys[c], (n, k), -127, 128, jnp.int32).astype(jnp.int8) for c in range(copies)]
+        q4 = [lax.bitcast_convert_type(q, jnp.uint8)[:, : k // 2] for q in q8]  # Q4_0 bytes: any byte is two nibbles
+        row_scale = 0.01 * (1 + jax.random.uniform(keys[-3], (n,)))
+        group_scales = (0.01 * (1 + jax.random.uniform(keys[-4], (n, k // 32)))).astype(jnp.float16)
+        refs = {"int8": s8.gemv_s8_reference(q8[0], row_scale, x_codes, x_scales),
+                "int4": s8.gemv_s4_reference(q4[0], group_scales, x_codes, x_scales)}  # fmt: skip
+        q4 = [jax.block_until_ready(s8.prepare_int4(q)) for q in q4]
+        for fmt, q, nbytes in [("int8", q8, n * k), ("int4", q4, n * k * 18 // 32)]:
+            tw, tx, _ = _gemv_inputs(n, k, {"int8_in": True}, copies, f"{fmt}_a8")
+            fns = {"triton dp4a": (jax.jit(lambda ws, x: [gemv_quant(w, x) for w in ws]), (tw, tx))}
+            kernel, scale = (s8.gemv_s8_mosaic, row_scale) if fmt == "int8" else (s8.gemv_s4_mosaic, group_scales)
+            for st in (4, 6):
+                fn = jax.jit(lambda qs, st=st, kernel=kernel, scale=scale: [
+                    kernel(q, scale, x_codes, x_scales, stages=st) for q in qs])  # fmt: skip
+                fns[f"mosaic s8 wgmma, {st} stages"] = (fn, (q,))
+            for label, (fn, args) in fns.items():
+                out = jax.block_until_ready(fn(*args))[0]
+                err = float(jnp.linalg.norm(out - refs[fmt]) / jnp.linalg.norm(refs[fmt]))
+                err = None if label.startswith("triton") else err  # the Triton kernels have weights of their own
+                us = _span_us(lambda: fn(*args), f"s8_{fmt}_{name}_{label}", _is_gemv, copies, mean=True)
+                gbs = nbytes / us / 1e3
+                row(f"s8 {fmt} {name:4s} {n}x{k} {label:26s} {us:7.2f} us {gbs:5.0f} GB/s ({gbs / roof:4.0%} roof)"
+                    + (f" err {err:.1e}" if err is not None else ""))
+                LOG["s8"][f"{fmt} {name} {label}"] = [us, err]
 
 
 def phase_pairs(smoke, roof, pairs=8, hidden=8192, dim=4096):
@@ -388,7 +395,7 @@ def phase_pairs(smoke, roof, pairs=8, hidden=8192, dim=4096):
     from pallas_kernels.gemv_pair_mosaic import arrange_pairs, gemv_pair_chain, gemv_pair_chain_reference
 
     if smoke:
-        return row("pairs: skipped in --smoke (an interpreter running programs one at a time cannot pass a grid barrier)")
+        return row("pairs: skipped in --smoke (an interpreter running one program at a time passes no grid barrier)")
     ka, kb, kx = jax.random.split(jax.random.key(4), 3)
     a = (jax.random.normal(ka, (pairs, hidden, dim), jnp.float32) / np.sqrt(dim)).astype(jnp.bfloat16)
     b = (jax.random.normal(kb, (pairs, dim, hidden), jnp.float32) / np.sqrt(hidden)).astype(jnp.bfloat16)
@@ -414,10 +421,14 @@ def phase_pairs(smoke, roof, pairs=8, hidden=8192, dim=4096):
         out = fn(*args)
         out = jax.block_until_ready(fn(*args))  # twice: the grid barrier's semaphores must be back at 0
         err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-        us = _span_us(lambda: fn(*args), f"pairs_{label}", lambda e: "gemv" in e["name"], per=pairs)
+        us = _span_us(lambda: fn(*args), f"pairs_{label}", _is_gemv, pairs)
         row(f"pairs {hidden}x{dim} {label:26s} {us:7.2f} us a pair (bytes at {roof:.0f} GB/s: "
             f"{bytes_pair / roof / 1e3:.2f}) err {err:.1e}")
         LOG["pairs"][label] = [us, err]
+
+
+def _is_gemv(event) -> bool:
+    return "gemv" in event["name"]
 
 
 def _span_us(fn, label, keep, per: int, mean: bool = False, runs: int = 5) -> float:
@@ -427,9 +438,10 @@ def _span_us(fn, label, keep, per: int, mean: bool = False, runs: int = 5) -> fl
 
     times = []
     for r in range(runs):
-        ks = [e for e in gpu_kernel_events(fn, f"{label}_{r}".replace(" ", "_").replace(",", ""), "/tmp/yalm_jax_traces")
-              if keep(e)]  # fmt: skip
-        times.append(sum(e["dur"] for e in ks) if mean else max(e["ts"] + e["dur"] for e in ks) - min(e["ts"] for e in ks))
+        trace = f"{label}_{r}".replace(" ", "_").replace(",", "")
+        ks = [e for e in gpu_kernel_events(fn, trace, "/tmp/yalm_jax_traces") if keep(e)]
+        span = max(e["ts"] + e["dur"] for e in ks) - min(e["ts"] for e in ks)
+        times.append(sum(e["dur"] for e in ks) if mean else span)
     return statistics.median(times) / per
 
 

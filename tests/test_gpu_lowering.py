@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention as attn
-from pallas_kernels import gemv, gemv_mosaic, gemv_pair_mosaic, gemv_quant
+from pallas_kernels import gemv, gemv_mosaic, gemv_pair_mosaic, gemv_quant, gemv_s8_mosaic
 from pallas_kernels import prefill_attention as prefill
 from yalm_jax import model, ops, quant
 from yalm_jax.config import ModelConfig
@@ -293,11 +293,13 @@ def test_mosaic_gemv_lowers(dtype, n, k):
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (28672, 4096), (4096, 14336)])
-def test_mosaic_s8_gemv_lowers(n, k):
-    """The s8 tensor-core GEMV that gpu_check.py times against the dp4a one lowers: WGMMA on s8 operands from
-    swizzled shared memory into an s32 accumulator, the block-diagonal x operand transposed."""
-    args = SDS((n, k), jnp.int8), SDS((n,), jnp.float32), SDS((k,), jnp.int8), SDS((k // 32,), jnp.float32)
-    assert gpu_lowering(gemv_mosaic.gemv_s8_mosaic, *args).count("stablehlo.custom_call @mosaic_gpu") == 1
+def test_mosaic_s8_gemvs_lower(n, k):
+    """The tensor-core GEMVs that gpu_check.py times against the dp4a ones lower: s8 WGMMAs into s32
+    accumulators, int8 weights from swizzled shared memory, int4's nibbles from registers."""
+    x = SDS((k,), jnp.int8), SDS((k // 32,), jnp.float32)
+    int8 = gpu_lowering(gemv_s8_mosaic.gemv_s8_mosaic, SDS((n, k), jnp.int8), SDS((n,), jnp.float32), *x)
+    int4 = gpu_lowering(gemv_s8_mosaic.gemv_s4_mosaic, SDS((n, k // 2), jnp.int8), SDS((n, k // 32), jnp.float16), *x)
+    assert int8.count("stablehlo.custom_call @mosaic_gpu") == 1 and int4.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.parametrize("pairs,hidden,dim", [(8, 8192, 4096), (1, 1024, 1024)])

@@ -130,36 +130,69 @@ def test_mosaic_gemv_matches_reference_real(n, k):
     assert _rel_err(gemv_mosaic(w, x), gemv_reference(w, x)) < TOL[jnp.bfloat16]
 
 
-def _s8_inputs(n, k):
+def _s8_inputs(n, k, int4=False):
+    """Weights (int8 and a row scale, or Q4_0 bytes and f16 group scales), x's int8 codes and block scales."""
     k1, k2, k3, k4 = jax.random.split(_key(), 4)
-    q = jax.random.randint(k1, (n, k), -127, 128, jnp.int32).astype(jnp.int8)
+    if int4:
+        q = jax.random.randint(k1, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+        scale = (0.01 + 0.01 * jax.random.uniform(k3, (n, k // 32))).astype(jnp.float16)
+    else:
+        q = jax.random.randint(k1, (n, k), -127, 128, jnp.int32).astype(jnp.int8)
+        scale = 0.01 + 0.01 * jax.random.uniform(k3, (n,))
     x_codes = jax.random.randint(k2, (k,), -127, 128, jnp.int32).astype(jnp.int8)
-    return q, 0.01 + 0.01 * jax.random.uniform(k3, (n,)), x_codes, 0.01 + 0.01 * jax.random.uniform(k4, (k // 32,))
+    return q, scale, x_codes, 0.01 + 0.01 * jax.random.uniform(k4, (k // 32,))
 
 
-def test_s8_block_diagonal_codes_give_block_sums():
-    """gemv_s8_mosaic's contract with its operand: one (rows, 256) x (256, 8) product of a tile and the
-    block-diagonal codes puts the tile's 8 block dot products in the 8 columns, which the block scales then
-    weight. Emulated here in integers (the kernel itself needs the GPU's tensor cores)."""
-    from pallas_kernels.gemv_mosaic import block_diagonal_codes, gemv_s8_reference
+def _tiles_times_block_diagonal(w, operand):
+    """Per 256-wide tile, the (rows, 256) x (256, columns) integer product a tile's WGMMA makes: (tiles, rows,
+    columns)."""
+    w, operand = np.asarray(w, np.int64), np.asarray(operand, np.int64)
+    return np.stack([w[:, t : t + 256] @ operand[:, t : t + 256].T for t in range(0, w.shape[1], 256)])
+
+
+def test_s8_operands_give_block_sums():
+    """gemv_s8_mosaic's contract with its x operand: a tile's product with the block-diagonal codes puts its 8
+    block dot products in 8 columns, which x's block scales then weight. Emulated in integers (the kernel
+    itself needs the GPU's tensor cores)."""
+    from pallas_kernels.gemv_s8_mosaic import block_diagonal, gemv_s8_reference
 
     q, row_scale, x_codes, x_scales = _s8_inputs(64, 1024)
-    operand = np.asarray(block_diagonal_codes(x_codes), np.int64)
-    y = np.zeros(64)
-    for t in range(1024 // 256):
-        blocks = np.asarray(q[:, 256 * t : 256 * t + 256], np.int64) @ operand[:, 256 * t : 256 * t + 256].T
-        y += blocks @ np.asarray(x_scales[8 * t : 8 * t + 8], np.float64)
+    blocks = _tiles_times_block_diagonal(q, block_diagonal(x_codes, 32, 8))
+    y = np.einsum("trc,tc->r", blocks, np.asarray(x_scales, np.float64).reshape(-1, 8)) * np.asarray(row_scale)
     ref = gemv_s8_reference(q, row_scale, x_codes, x_scales)
-    np.testing.assert_allclose(y * np.asarray(row_scale), ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_s4_nibbles_and_operands_give_the_product():
+    """gemv_s4_mosaic's contract, emulated in integers: with the high nibbles stored XOR 8, (w & 0xF0) read as
+    int8 is 16 (n - 8) and (w & 0x0F) is n; against the block-diagonal halves of x they give each block's
+    sums, the low ones 8 x (x's low half sum) too high."""
+    from pallas_kernels.gemv_s8_mosaic import block_diagonal, gemv_s4_reference, prepare_int4
+
+    q, scales, x_codes, x_scales = _s8_inputs(64, 2048, int4=True)
+    w = np.asarray(prepare_int4(q))
+    halves = np.asarray(x_codes).reshape(-1, 2, 16)
+    low, high = (_tiles_times_block_diagonal(part, block_diagonal(jnp.asarray(halves[:, h].reshape(-1)), 16, 16))
+                 for h, part in ((0, w & 0x0F), (1, w & np.int8(-16))))  # fmt: skip
+    low = low - 8 * halves[:, 0].sum(axis=1).reshape(-1, 16)[:, None, :]
+    per_block = (low + high / 16) * np.asarray(x_scales, np.float64).reshape(-1, 1, 16)
+    y = np.einsum("trc,rtc->r", per_block, np.asarray(scales, np.float64).reshape(64, -1, 16))
+    ref = gemv_s4_reference(q, scales, x_codes, x_scales)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="WGMMA needs a GPU")
-@pytest.mark.parametrize("n,k", [(128, 512), (4096, 4096), (28672, 4096), (4096, 14336)])
-def test_s8_mosaic_gemv_matches_reference(n, k):
-    from pallas_kernels.gemv_mosaic import gemv_s8_mosaic, gemv_s8_reference
+@pytest.mark.parametrize("int4", [False, True])
+@pytest.mark.parametrize("n,k", [(128, 1024), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_s8_mosaic_gemvs_match_reference(n, k, int4):
+    from pallas_kernels import gemv_s8_mosaic as s8
 
-    args = _s8_inputs(n, k)
-    assert _rel_err(gemv_s8_mosaic(*args), gemv_s8_reference(*args)) < TOL[jnp.float32]
+    q, scale, x_codes, x_scales = _s8_inputs(n, k, int4)
+    if int4:
+        out, ref = s8.gemv_s4_mosaic(s8.prepare_int4(q), scale, x_codes, x_scales), s8.gemv_s4_reference
+    else:
+        out, ref = s8.gemv_s8_mosaic(q, scale, x_codes, x_scales), s8.gemv_s8_reference
+    assert _rel_err(out, ref(q, scale, x_codes, x_scales)) < TOL[jnp.float32]
 
 
 def _pair_inputs(pairs, hidden, dim):
