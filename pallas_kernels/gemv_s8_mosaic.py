@@ -1,9 +1,10 @@
 """GEMVs with int8 activations on Hopper's s8 tensor cores, through Mosaic GPU: int8 weights (one scale a
 row) and int4 weights (GGUF Q4_0's bytes, f16 scales a group of 32), x's codes in blocks of 32 with a scale
-each, as gemv_quant's `_a8` kernels multiply them with dp4a. Not on the model's path: alone they measured
-5-33% slower than the Triton dp4a kernels (KERNEL_NOTES.md, run 12), but their products leave the
-warpgroup's threads idle (a WGMMA a tile, a few f32 ops a block), which a persistent layer kernel
-(gemv_pair_mosaic.py) needs; `scripts/gpu_check.py --phases s8` times them beside the Triton ones.
+each, as gemv_quant's `_a8` kernels multiply them with dp4a. Not on the model's path: alone, on Mistral-7B's
+matrices, they measured from 7% faster (int4's w2, K in 2 splits) to 13% slower (int4's w13) than the Triton
+dp4a kernels (KERNEL_NOTES.md, run 12), and their products leave the warpgroup's threads idle (a WGMMA a
+tile, a few f32 ops a block), which a persistent layer kernel (gemv_pair_mosaic.py) needs.
+`scripts/gpu_check.py --phases s8` times them beside the Triton ones.
 
 Each CTA owns 64 rows; TMA streams their (64, 256-byte) tiles through `stages` shared-memory buffers. The
 x operand of a tile's WGMMA (N columns, one a block of x) is block-diagonal (`block_diagonal`): column c
@@ -45,19 +46,24 @@ def prepare_int4(q_packed: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(q_packed ^ jnp.uint8(0x80), jnp.int8)
 
 
-def _tensor_core_gemv(name, n, k_tiles, cols, tiled, per_tile, step, stages) -> jax.Array:
+def _tensor_core_gemv(name, n, k_tiles, cols, tiled, per_tile, step, stages, splits) -> jax.Array:
     """The CTA skeleton both kernels share: out[r] = sum over tiles and columns of step(...)'s (64, cols) f32.
 
     tiled: (array, block shape, per CTA's rows?, transforms) streamed a tile a step; per_tile: (k_tiles,
     cols) f32 arrays read whole into shared memory once (too few bytes a step for a TMA copy), whose row kk
-    step gets broadcast over the rows; step(tile refs..., per-tile rows..., ) -> (64, cols) f32.
+    step gets broadcast over the rows; step(tile refs..., per-tile rows..., ) -> (64, cols) f32. With
+    `splits` > 1 each CTA takes 1/splits of the tiles (more CTAs where N / 64 leaves SMs idle) and XLA adds
+    the splits' partial rows after the kernel.
     """
+    if k_tiles % splits:
+        raise ValueError(f"{splits} splits do not divide {k_tiles} tiles")
+    split_tiles = k_tiles // splits
     acc_layout = plgpu.Layout.WGMMA
 
     def body(*refs):
         tiled_gmem, per_tile_gmem = refs[: len(tiled)], refs[len(tiled) : len(tiled) + len(per_tile)]
         o_gmem, o_smem, *per_tile_smem, barrier = refs[len(tiled) + len(per_tile) :]
-        i = lax.axis_index("rows")
+        i, first = lax.axis_index("rows"), lax.axis_index("split") * split_tiles
         for c, (src, dst) in enumerate(zip(per_tile_gmem, per_tile_smem)):
             plgpu.copy_gmem_to_smem(src, dst, barrier.at[c])
         for c in range(len(per_tile)):
@@ -66,36 +72,40 @@ def _tensor_core_gemv(name, n, k_tiles, cols, tiled, per_tile, step, stages) -> 
         def pipeline_step(idx, *args):
             *tile_refs, total = args
             rows = [
-                lax.broadcast_in_dim(plgpu.load(ref.at[idx[0]], (), layout=acc_layout.reduce(0)), (ROWS, cols), (1,))
+                lax.broadcast_in_dim(
+                    plgpu.load(ref.at[first + idx[0]], (), layout=acc_layout.reduce(0)), (ROWS, cols), (1,)
+                )
                 for ref in per_tile_smem
             ]
             return total + step(*tile_refs, *rows)
 
         specs = [
-            plgpu.BlockSpec(shape, (lambda kk: (i, kk)) if by_rows else (lambda kk: (0, kk)), transforms=transforms)
+            plgpu.BlockSpec(
+                shape, (lambda kk: (i, first + kk)) if by_rows else (lambda kk: (0, first + kk)), transforms=transforms
+            )
             for _, shape, by_rows, transforms in tiled
         ]
         total = plgpu.emit_pipeline(
             pipeline_step,
-            grid=(k_tiles,),
+            grid=(split_tiles,),
             in_specs=specs,
             max_concurrent_steps=stages,
             init_carry=plgpu.layout_cast(jnp.zeros((ROWS, cols), jnp.float32), acc_layout),
         )(*tiled_gmem)
-        write_rows(jnp.sum(total, axis=1), o_smem, o_gmem, i)
+        write_rows(jnp.sum(total, axis=1), o_smem, o_gmem.at[lax.axis_index("split")], i)
 
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((n,), jnp.float32),
-        grid=(n // ROWS,),
-        grid_names=("rows",),
+        out_type=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+        grid=(n // ROWS, splits),
+        grid_names=("rows", "split"),
         scratch_types=[
             plgpu.SMEM((ROWS,), jnp.float32),
             *[plgpu.SMEM((k_tiles, cols), jnp.float32) for _ in per_tile],
             plgpu.Barrier(num_arrivals=1, num_barriers=len(per_tile)),
         ],
         kernel_name=name,
-    )(*[t[0] for t in tiled], *per_tile)
+    )(*[t[0] for t in tiled], *per_tile).sum(axis=0)
 
 
 def _block_sums(a, b_ref, cols):
@@ -114,7 +124,7 @@ def _check(n, k, what):
 
 
 def gemv_s8_mosaic(
-    q: jax.Array, row_scale: jax.Array, x_codes: jax.Array, x_scales: jax.Array, *, stages: int = 6
+    q: jax.Array, row_scale: jax.Array, x_codes: jax.Array, x_scales: jax.Array, *, stages: int = 6, splits: int = 1
 ) -> jax.Array:
     """y = (q * row_scale[:, None]) @ (x_codes * x_scales, a scale a block of 32), f32.
     q (N, K) int8, row_scale (N,) f32, x_codes (K,) int8, x_scales (K // 32,) f32."""
@@ -126,16 +136,16 @@ def gemv_s8_mosaic(
         return _block_sums(q_smem, x_smem, cols) * x_scale
 
     y = _tensor_core_gemv(
-        kernel_name("gemv_s8_mosaic", n, k, False, (ROWS, TILE_BYTES, stages)), n, k // TILE_BYTES, cols,
+        kernel_name("gemv_s8_mosaic", n, k, False, (ROWS, TILE_BYTES, stages, splits)), n, k // TILE_BYTES, cols,
         [(q, (ROWS, TILE_BYTES), True, TILED_8BIT),
          (block_diagonal(x_codes, X_BLOCK, cols), (cols, TILE_BYTES), False, TILED_8BIT)],
-        [x_scales.reshape(-1, cols)], step, stages,
+        [x_scales.reshape(-1, cols)], step, stages, splits,
     )  # fmt: skip
     return y * row_scale
 
 
 def gemv_s4_mosaic(
-    q4: jax.Array, group_scales: jax.Array, x_codes: jax.Array, x_scales: jax.Array, *, stages: int = 4
+    q4: jax.Array, group_scales: jax.Array, x_codes: jax.Array, x_scales: jax.Array, *, stages: int = 4, splits: int = 1
 ) -> jax.Array:
     """y = W x for Q4_0 weights, f32: q4 (N, K/2) from `prepare_int4`, group_scales (N, K // 32) f16 (W's
     value = scale * (nibble - 8)), x_codes (K,) int8, x_scales (K // 32,) f32."""
@@ -154,12 +164,12 @@ def gemv_s4_mosaic(
         return (low + high) * x_scale * scale
 
     return _tensor_core_gemv(
-        kernel_name("gemv_s4_mosaic", n, k, False, (ROWS, TILE_BYTES, stages)), n, k // 2 // TILE_BYTES, cols,
+        kernel_name("gemv_s4_mosaic", n, k, False, (ROWS, TILE_BYTES, stages, splits)), n, k // 2 // TILE_BYTES, cols,
         [(q4, (ROWS, TILE_BYTES), True, TILED_8BIT),
          (low_x, (cols, TILE_BYTES), False, TILED_8BIT),
          (high_x, (cols, TILE_BYTES), False, TILED_8BIT),
          (group_scales, (ROWS, cols), True, TILED_F16_NARROW)],
-        [x_scales.reshape(-1, cols), low_offsets.reshape(-1, cols)], step, stages,
+        [x_scales.reshape(-1, cols), low_offsets.reshape(-1, cols)], step, stages, splits,
     )  # fmt: skip
 
 

@@ -374,17 +374,18 @@ def phase_s8(smoke, roof):
             tw, tx, _ = _gemv_inputs(n, k, {"int8_in": True}, copies, f"{fmt}_a8")
             fns = {"triton dp4a": (jax.jit(lambda ws, x: [gemv_quant(w, x) for w in ws]), (tw, tx))}
             kernel, scale = (s8.gemv_s8_mosaic, row_scale) if fmt == "int8" else (s8.gemv_s4_mosaic, group_scales)
-            for st in (4, 6):
-                fn = jax.jit(lambda qs, st=st, kernel=kernel, scale=scale: [
-                    kernel(q, scale, x_codes, x_scales, stages=st) for q in qs])  # fmt: skip
-                fns[f"mosaic s8 wgmma, {st} stages"] = (fn, (q,))
+            # 2 splits of K where N / 64 CTAs would leave SMs idle (their partial rows' add, by XLA, not timed)
+            for st, sp in [(4, 1), (6, 1)] + ([(4, 2), (6, 2)] if n // 64 < 128 else []):
+                fn = jax.jit(lambda qs, st=st, sp=sp, kernel=kernel, scale=scale: [
+                    kernel(q, scale, x_codes, x_scales, stages=st, splits=sp) for q in qs])  # fmt: skip
+                fns[f"mosaic s8 wgmma, {st} stages, {sp} split{'s' if sp > 1 else ''}"] = (fn, (q,))
             for label, (fn, args) in fns.items():
                 out = jax.block_until_ready(fn(*args))[0]
                 err = float(jnp.linalg.norm(out - refs[fmt]) / jnp.linalg.norm(refs[fmt]))
                 err = None if label.startswith("triton") else err  # the Triton kernels have weights of their own
                 us = _span_us(lambda: fn(*args), f"s8_{fmt}_{name}_{label}", _is_gemv, copies, mean=True)
                 gbs = nbytes / us / 1e3
-                row(f"s8 {fmt} {name:4s} {n}x{k} {label:26s} {us:7.2f} us {gbs:5.0f} GB/s ({gbs / roof:4.0%} roof)"
+                row(f"s8 {fmt} {name:4s} {n}x{k} {label:35s} {us:7.2f} us {gbs:5.0f} GB/s ({gbs / roof:4.0%} roof)"
                     + (f" err {err:.1e}" if err is not None else ""))
                 LOG["s8"][f"{fmt} {name} {label}"] = [us, err]
 

@@ -292,14 +292,16 @@ def test_mosaic_gemv_lowers(dtype, n, k):
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
-@pytest.mark.parametrize("n,k", [(4096, 4096), (28672, 4096), (4096, 14336)])
-def test_mosaic_s8_gemvs_lower(n, k):
+@pytest.mark.parametrize("n,k,splits", [(4096, 4096, 2), (28672, 4096, 1), (4096, 14336, 2)])
+def test_mosaic_s8_gemvs_lower(n, k, splits):
     """The tensor-core GEMVs that gpu_check.py times against the dp4a ones lower: s8 WGMMAs into s32
     accumulators, int8 weights from swizzled shared memory, int4's nibbles from registers."""
     x = SDS((k,), jnp.int8), SDS((k // 32,), jnp.float32)
-    int8 = gpu_lowering(gemv_s8_mosaic.gemv_s8_mosaic, SDS((n, k), jnp.int8), SDS((n,), jnp.float32), *x)
-    int4 = gpu_lowering(gemv_s8_mosaic.gemv_s4_mosaic, SDS((n, k // 2), jnp.int8), SDS((n, k // 32), jnp.float16), *x)
-    assert int8.count("stablehlo.custom_call @mosaic_gpu") == 1 and int4.count("stablehlo.custom_call @mosaic_gpu") == 1
+    int8 = gemv_s8_mosaic.gemv_s8_mosaic, SDS((n, k), jnp.int8), SDS((n,), jnp.float32)
+    int4 = gemv_s8_mosaic.gemv_s4_mosaic, SDS((n, k // 2), jnp.int8), SDS((n, k // 32), jnp.float16)
+    for kernel, *weights in (int8, int4):
+        text = gpu_lowering(functools.partial(kernel, splits=splits), *weights, *x)
+        assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.parametrize("pairs,hidden,dim", [(8, 8192, 4096), (1, 1024, 1024)])

@@ -183,15 +183,15 @@ def test_s4_nibbles_and_operands_give_the_product():
 
 @pytest.mark.skipif(not ON_GPU, reason="WGMMA needs a GPU")
 @pytest.mark.parametrize("int4", [False, True])
-@pytest.mark.parametrize("n,k", [(128, 1024), (4096, 4096), (28672, 4096), (4096, 14336)])
-def test_s8_mosaic_gemvs_match_reference(n, k, int4):
+@pytest.mark.parametrize("n,k,splits", [(128, 1024, 1), (4096, 4096, 2), (28672, 4096, 1), (4096, 14336, 2)])
+def test_s8_mosaic_gemvs_match_reference(n, k, splits, int4):
     from pallas_kernels import gemv_s8_mosaic as s8
 
     q, scale, x_codes, x_scales = _s8_inputs(n, k, int4)
     if int4:
-        out, ref = s8.gemv_s4_mosaic(s8.prepare_int4(q), scale, x_codes, x_scales), s8.gemv_s4_reference
+        out, ref = s8.gemv_s4_mosaic(s8.prepare_int4(q), scale, x_codes, x_scales, splits=splits), s8.gemv_s4_reference
     else:
-        out, ref = s8.gemv_s8_mosaic(q, scale, x_codes, x_scales), s8.gemv_s8_reference
+        out, ref = s8.gemv_s8_mosaic(q, scale, x_codes, x_scales, splits=splits), s8.gemv_s8_reference
     assert _rel_err(out, ref(q, scale, x_codes, x_scales)) < TOL[jnp.float32]
 
 
