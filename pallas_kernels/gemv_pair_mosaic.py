@@ -9,7 +9,7 @@ threads). So a pair has no barrier inside it; only the next pair, which reads y 
 (a GMEM semaphore) for every CTA's reduce-add. One `emit_pipeline` streams both matrices' tiles (64 x 256,
 through `stages` shared-memory buffers), so the next matrix's first tiles are in flight while a CTA waits.
 
-B's columns R_j are laid out by `arrange_pairs` (once, at load in a model) as 16 tiles of (64, 256) whose
+B's columns R_j are laid out by `arrange_pairs` (once, at load in a model) as D / 256 tiles of (64, 256) whose
 row q holds four outputs' 64-wide slices of R_j (o = s * D/4 + t * 64 + q for the tile's four segments s),
 so y's rows come out of row sums with a masked copy of u a segment, as A's do; column sums (a
 reduction across the warpgroup's warps) cost more than the bytes did when tried.
