@@ -383,7 +383,7 @@ def phase_s8(smoke, roof):
                 out = jax.block_until_ready(fn(*args))[0]
                 err = float(jnp.linalg.norm(out - refs[fmt]) / jnp.linalg.norm(refs[fmt]))
                 err = None if label.startswith("triton") else err  # the Triton kernels have weights of their own
-                us = _span_us(lambda: fn(*args), f"s8_{fmt}_{name}_{label}", _is_gemv, copies, mean=True)
+                us = _gemv_us(lambda: fn(*args), f"s8_{fmt}_{name}_{label}", copies, mean=True)
                 gbs = nbytes / us / 1e3
                 row(f"s8 {fmt} {name:4s} {n}x{k} {label:35s} {us:7.2f} us {gbs:5.0f} GB/s ({gbs / roof:4.0%} roof)"
                     + (f" err {err:.1e}" if err is not None else ""))
@@ -422,25 +422,21 @@ def phase_pairs(smoke, roof, pairs=8, hidden=8192, dim=4096):
         out = fn(*args)
         out = jax.block_until_ready(fn(*args))  # twice: the grid barrier's semaphores must be back at 0
         err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-        us = _span_us(lambda: fn(*args), f"pairs_{label}", _is_gemv, pairs)
+        us = _gemv_us(lambda: fn(*args), f"pairs_{label}", pairs)
         row(f"pairs {hidden}x{dim} {label:26s} {us:7.2f} us a pair (bytes at {roof:.0f} GB/s: "
             f"{bytes_pair / roof / 1e3:.2f}) err {err:.1e}")
         LOG["pairs"][label] = [us, err]
 
 
-def _is_gemv(event) -> bool:
-    return "gemv" in event["name"]
-
-
-def _span_us(fn, label, keep, per: int, mean: bool = False, runs: int = 5) -> float:
-    """Median over `runs` traces of the GPU's time (CUPTI) for the kernels `keep` selects, divided by `per`: the
-    span from the first kernel's start to the last one's end, or with `mean` their summed durations."""
+def _gemv_us(fn, label, per: int, mean: bool = False, runs: int = 5) -> float:
+    """Median over `runs` traces of fn's GEMV kernels' GPU time (CUPTI), divided by `per`: the span from the
+    first one's start to the last one's end, or with `mean` their summed durations."""
     from bench_gpu import gpu_kernel_events
 
     times = []
     for r in range(runs):
         trace = f"{label}_{r}".replace(" ", "_").replace(",", "")
-        ks = [e for e in gpu_kernel_events(fn, trace, "/tmp/yalm_jax_traces") if keep(e)]
+        ks = [e for e in gpu_kernel_events(fn, trace, "/tmp/yalm_jax_traces") if "gemv" in e["name"]]
         span = max(e["ts"] + e["dur"] for e in ks) - min(e["ts"] for e in ks)
         times.append(sum(e["dur"] for e in ks) if mean else span)
     return statistics.median(times) / per
