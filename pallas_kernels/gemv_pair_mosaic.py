@@ -49,22 +49,23 @@ def check_shapes(h: int, d: int):
 
 
 def arrange_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
-    """A (P, H, D) and B (P, D, H) as one run of (64, 256) tiles, CTA-major within each matrix: A's tile (j, t) is
-    A[64j:+64, 256t:+256]; B's tile (j, t) row q is B[o, 64j:+64] for o = s * D/4 + t * 64 + q, s = 0..3."""
+    """A (P, H, D) and B (P, D, H) as (P, 2, H * D/256, 256): each matrix a run of (64, 256) tiles, CTA-major: A's
+    tile (j, t) is A[64j:+64, 256t:+256]; B's tile (j, t) row q is B[o, 64j:+64] for o = s * D/4 + t * 64 + q,
+    s = 0..3."""
     p, h, d = a.shape
     check_shapes(h, d)
     bn, bk = TILE
     ctas, tiles = h // bn, d // bk
     a_tiles = a.reshape(p, ctas, bn, tiles, bk).transpose(0, 1, 3, 2, 4)  # p, j, t, q, c
     b_tiles = b.reshape(p, SEGMENTS, tiles, bn, ctas, bn).transpose(0, 4, 2, 3, 1, 5)  # p, j, t, q, s, c
-    both = jnp.stack([a_tiles.reshape(p, h * tiles, bk), b_tiles.reshape(p, h * tiles, bk)], axis=1)
-    return both.reshape(p * 2 * h * tiles, bk)
+    return jnp.stack([a_tiles.reshape(p, h * tiles, bk), b_tiles.reshape(p, h * tiles, bk)], axis=1)
 
 
-def gemv_pair_chain(w_pairs: jax.Array, x: jax.Array, *, pairs: int, hidden: int, stages: int = 5) -> jax.Array:
-    """Every y_p of x_{p+1} = B_p A_p x_p, (pairs, D) f32; w_pairs from `arrange_pairs`, x (D,)."""
+def gemv_pair_chain(w_pairs: jax.Array, x: jax.Array, *, stages: int = 5) -> jax.Array:
+    """Every y_p of x_{p+1} = B_p A_p x_p, (P, D) f32; w_pairs from `arrange_pairs`, x (D,)."""
     bn, bk = TILE
     d = x.shape[0]
+    pairs, hidden = w_pairs.shape[0], w_pairs.shape[2] * bk // d
     check_shapes(hidden, d)
     ctas, tiles, chunks = hidden // bn, d // bk, d // bk
     tile = plgpu.Layout.WGMMA
@@ -162,7 +163,7 @@ def gemv_pair_chain(w_pairs: jax.Array, x: jax.Array, *, pairs: int, hidden: int
             plgpu.Barrier(num_arrivals=1, num_barriers=1),
         ],
         kernel_name=kernel_name("gemv_pair_mosaic", d, hidden, False, (pairs, stages)),
-    )(w_pairs, x.astype(jnp.float32).reshape(chunks, bk))
+    )(w_pairs.reshape(-1, bk), x.astype(jnp.float32).reshape(chunks, bk))
     return ys.reshape(pairs, d)
 
 

@@ -118,9 +118,10 @@ def _block_sums(a, b_ref, cols):
     return pl.run_state(mma)(plgpu.ACC.init(zeros)).astype(jnp.float32)
 
 
-def _check(n, k, what):
-    if n % ROWS or k % TILE_BYTES:
-        raise ValueError(f"{what} needs N % {ROWS} == 0 and K % {TILE_BYTES} == 0 (K in weights): got {n} x {k}")
+def _check(q, what):
+    n, row_bytes = q.shape
+    if n % ROWS or row_bytes % TILE_BYTES:
+        raise ValueError(f"{what} needs N % {ROWS} == 0 and a row's bytes % {TILE_BYTES} == 0: got {q.shape}")
 
 
 def gemv_s8_mosaic(
@@ -129,7 +130,7 @@ def gemv_s8_mosaic(
     """y = (q * row_scale[:, None]) @ (x_codes * x_scales, a scale a block of 32), f32.
     q (N, K) int8, row_scale (N,) f32, x_codes (K,) int8, x_scales (K // 32,) f32."""
     n, k = q.shape
-    _check(n, k, "gemv_s8_mosaic")
+    _check(q, "gemv_s8_mosaic")
     cols = TILE_BYTES // X_BLOCK
 
     def step(q_smem, x_smem, x_scale):
@@ -150,7 +151,7 @@ def gemv_s4_mosaic(
     """y = W x for Q4_0 weights, f32: q4 (N, K/2) from `prepare_int4`, group_scales (N, K // 32) f16 (W's
     value = scale * (nibble - 8)), x_codes (K,) int8, x_scales (K // 32,) f32."""
     n, k = q4.shape[0], 2 * q4.shape[1]
-    _check(n, k // 2, "gemv_s4_mosaic")
+    _check(q4, "gemv_s4_mosaic")
     cols = TILE_BYTES // (X_BLOCK // 2)  # a 256-byte tile holds 16 blocks of 32 weights
     halves = x_codes.reshape(-1, 2, X_BLOCK // 2)  # a block's weights 0-15 are low nibbles, 16-31 high ones
     low_x, high_x = (block_diagonal(halves[:, h].reshape(-1), X_BLOCK // 2, cols) for h in (0, 1))

@@ -415,7 +415,7 @@ def phase_pairs(smoke, roof, pairs=8, hidden=8192, dim=4096):
     fns = {"triton, 2 kernels a pair": (jax.jit(triton_chain), (a_list, b_list, x))}
     for st in (3, 4, 5):
         fns[f"mosaic pairs, {st} stages"] = (
-            jax.jit(lambda w, x, st=st: gemv_pair_chain(w, x, pairs=pairs, hidden=hidden, stages=st)), (w_pairs, x))
+            jax.jit(lambda w, x, st=st: gemv_pair_chain(w, x, stages=st)), (w_pairs, x))
     bytes_pair = 2 * hidden * dim * 2
     LOG.setdefault("pairs", {})
     for label, (fn, args) in fns.items():
