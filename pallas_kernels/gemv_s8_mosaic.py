@@ -3,7 +3,9 @@ row) and int4 weights (GGUF Q4_0's bytes, f16 scales a group of 32), x's codes i
 each, as gemv_quant's `_a8` kernels multiply them with dp4a. Not on the model's path: alone, on Mistral-7B's
 matrices, they measured from 7% faster (int4's w2, K in 2 splits) to 13% slower (int4's w13) than the Triton
 dp4a kernels (KERNEL_NOTES.md, run 12), and their products leave the warpgroup's threads idle (a WGMMA a
-tile, a few f32 ops a block), which a persistent layer kernel (gemv_pair_mosaic.py) needs.
+tile, a few f32 ops a block), which a persistent layer kernel (gemv_pair_mosaic.py) needs. In a persistent
+layout (x's operands resident, every SM one CTA) the int4 one ran 87% of the roofline against Triton's 93%,
+its TMA ring alone 91% (run 13): the ring, not the products, is what such a kernel would have to beat.
 `scripts/gpu_check.py --phases s8` times them beside the Triton ones.
 
 Each CTA owns 64 rows; TMA streams their (64, 256-byte) tiles through `stages` shared-memory buffers. The
