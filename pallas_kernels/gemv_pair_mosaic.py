@@ -19,9 +19,9 @@ an H100's or H200's 132 SMs, one CTA an SM by its shared memory. The semaphores 
 call. Interpret mode cannot run a grid barrier (it runs programs one at a time), so this is checked on the
 GPU (`scripts/gpu_check.py --phases pairs`, `tests/test_pallas_kernels.py`) and lowered in CI.
 
-Measured (H100, bf16, A 8192 x 4096 and B 4096 x 8192; KERNEL_NOTES.md run 12): 46.6 us a pair against the
-Triton GEMVs' 49.1 (two kernels) and the bytes' 44.3 at the roofline: a pair's overhead halves (2.3 against
-4.8 us), of which the grid barrier is ~1.1 us.
+Measured (H100, bf16, A 8192 x 4096 and B 4096 x 8192; KERNEL_NOTES.md runs 12 and 13): 45.9-46.3 us a pair
+against the Triton GEMVs' 48.8-49.3 (two kernels) and the bytes' 44.3 at the roofline: a pair's overhead
+drops from ~4.8 us to ~1.6-2.0, of which the grid barrier is ~1.1 us.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def gemv_pair_chain(w_pairs: jax.Array, x: jax.Array, *, stages: int = 5) -> jax
     d = x.shape[0]
     pairs, hidden = w_pairs.shape[0], w_pairs.shape[2] * bk // d
     check_shapes(hidden, d)
-    ctas, tiles, chunks = hidden // bn, d // bk, d // bk
+    ctas, tiles = hidden // bn, d // bk  # D / 256: A's tiles along a row, B's tiles a CTA, x's and y's chunks
     tile = plgpu.Layout.WGMMA
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
@@ -86,7 +86,7 @@ def gemv_pair_chain(w_pairs: jax.Array, x: jax.Array, *, stages: int = 5) -> jax
             u_by_segment[s] = jnp.zeros((bk,), jnp.float32)
         plgpu.commit_smem()
 
-        @pl.when(j < chunks)
+        @pl.when(j < tiles)
         def _():
             for p in range(pairs):
                 plgpu.copy_smem_to_gmem(zero_smem, ys_gmem.at[p, j])
@@ -99,10 +99,13 @@ def gemv_pair_chain(w_pairs: jax.Array, x: jax.Array, *, stages: int = 5) -> jax
         def step(idx, w_smem, u):
             p, second, t = idx
             wt = plgpu.load(w_smem, (), layout=tile).astype(jnp.float32)
-            # First matrix: u (my 64 rows) accumulates A's row sums against x's chunk t.
-            xt = plgpu.load(x_smem.at[t], (), layout=tile.reduce(0))
-            row_sums = jnp.sum(wt * lax.broadcast_in_dim(xt, (bn, bk), (1,)), axis=1)
-            u = u * jnp.where((second == 0) & (t == 0), 0.0, 1.0) + row_sums * jnp.where(second == 0, 1.0, 0.0)
+
+            def a_rows(u):  # first matrix: u (my 64 rows) accumulates A's row sums against x's chunk t
+                xt = plgpu.load(x_smem.at[t], (), layout=tile.reduce(0))
+                row_sums = jnp.sum(wt * lax.broadcast_in_dim(xt, (bn, bk), (1,)), axis=1)
+                return u * jnp.where(t == 0, 0.0, 1.0) + row_sums
+
+            u = lax.cond(second == 0, a_rows, lambda u: u, u)
 
             @pl.when((second == 1) & (t == 0))
             def _():
@@ -152,18 +155,18 @@ def gemv_pair_chain(w_pairs: jax.Array, x: jax.Array, *, stages: int = 5) -> jax
 
     ys = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((pairs, chunks, bk), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((pairs, tiles, bk), jnp.float32),
         grid=(ctas,),
         grid_names=("cta",),
         scratch_types=[
-            plgpu.SMEM((chunks, bk), jnp.float32),
-            plgpu.SMEM((chunks, bk), jnp.float32),
+            plgpu.SMEM((tiles, bk), jnp.float32),
+            plgpu.SMEM((tiles, bk), jnp.float32),
             plgpu.SMEM((bk,), jnp.float32),
             plgpu.SMEM((SEGMENTS, bk), jnp.float32),
             plgpu.Barrier(num_arrivals=1, num_barriers=1),
         ],
         kernel_name=kernel_name("gemv_pair_mosaic", d, hidden, False, (pairs, stages)),
-    )(w_pairs.reshape(-1, bk), x.astype(jnp.float32).reshape(chunks, bk))
+    )(w_pairs.reshape(-1, bk), x.astype(jnp.float32).reshape(tiles, bk))
     return ys.reshape(pairs, d)
 
 
