@@ -25,7 +25,10 @@ writes the output itself. Otherwise each active split writes its partial
 (max, sum, output) and counts itself in its kv head's slot of
 `split_counter`; the last of a head's splits to arrive merges them and writes
 the output, so attention is one kernel, not a kernel plus a combine step (at
-batch 1 a small model's step is bound by its kernel count). The counter must
+batch 1 a small model's step is bound by its kernel count). It loads the
+partials MERGE_SPLITS splits at a time: one by one, each load waited on its
+own round trip to L2, and at context 4096 the merge of 16 splits was a fifth
+of the kernel (KERNEL_NOTES.md, run 14). The counter must
 be zero on entry and is left zero: callers thread one array through the
 layers (`new_split_counter`), so no memset runs per call.
 
@@ -50,6 +53,7 @@ from pallas_kernels.gemv import _pow2_divisor
 # (KERNEL_NOTES.md, run 8): against (128, 512), within 1% at context 128 and 3-5% faster at 1024 and 4096.
 DEFAULT_CONFIG = (64, 256, 4, 2)
 MIN_GROUP = 16  # rows of a tensor-core dot
+MERGE_SPLITS = 4  # partials the merge loads at once: the fastest at context 1000, 0.8 us behind 8 at 4096 (run 14)
 
 
 def supported(t: int, hd: int) -> bool:
@@ -181,22 +185,29 @@ def _attention_kernel(
             def _():
                 counter_ref[h] = jnp.int32(0)  # every active split of this head has counted: none reads it again
 
-                def partial(ref, i):  # written by other SMs: a volatile load, never this SM's L1
-                    return plt.load(ref.at[i], volatile=True)
-
-                def merge(i, carry):
-                    # One pass, rescaling as the running max grows (as within a split), so each split costs
-                    # one round of loads from L2, not two. Every active split holds a valid slot: m_i is
-                    # finite, and exp(-inf) = 0 drops the empty initial state.
+                def merge(c, carry):
+                    # MERGE_SPLITS splits a round, one masked load each of their partials (written by other SMs:
+                    # volatile, never this SM's L1), rescaling as the running max grows (as within a split).
+                    # Every active split holds a valid slot: its m is finite, and exp(-inf) = 0 drops the empty
+                    # initial state and the masked rows past the last split.
                     o_sum, l_sum, m_run = carry
-                    m_i = partial(m_ref, i)
-                    m_new = jnp.maximum(m_run, m_i)
-                    a, b = jnp.exp(m_run - m_new), jnp.exp(m_i - m_new)
-                    o_sum = a[:, None] * o_sum + b[:, None] * partial(acc_ref, i)
-                    return o_sum, a * l_sum + b * partial(l_ref, i), m_new
+                    i = first + c * MERGE_SPLITS
+                    active = i + lax.broadcasted_iota(jnp.int32, (MERGE_SPLITS,), 0) < last
+
+                    def partials(ref, other):
+                        shape = (MERGE_SPLITS, *ref.shape[1:])
+                        mask = jnp.broadcast_to(active.reshape((MERGE_SPLITS,) + (1,) * (len(shape) - 1)), shape)
+                        return plt.load(ref.at[pl.ds(i, MERGE_SPLITS)], mask=mask, other=other, volatile=True)
+
+                    m_i = partials(m_ref, -jnp.inf)  # (MERGE_SPLITS, gp)
+                    m_new = jnp.maximum(m_run, jnp.max(m_i, axis=0))
+                    a, b = jnp.exp(m_run - m_new), jnp.exp(m_i - m_new[None])
+                    o_sum = a[:, None] * o_sum + jnp.sum(b[:, :, None] * partials(acc_ref, 0.0), axis=0)
+                    return o_sum, a * l_sum + jnp.sum(b * partials(l_ref, 0.0), axis=0), m_new
 
                 init = (jnp.zeros((gp, hd), f32), jnp.zeros((gp,), f32), jnp.full((gp,), -jnp.inf, f32))
-                o_sum, l_sum, _ = lax.fori_loop(first, last, merge, init)
+                rounds = lax.div(last - first + MERGE_SPLITS - 1, MERGE_SPLITS)
+                o_sum, l_sum, _ = lax.fori_loop(0, rounds, merge, init)
                 write_output(o_sum, l_sum)
 
 
@@ -246,19 +257,22 @@ def _decode_attention_call(
         return pl.BlockSpec(a.shape, lambda h, s: (0,) * len(a.shape))
 
     # The output and the counter are shared by all programs; each kv head's partials by its splits.
+    # The merge reads MERGE_SPLITS partials at a time from any split on: rows past the last are never written,
+    # only masked, but they exist, so no read runs off the array (the interpreter would clamp it).
+    slots = n_splits + MERGE_SPLITS - 1
     out_shape = (
         jax.ShapeDtypeStruct((n_heads, hd), rows.dtype),
         jax.ShapeDtypeStruct((n_kv,), jnp.int32),
-        jax.ShapeDtypeStruct((n_kv, n_splits, gp, hd), jnp.float32),
-        jax.ShapeDtypeStruct((n_kv, n_splits, gp), jnp.float32),
-        jax.ShapeDtypeStruct((n_kv, n_splits, gp), jnp.float32),
+        jax.ShapeDtypeStruct((n_kv, slots, gp, hd), jnp.float32),
+        jax.ShapeDtypeStruct((n_kv, slots, gp), jnp.float32),
+        jax.ShapeDtypeStruct((n_kv, slots, gp), jnp.float32),
     )
     out_specs = (
         whole(out_shape[0]),
         whole(out_shape[1]),
-        pl.BlockSpec((None, n_splits, gp, hd), lambda h, s: (h, 0, 0, 0)),
-        pl.BlockSpec((None, n_splits, gp), lambda h, s: (h, 0, 0)),
-        pl.BlockSpec((None, n_splits, gp), lambda h, s: (h, 0, 0)),
+        pl.BlockSpec((None, slots, gp, hd), lambda h, s: (h, 0, 0, 0)),
+        pl.BlockSpec((None, slots, gp), lambda h, s: (h, 0, 0)),
+        pl.BlockSpec((None, slots, gp), lambda h, s: (h, 0, 0)),
     )
     kv_spec = pl.BlockSpec((None, t, hd), lambda h, s: (h, 0, 0))
     operands = [length, rows]
