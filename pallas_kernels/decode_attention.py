@@ -26,9 +26,9 @@ writes the output itself. Otherwise each active split writes its partial
 `split_counter`; the last of a head's splits to arrive merges them and writes
 the output, so attention is one kernel, not a kernel plus a combine step (at
 batch 1 a small model's step is bound by its kernel count). It loads the
-partials MERGE_SPLITS splits at a time: one by one, each load waited on its
-own round trip to L2, and at context 4096 the merge of 16 splits was a fifth
-of the kernel (KERNEL_NOTES.md, run 14). The counter must
+partials several splits at a time (`merge_splits`): one by one, each load
+waited on its own round trip to L2, and at context 4096 the merge of 16 splits
+was a fifth of the kernel (KERNEL_NOTES.md, run 14). The counter must
 be zero on entry and is left zero: callers thread one array through the
 layers (`new_split_counter`), so no memset runs per call.
 
@@ -49,11 +49,31 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.gemv import _pow2_divisor
 
-# (block_t, split_t, num_warps, num_stages). Chosen on one H100 80GB HBM3 inside a whole Mistral-7B decode
-# (KERNEL_NOTES.md, run 8): against (128, 512), within 1% at context 128 and 3-5% faster at 1024 and 4096.
+# (block_t, split_t, num_warps, num_stages). Chosen on one H100 80GB HBM3 inside whole Mistral-7B decodes
+# (KERNEL_NOTES.md): (64, 256) against (128, 512) in run 8, within 1% at context 128 and 3-5% faster at 1024 and
+# 4096; splits of 128 slots for steps that read at most SHORT_ATTN_LEN slots in run 14 (int4_a8 at context 1024
+# 2.303 -> 2.250 ms; at 4096 they lose, 2.458 -> 2.552: twice the splits to merge).
 DEFAULT_CONFIG = (64, 256, 4, 2)
+SHORT_CONFIG = (64, 128, 4, 2)
+SHORT_ATTN_LEN = 2048
 MIN_GROUP = 16  # rows of a tensor-core dot
-MERGE_SPLITS = 4  # partials the merge loads at once: the fastest at context 1000, 0.8 us behind 8 at 4096 (run 14)
+# The merge loads up to MERGE_SPLITS splits' f32 partial outputs at once, at most MERGE_FLOATS of them (64 kB over
+# 4 warps' registers): 8 of Mistral's (16, 128); against 4, int4_a8 at context 4096 2.497 -> 2.458 ms, level at
+# 128 and 1024 (run 14).
+MERGE_SPLITS = 8
+MERGE_FLOATS = 8 * 16 * 128
+
+
+def config_for(attn_len: int) -> tuple[int, int, int, int]:
+    """The tile for a decode step that reads at most `attn_len` slots (static: each decode bucket compiles its
+    own step): SHORT_CONFIG's splits where the bucket spans 2 to 8 of DEFAULT_CONFIG's (twice the programs,
+    few to merge); DEFAULT_CONFIG's where one split holds it all (nothing to merge) or the merge would grow."""
+    return SHORT_CONFIG if DEFAULT_CONFIG[1] < attn_len <= SHORT_ATTN_LEN else DEFAULT_CONFIG
+
+
+def merge_splits(group_rows: int, hd: int) -> int:
+    """How many splits' partials the merge loads at once, for query blocks of `group_rows` x `hd`."""
+    return max(1, min(MERGE_SPLITS, MERGE_FLOATS // (group_rows * hd)))
 
 
 def supported(t: int, hd: int) -> bool:
@@ -62,7 +82,7 @@ def supported(t: int, hd: int) -> bool:
 
 
 def _attention_kernel(
-    len_ref, rows_ref, *refs, n_heads, group, bt, split_t, window, scale, has_new, rope, norm_eps,
+    len_ref, rows_ref, *refs, n_heads, group, bt, split_t, n_merge, window, scale, has_new, rope, norm_eps,
     dot_dtype, sync_threads,
 ):  # fmt: skip
     refs = list(refs)
@@ -186,27 +206,27 @@ def _attention_kernel(
                 counter_ref[h] = jnp.int32(0)  # every active split of this head has counted: none reads it again
 
                 def merge(c, carry):
-                    # MERGE_SPLITS splits a round, one masked load each of their partials (written by other SMs:
+                    # n_merge splits a round, one masked load each of their partials (written by other SMs:
                     # volatile, never this SM's L1), rescaling as the running max grows (as within a split).
                     # Every active split holds a valid slot: its m is finite, and exp(-inf) = 0 drops the empty
                     # initial state and the masked rows past the last split.
                     o_sum, l_sum, m_run = carry
-                    i = first + c * MERGE_SPLITS
-                    active = i + lax.broadcasted_iota(jnp.int32, (MERGE_SPLITS,), 0) < last
+                    i = first + c * n_merge
+                    active = i + lax.broadcasted_iota(jnp.int32, (n_merge,), 0) < last
 
                     def partials(ref, other):
-                        shape = (MERGE_SPLITS, *ref.shape[1:])
-                        mask = jnp.broadcast_to(active.reshape((MERGE_SPLITS,) + (1,) * (len(shape) - 1)), shape)
-                        return plt.load(ref.at[pl.ds(i, MERGE_SPLITS)], mask=mask, other=other, volatile=True)
+                        shape = (n_merge, *ref.shape[1:])
+                        mask = jnp.broadcast_to(active.reshape((n_merge,) + (1,) * (len(shape) - 1)), shape)
+                        return plt.load(ref.at[pl.ds(i, n_merge)], mask=mask, other=other, volatile=True)
 
-                    m_i = partials(m_ref, -jnp.inf)  # (MERGE_SPLITS, gp)
+                    m_i = partials(m_ref, -jnp.inf)  # (n_merge, gp)
                     m_new = jnp.maximum(m_run, jnp.max(m_i, axis=0))
                     a, b = jnp.exp(m_run - m_new), jnp.exp(m_i - m_new[None])
                     o_sum = a[:, None] * o_sum + jnp.sum(b[:, :, None] * partials(acc_ref, 0.0), axis=0)
                     return o_sum, a * l_sum + jnp.sum(b * partials(l_ref, 0.0), axis=0), m_new
 
                 init = (jnp.zeros((gp, hd), f32), jnp.zeros((gp,), f32), jnp.full((gp,), -jnp.inf, f32))
-                rounds = lax.div(last - first + MERGE_SPLITS - 1, MERGE_SPLITS)
+                rounds = lax.div(last - first + n_merge - 1, n_merge)
                 o_sum, l_sum, _ = lax.fori_loop(0, rounds, merge, init)
                 write_output(o_sum, l_sum)
 
@@ -257,9 +277,10 @@ def _decode_attention_call(
         return pl.BlockSpec(a.shape, lambda h, s: (0,) * len(a.shape))
 
     # The output and the counter are shared by all programs; each kv head's partials by its splits.
-    # The merge reads MERGE_SPLITS partials at a time from any split on: rows past the last are never written,
+    # The merge reads n_merge splits' partials at a time from any split on: rows past the last are never written,
     # only masked, but they exist, so no read runs off the array (the interpreter would clamp it).
-    slots = n_splits + MERGE_SPLITS - 1
+    n_merge = merge_splits(gp, hd)
+    slots = n_splits + n_merge - 1
     out_shape = (
         jax.ShapeDtypeStruct((n_heads, hd), rows.dtype),
         jax.ShapeDtypeStruct((n_kv,), jnp.int32),
@@ -303,7 +324,7 @@ def _decode_attention_call(
         out_specs += (kv_spec, kv_spec)
 
     kernel = functools.partial(
-        _attention_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, window=window,
+        _attention_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, n_merge=n_merge, window=window,
         scale=hd**-0.5 if scale is None else scale, has_new=has_new, rope=rope_inv_freq is not None,
         norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, sync_threads=not interpret,
     )  # fmt: skip

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import MERGE_SPLITS, decode_attention, decode_attention_reference
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference, merge_splits
 from pallas_kernels.gemv import gemv, gemv_reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -269,12 +269,12 @@ def test_decode_attention_matches_reference_small(dtype, n_heads, length, window
     _check_attention(n_heads, 2, 128, 32, length, window, dtype, SMALL_ATTN)
 
 
-@pytest.mark.parametrize("length,window", [(250, None), (250, 200)], ids=["16_splits", "13_splits_from_the_fourth"])
+@pytest.mark.parametrize("length,window", [(500, None), (500, 420)], ids=["32_splits", "27_splits_from_the_sixth"])
 def test_decode_attention_merges_more_splits_than_a_load(length, window):
-    # Splits of 16 slots: more active splits than the merge loads at once (MERGE_SPLITS), and with the window
-    # a first split that is not the first of a load.
-    assert -(-length // 16) > MERGE_SPLITS
-    _check_attention(8, 2, 256, 32, length, window, jnp.float32, (16, 16, 4, 2))
+    # Splits of 16 slots: more active splits than the merge loads at once, and with the window a first split
+    # that is not the first of a load.
+    assert -(-length // 16) > merge_splits(16, 16) > 1
+    _check_attention(8, 2, 512, 16, length, window, jnp.float32, (16, 16, 4, 2))
 
 
 def test_decode_attention_length_is_traced():

@@ -294,11 +294,12 @@ def attention(
     s = qkv.shape[0]
     n_kv, max_context, hd = k_cache.shape
     if ring_sinks is None and _decode(qkv, backend) and _attn.supported(max_context, hd):
-        # One kernel normalises and rotates q and k, reads the cache blocks below q_pos (so
-        # attn_len is not needed), adds the new token and writes it into slot q_pos in place.
+        # One kernel normalises and rotates q and k, reads the cache blocks below q_pos (attn_len picks
+        # only its tile), adds the new token and writes it into slot q_pos in place.
         out, k_cache, v_cache, split_counter = _attn.decode_attention_update(
             qkv[0].reshape(-1, hd), k_cache, v_cache, q_pos[0], split_counter, n_heads=n_heads,
-            rope_inv_freq=rope_inv_freq, qk_norm=qk_norm, window=window, scale=scale, interpret=_interpret(),
+            rope_inv_freq=rope_inv_freq, qk_norm=qk_norm, window=window, scale=scale,
+            config=_attn.config_for(attn_len), interpret=_interpret(),
         )  # fmt: skip
         return out.reshape(1, n_heads * hd), k_cache, v_cache, split_counter
     heads = qkv.reshape(s, n_heads + 2 * n_kv, hd)
