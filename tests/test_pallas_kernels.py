@@ -307,7 +307,7 @@ def test_model_decode_pallas_matches_xla(qk_norm, monkeypatch):
     from yalm_jax.config import ModelConfig
     from yalm_jax.weights import LayerWeights, Weights
 
-    monkeypatch.setattr(attn_mod, "DEFAULT_CONFIG", (16, 16, 4, 2))
+    monkeypatch.setattr(attn_mod, "config_for", lambda attn_len: (16, 16, 4, 2))
     cfg = ModelConfig(
         arch="qwen3" if qk_norm else "qwen2", vocab_size=64, dim=64, hidden_dim=128, n_layers=2, n_heads=6,
         n_kv_heads=2, head_dim=32, norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64,
