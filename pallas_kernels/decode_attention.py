@@ -51,10 +51,11 @@ from pallas_kernels.gemv import _pow2_divisor
 
 # (block_t, split_t, num_warps, num_stages). Chosen on one H100 80GB HBM3 inside whole Mistral-7B decodes
 # (KERNEL_NOTES.md): (64, 256) against (128, 512) in run 8, within 1% at context 128 and 3-5% faster at 1024 and
-# 4096; splits of 128 slots for steps that read at most SHORT_ATTN_LEN slots in run 14 (int4_a8 at context 1024
-# 2.303 -> 2.250 ms; at 4096 they lose, 2.458 -> 2.552: twice the splits to merge).
-DEFAULT_CONFIG = (64, 256, 4, 2)
-SHORT_CONFIG = (64, 128, 4, 2)
+# 4096; in run 14 splits of 128 slots for steps that read at most SHORT_ATTN_LEN slots (int4_a8 at context 1024
+# 2.303 -> 2.250 ms; at 4096 they lose, 2.458 -> 2.552: twice the splits to merge), and 3 stages, so the walk has
+# two blocks in flight (at 1024 2.245 -> 2.224, at 4096 2.463 -> 2.391).
+DEFAULT_CONFIG = (64, 256, 4, 3)
+SHORT_CONFIG = (64, 128, 4, 3)
 SHORT_ATTN_LEN = 2048
 MIN_GROUP = 16  # rows of a tensor-core dot
 # The merge loads up to MERGE_SPLITS splits' f32 partial outputs at once, at most MERGE_FLOATS of them (64 kB over
