@@ -4,8 +4,9 @@ each, as gemv_quant's `_a8` kernels multiply them with dp4a. Not on the model's 
 matrices, they measured from 7% faster (int4's w2, K in 2 splits) to 13% slower (int4's w13) than the Triton
 dp4a kernels (KERNEL_NOTES.md, run 12), and their products leave the warpgroup's threads idle (a WGMMA a
 tile, a few f32 ops a block), which a persistent layer kernel (gemv_pair_mosaic.py) needs. In a persistent
-layout (x's operands resident, every SM one CTA) the int4 one ran 87% of the roofline against Triton's 93%,
-its TMA ring alone 91% (run 13): the ring, not the products, is what such a kernel would have to beat.
+layout (x's operands resident, every SM one CTA) the int4 one ran 85-87% of the roofline against Triton's
+92-93%, where a bare TMA ring reads 95-97%: ~5% is lost around the ring (x's resident operands), ~6% in the
+products (run 13).
 `scripts/gpu_check.py --phases s8` times them beside the Triton ones.
 
 Each CTA owns 64 rows; TMA streams their (64, 256-byte) tiles through `stages` shared-memory buffers. The
@@ -30,9 +31,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gemv import kernel_name
 from pallas_kernels.gemv_mosaic import write_rows
+from yalm_jax.quant import ACT_BLOCK, QuantizedMatrix
 
 ROWS, TILE_BYTES = 64, 256  # a CTA's rows (one WGMMA's M) and a tile's bytes along K
-X_BLOCK = 32
+X_BLOCK = ACT_BLOCK  # x's codes come in the model's int8 activation blocks
 TILED_8BIT = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 TILED_F16_NARROW = (plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))
 
@@ -185,8 +187,6 @@ def gemv_s8_reference(q, row_scale, x_codes, x_scales) -> jax.Array:
 
 
 def gemv_s4_reference(q_packed, group_scales, x_codes, x_scales) -> jax.Array:
-    """From the Q4_0 bytes as they are (uint8, before `prepare_int4`)."""
-    n, half = q_packed.shape
-    nibbles = [(q_packed >> s & 15).astype(jnp.float32).reshape(n, -1, X_BLOCK // 2) for s in (0, 4)]
-    w = (jnp.concatenate(nibbles, axis=-1) - 8) * group_scales.astype(jnp.float32)[:, :, None]
-    return jnp.dot(w.reshape(n, 2 * half), _x_values(x_codes, x_scales), precision="highest")
+    """From the Q4_0 bytes as they are (uint8, before `prepare_int4`), dequantized as the model does."""
+    w = QuantizedMatrix(q=q_packed, scale=group_scales, min=None, fmt="int4", group=X_BLOCK).dequantize(jnp.float32)
+    return jnp.dot(w, _x_values(x_codes, x_scales), precision="highest")
