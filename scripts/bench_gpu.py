@@ -8,7 +8,8 @@ One run measures, on one GPU, with random normal weights built on the device:
 * roof: the read bandwidth of the card: jnp.sum over an 8 GiB bf16 array (median; per call and back
   to back) and torch.sum timed with CUDA events; percentages are of torch.sum's figure (the anchors');
 * mistral: Mistral-7B-shaped bf16 decode at context 128 and 4096 through
-  `generate.decode_chunk` (the on-device loop the CLI runs), pallas
+  `generate.decode_chunk` (the on-device loop the CLI runs, its chunks queued back to back as the
+  CLI queues them; `time_decode`), pallas
   and xla; bytes per token = the weights read (the embedding: one row) + the KV
   cache read (slots < position, at the mean position of the timed steps);
 * prefill: 512 tokens through `generate.prefill` in one chunk, pallas and xla;
@@ -73,6 +74,9 @@ SHAPES = {
 }  # fmt: skip
 # The CLI's default cache: the model's context, at most 8192 (Mistral's xla path reads a power-of-two bucket of it).
 MAX_CONTEXT = 8192
+# decode_chunk calls a timed run queues back to back (time_decode): the first one's dispatch, which nothing
+# overlaps, is then a small share of the run.
+PIPELINED_CALLS = 8
 # Parts that rerun the decode jobs in a subprocess with extra XLA_FLAGS (read once, at start-up): the flags
 # and the label of their rows. cmdbuf: the decode loop and its conditionals inside CUDA graphs; pdl:
 # programmatic dependent launch, which lets each kernel start while the one before it finishes (XLA puts
@@ -210,10 +214,19 @@ def _decode_state(cache, ctx: int) -> gen.DecodeState:
     )  # fmt: skip
 
 
-def time_decode(weights, cfg, cache, *, backend, ctx, n_steps, reps, count=False):
-    """Seconds per token of `decode_chunk` (n_steps greedy steps from position ctx, no stop token), median of reps.
+def per_call_note(r: dict) -> str:
+    """A row's note on time_decode's other figure: each chunk dispatched, then waited for."""
+    return f"one chunk at a time {r['s_per_tok_per_call'] * 1e3:.3f} ms/token"
 
-    Returns (result dict, cache). Every rep restarts at position ctx, so each runs the same program.
+
+def time_decode(weights, cfg, cache, *, backend, ctx, n_steps, reps, count=False):
+    """Seconds per token of `decode_chunk` (n_steps greedy steps from position ctx, no stop token).
+
+    s_per_tok: chunks queued back to back, as `Generator` runs them (each dispatched before the last one's
+    tokens are read), PIPELINED_CALLS a run, median of reps runs. s_per_tok_per_call: each chunk dispatched,
+    then its tokens read, median of reps; it also counts the host's dispatch of every chunk (~1.6 ms for
+    Mistral-7B's ~400 argument buffers, KERNEL_NOTES.md run 15), which Generator overlaps with the device's
+    work. Returns (result dict, cache). Every chunk restarts at position ctx, so each runs the same program.
     """
     params = SamplingParams.greedy()
     stop_ids = jnp.asarray([-1], jnp.int32)
@@ -240,7 +253,17 @@ def time_decode(weights, cfg, cache, *, backend, ctx, n_steps, reps, count=False
         times.append(time.perf_counter() - t)
     if (tokens < 0).any():
         raise RuntimeError(f"decode_chunk ran fewer than {n_steps} steps: {tokens}")
-    res.update(s_per_tok=statistics.median(times) / n_steps, runs=times, first_tokens=tokens[:8].tolist())
+    first = tokens[:8].tolist()
+    queued = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(PIPELINED_CALLS):
+            state = dataclasses.replace(state, pos=jnp.asarray(ctx, jnp.int32), done=jnp.asarray(False))
+            tokens, state = exe(weights, state, params, stop_ids)
+        jax.block_until_ready(tokens)
+        queued.append(time.perf_counter() - t)
+    res.update(s_per_tok=statistics.median(queued) / (PIPELINED_CALLS * n_steps), runs=queued,
+               s_per_tok_per_call=statistics.median(times) / n_steps, runs_per_call=times, first_tokens=first)  # fmt: skip
     return res, state.cache
 
 
@@ -416,7 +439,7 @@ def part_mistral(res, roof, smoke):
                 t = r["s_per_tok"]
                 r |= {"tok_s": 1 / t, "bytes_per_token": nbytes, "gb_s": nbytes / t / 1e9}
                 out[key] = r
-                note = f"attn_len {r['attn_len']}, compile {r['compile_s']:.0f} s"
+                note = f"attn_len {r['attn_len']}, compile {r['compile_s']:.0f} s, {per_call_note(r)}"
                 if "kernels" in r:
                     note += f", ~{r['kernels']} kernels/step"
                 add_row(f"{shape} bf16 decode, ctx {ctx}", backend, 1 / t, t * 1e3, nbytes / t / 1e9, roof, note)
@@ -781,9 +804,12 @@ def _quant_decodes(out, roof, shape, smoke, n_steps, fmts):
             r, cache = time_decode(weights, cfg, cache, backend="pallas", ctx=ctx, n_steps=n_steps, reps=reps)
             t = r["s_per_tok"]
             out[fmt] = r | {"tok_s": 1 / t, "bytes_per_token": nbytes, "gb_s": nbytes / t / 1e9}
-            ratio = out[fmt]["tok_s"] / out["bf16"]["tok_s"] if "bf16" in out and "tok_s" in out["bf16"] else float("nan")
+            base = out.get("bf16", {})
+            ratio, ratio_per_call = (
+                (base[key] / r[key] if key in base else float("nan")) for key in ("s_per_tok", "s_per_tok_per_call")
+            )
             add_row(f"{shape} {fmt} weights decode, ctx {ctx}", "pallas", 1 / t, t * 1e3, nbytes / t / 1e9, roof,
-                    f"{ratio:.2f}x bf16; {nbytes / 1e9:.2f} GB/token")  # fmt: skip
+                    f"{ratio:.2f}x bf16; {nbytes / 1e9:.2f} GB/token; {per_call_note(r)}, {ratio_per_call:.2f}x")  # fmt: skip
             del weights
         except Exception as e:  # noqa: BLE001
             out[fmt] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
