@@ -61,10 +61,10 @@ from pallas_kernels.gemv import (
 from yalm_jax.quant import ACT_BLOCK, Int8Vector, is_quantized, round_activations
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind from
-# `config_kind`: int8 and fp8 share the 8-bit entries. Mistral-7B's shapes, from scripts/gpu_check.py
-# (sweep:int8, sweep:int4, sweep:int8_a8, sweep:int4_a8) on one H100 80GB HBM3, ranked by the GPU's own kernel
-# times: the float products 2026-11-25 (run 5), the int8 activations' 2026-11-26 (run 8); other shapes take
-# DEFAULT_CONFIG.
+# `config_kind`. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4, sweep:fp8_e4m3,
+# sweep:int8_a8, sweep:int4_a8) on one H100 80GB HBM3, ranked by the GPU's own kernel times: int8 (per channel)
+# and int4 2026-11-25 (run 5), the int8 activations' 2026-11-26 (run 8), fp8's 2026-11-26 (run 15: in groups of
+# 32 it had run on int8's per-channel tiles; fp8 decode 3.418 -> 3.271 ms); other shapes take DEFAULT_CONFIG.
 DEFAULT_CONFIG = (4, 2048, 8, 2)
 CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("8bit", 6144, 4096, False): (2, 4096, 4, 2),  # wqkv
@@ -72,6 +72,11 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("8bit", 14336, 4096, True): (2, 4096, 4, 2),  # w13, gated
     ("8bit", 4096, 14336, False): (2, 2048, 4, 2),  # w2
     ("8bit", 32000, 4096, False): (4, 4096, 8, 2),  # output
+    ("fp8", 6144, 4096, False): (4, 4096, 8, 2),
+    ("fp8", 4096, 4096, False): (4, 2048, 4, 2),
+    ("fp8", 14336, 4096, True): (2, 4096, 4, 2),
+    ("fp8", 4096, 14336, False): (8, 2048, 8, 2),
+    ("fp8", 32000, 4096, False): (4, 4096, 8, 2),
     ("4bit", 6144, 4096, False): (8, 2048, 8, 2),
     ("4bit", 4096, 4096, False): (4, 2048, 4, 2),
     ("4bit", 14336, 4096, True): (8, 2048, 8, 2),
@@ -122,8 +127,9 @@ def rounds_output_for(w, next_w, gated: bool = False) -> bool:
 
 
 def config_kind(fmt: str, int8_activations: bool) -> str:
-    """CONFIGS' first key: the bits a weight, and whether the products are integer (int8 activations)."""
-    return ("4bit" if fmt == "int4" else "8bit") + ("_a8" if int8_activations else "")
+    """CONFIGS' first key: int4, int8 or fp8 (either kind) weights, and whether the products are integer (int8
+    activations)."""
+    return {"int4": "4bit", "int8": "8bit"}.get(fmt, "fp8") + ("_a8" if int8_activations else "")
 
 
 def _values(q, fmt: str, symmetric: bool) -> list:
