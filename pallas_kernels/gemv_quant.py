@@ -62,9 +62,11 @@ from yalm_jax.quant import ACT_BLOCK, Int8Vector, is_quantized, round_activation
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind from
 # `config_kind`. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4, sweep:fp8_e4m3,
-# sweep:int8_a8, sweep:int4_a8) on one H100 80GB HBM3, ranked by the GPU's own kernel times: int8 (per channel)
-# and int4 2026-11-25 (run 5), the int8 activations' 2026-11-26 (run 8), fp8's 2026-11-26 (run 15: in groups of
-# 32 it had run on int8's per-channel tiles; fp8 decode 3.418 -> 3.271 ms); other shapes take DEFAULT_CONFIG.
+# sweep:int8_g32, sweep:int8_a8, sweep:int4_a8, sweep:int8_g32_a8) on one H100 80GB HBM3, ranked by the GPU's
+# own kernel times: int8 per channel and int4 2026-11-25 (run 5), the int8 activations' 2026-11-26 (run 8), 8-bit
+# weights in groups 2026-11-26 (run 15: fp8 and Q8_0's form had run on the per-channel tiles; decodes fp8 3.418
+# -> 3.271 ms, Q8_0's form 3.577 -> 3.408, with int8 activations 3.213 -> 3.165); other shapes take
+# DEFAULT_CONFIG.
 DEFAULT_CONFIG = (4, 2048, 8, 2)
 CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("8bit", 6144, 4096, False): (2, 4096, 4, 2),  # wqkv
@@ -72,11 +74,12 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("8bit", 14336, 4096, True): (2, 4096, 4, 2),  # w13, gated
     ("8bit", 4096, 14336, False): (2, 2048, 4, 2),  # w2
     ("8bit", 32000, 4096, False): (4, 4096, 8, 2),  # output
-    ("fp8", 6144, 4096, False): (4, 4096, 8, 2),
-    ("fp8", 4096, 4096, False): (4, 2048, 4, 2),
-    ("fp8", 14336, 4096, True): (2, 4096, 4, 2),
-    ("fp8", 4096, 14336, False): (8, 2048, 8, 2),
-    ("fp8", 32000, 4096, False): (4, 4096, 8, 2),
+    # fp8 and int8 in groups of 32 ranked alike (within 0.1 us but w2: fp8 25.01 us at (8, 2048, 8), 25.04 here).
+    ("8bit_groups", 6144, 4096, False): (4, 4096, 8, 2),
+    ("8bit_groups", 4096, 4096, False): (4, 2048, 4, 2),
+    ("8bit_groups", 14336, 4096, True): (2, 4096, 4, 2),
+    ("8bit_groups", 4096, 14336, False): (4, 2048, 4, 2),
+    ("8bit_groups", 32000, 4096, False): (4, 4096, 8, 2),
     ("4bit", 6144, 4096, False): (8, 2048, 8, 2),
     ("4bit", 4096, 4096, False): (4, 2048, 4, 2),
     ("4bit", 14336, 4096, True): (8, 2048, 8, 2),
@@ -87,6 +90,11 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("8bit_a8", 14336, 4096, True): (4, 4096, 8, 2),
     ("8bit_a8", 4096, 14336, False): (8, 2048, 8, 2),
     ("8bit_a8", 32000, 4096, False): (4, 4096, 8, 2),
+    ("8bit_groups_a8", 6144, 4096, False): (16, 2048, 16, 2),
+    ("8bit_groups_a8", 4096, 4096, False): (4, 4096, 8, 2),
+    ("8bit_groups_a8", 14336, 4096, True): (4, 4096, 8, 2),
+    ("8bit_groups_a8", 4096, 14336, False): (8, 2048, 8, 2),
+    ("8bit_groups_a8", 32000, 4096, False): (4, 4096, 8, 2),
     # Taller tiles than the float products': every program rounds all of x, so fewer programs round it less.
     ("4bit_a8", 6144, 4096, False): (16, 2048, 16, 2),
     ("4bit_a8", 4096, 4096, False): (16, 2048, 16, 2),
@@ -126,10 +134,15 @@ def rounds_output_for(w, next_w, gated: bool = False) -> bool:
     return w.shape[0] // (2 if gated else 1) // ACT_BLOCK >= MIN_INT8_OUT_PROGRAMS
 
 
-def config_kind(fmt: str, int8_activations: bool) -> str:
-    """CONFIGS' first key: int4, int8 or fp8 (either kind) weights, and whether the products are integer (int8
+def config_kind(w) -> str:
+    """CONFIGS' first key for a QuantizedMatrix w: its kernel path. int4; 8-bit weights (int8 or fp8) with a
+    scale a row, or in groups (each group's sum scaled apart); and whether the products are integer (int8
     activations)."""
-    return {"int4": "4bit", "int8": "8bit"}.get(fmt, "fp8") + ("_a8" if int8_activations else "")
+    if w.fmt == "int4":
+        kind = "4bit"
+    else:
+        kind = "8bit" if w.group == w.shape[1] else "8bit_groups"
+    return kind + ("_a8" if w.int8_activations else "")
 
 
 def _values(q, fmt: str, symmetric: bool) -> list:
@@ -360,7 +373,7 @@ def gemv_quant(
     per_channel = w.group == k and not int4
     act8 = w.int8_activations
     n_out = n // 2 if gated else n
-    bn, bk, num_warps, num_stages = config or CONFIGS.get((config_kind(w.fmt, act8), n_out, k, gated), DEFAULT_CONFIG)
+    bn, bk, num_warps, num_stages = config or CONFIGS.get((config_kind(w), n_out, k, gated), DEFAULT_CONFIG)
     bn = _pow2_divisor(n_out, max(bn, ACT_BLOCK) if int8_out else bn)
     if int8_out and bn % ACT_BLOCK:
         raise ValueError(f"int8_out needs a row count divisible by {ACT_BLOCK}, got {n_out}")

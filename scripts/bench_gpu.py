@@ -263,7 +263,8 @@ def time_decode(weights, cfg, cache, *, backend, ctx, n_steps, reps, count=False
         jax.block_until_ready(tokens)
         queued.append(time.perf_counter() - t)
     res.update(s_per_tok=statistics.median(queued) / (PIPELINED_CALLS * n_steps), runs=queued,
-               s_per_tok_per_call=statistics.median(times) / n_steps, runs_per_call=times, first_tokens=first)  # fmt: skip
+               s_per_tok_per_call=statistics.median(times) / n_steps, runs_per_call=times,
+               first_tokens=first)  # fmt: skip
     return res, state.cache
 
 
@@ -744,15 +745,17 @@ def part_profile(res, roof, smoke, out_dir):
 def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
     """A random QuantizedMatrix of `shape` in `fmt`, in the form --quant makes (values don't set the speed;
     the bytes do): int4 and fp8 in groups of 32 with f16 scales, int8 with an f32 scale a row; "int4_min" is
-    int4 with an f16 min a group too (GGUF's Q4_1, the form SmolLM2 ships in)."""
-    from yalm_jax.quant import DEFAULT_INT4_GROUP, FP8_GROUP, QuantizedMatrix
+    int4 with an f16 min a group too (GGUF's Q4_1, the form SmolLM2 ships in), "int8_g32" int8 in groups of 32
+    with f16 scales (GGUF's Q8_0)."""
+    from yalm_jax.quant import DEFAULT_INT4_GROUP, FP8_GROUP, GGUF_TYPES, QuantizedMatrix
 
     if fmt == "int4_min":
         w = random_quantized(shape, "int4", seed)
         return dataclasses.replace(w, min=(-8 * w.scale).astype(w.scale.dtype))
     n, k = shape
     k1, k2 = jax.random.split(jax.random.key(seed))
-    group = {"int4": DEFAULT_INT4_GROUP, "int8": k}.get(fmt, FP8_GROUP)
+    group = {"int4": DEFAULT_INT4_GROUP, "int8": k, "int8_g32": GGUF_TYPES["Q8_0"][1]}.get(fmt, FP8_GROUP)
+    fmt = fmt.removesuffix("_g32")
     scale = (0.01 * (1 + jax.random.uniform(k2, (n, k // group)))).astype(jnp.float16 if group < k else jnp.float32)
     if fmt == "int8":
         q = jax.random.randint(k1, (n, k), -127, 128, jnp.int8)
@@ -765,12 +768,14 @@ def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
 
 def part_quant(res, roof, smoke):
     """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 (group 32) weights, beside bf16, at
-    context 128, and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations); and bf16
+    context 128, and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations), then int8 in
+    GGUF's Q8_0 form (groups of 32) without and with them; and bf16
     against fp8 KV at context 4096. Then SmolLM2's shape in its shipped Q4_1 form (int4_min) and the others,
     128 steps from context 128 (a tied model: its embedding, the output matrix, in the format too, as
     llama-quantize --pure writes it)."""
     dense = _quant_decodes(res.setdefault("quant", {}), roof, "toy" if smoke else "mistral7b", smoke, 32,
-                           ("bf16", "int8", "int4", "fp8_e4m3", "int8_a8", "int4_a8"))  # fmt: skip
+                           ("bf16", "int8", "int4", "fp8_e4m3", "int8_a8", "int4_a8", "int8_g32",
+                            "int8_g32_a8"))  # fmt: skip
     _kv_decodes(res["quant"], dense, "toy" if smoke else "mistral7b", smoke)
     del dense
     _quant_decodes(res.setdefault("quant_smollm2", {}), roof, "toy" if smoke else "smollm2", smoke, 128,

@@ -257,7 +257,7 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         if dense:
             gemv_mod.CONFIGS[(n_out, k, gated)] = b
         else:
-            kind = gemv_quant.config_kind(fmt.removesuffix("_a8"), fmt.endswith("_a8"))
+            kind = gemv_quant.config_kind(probe[0])
             gemv_quant.CONFIGS[(kind, n_out, k, gated)] = b
         xla_note = ""
         if dense:  # XLA's dot on the same stream of weights.
