@@ -375,6 +375,24 @@ def test_int8_vector_misuse_is_refused(rng):
             ops.linear(normed, qm, norm=norm, backend="pallas")
 
 
+def test_config_kind_names_the_kernel_path(rng):
+    # Tiles are looked up by the kernel's path, not the format: fp8 and GGUF's Q8_0 form share the grouped 8-bit
+    # path, int8 and fp8 with one scale a row the per-channel one; every kind in CONFIGS is one of them.
+    from pallas_kernels.gemv_quant import CONFIGS, config_kind
+
+    w = _weights(rng, 64, 256)
+    cases = {("int8", None): "8bit", ("fp8_e4m3", None): "8bit", ("int8", 32): "8bit_groups",
+             ("fp8_e4m3", 32): "8bit_groups", ("fp8_e5m2", 32): "8bit_groups", ("int4", 32): "4bit"}  # fmt: skip
+    kinds = set()
+    for (fmt, group), kind in cases.items():
+        qm = quant.quantize(w, fmt, group)
+        a8 = quant.with_int8_activations(qm)
+        got = (config_kind(qm), config_kind(a8))
+        assert got == (kind, kind + "_a8" if a8.int8_activations else kind), (fmt, group, got)
+        kinds.update(got)
+    assert {key[0] for key in CONFIGS} <= kinds
+
+
 @pytest.mark.parametrize("fmt,group", [("fp8_e4m3", 32), ("int4", 64), ("int8", 64)])
 def test_int8_activations_leave_other_weights(rng, fmt, group):
     qm = quant.quantize(_weights(rng, 16, 256), fmt, group)
