@@ -284,6 +284,15 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
     def body(i, carry):
         accs, x_sq = carry
         g0 = pl.multiple_of(i * ng, ng)
+
+        def weights(r):  # (bn, ng, a group's bytes, or words)
+            return load(r.at[:, pl.ds(g0, ng), :], g0, 1, weights=True)
+
+        # Float products: the weights' loads first, so that x's preparation (norm, rounding to x's dtype) runs
+        # while they are in flight (fp8 and int8 decodes -1.5%). Not where a program holds two matrices' rows
+        # (gated: w13 0.2-0.6 us slower) or multiplies int8 activations (level, or slower: int4's w13 reading x
+        # rounded +14%): KERNEL_NOTES.md, run 16. There each loads where it is used.
+        early = None if int8_activations or gated else [weights(r) for r in q_refs]
         if x_rounded:
             x_words, (x_scale, x_qsum) = tiles(x_ref, g0), [load(r.at[pl.ds(g0, ng)], g0)[None] for r in xr_refs]
         elif int8_activations:
@@ -300,7 +309,7 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
             xs = [t.astype(f32) for t in xs]
         new = []
         for w, acc in enumerate(accs):
-            q = load(q_refs[w].at[:, pl.ds(g0, ng), :], g0, 1, weights=True)  # (bn, ng, bytes, or words, of a group)
+            q = weights(q_refs[w]) if early is None else early[w]
             # dot: each group's sum of v x (v the weights' values before their scale); xsum: each group's x sum.
             if int8_activations:
                 # int4's low nibbles are a block's first half, its high nibbles the second (quant.pack_int4).
