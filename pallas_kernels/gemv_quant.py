@@ -270,14 +270,10 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
             return [load(ref.at[pl.ds(g0, ng), jnp.int32(h)], g0) for h in (0, 1)]
         return [load(ref.at[pl.ds(g0, ng)], g0)]
 
-    # With int8 activations the norm's 1 / rms(x) is a factor of every block scale, so it multiplies the row
-    # sums at the end, and the kernel that rounds x * g itself sums x^2 from the same tiles in the same pass.
-    # (The float path rounds normed x to its dtype first, as ops.rms_norm does: it needs rms(x) first.)
-    squares_in_pass = int8_activations and has_norm and not x_rounded
+    # The float path rounds normed x to its dtype, as ops.rms_norm does, so it needs 1 / rms(x) first. With int8
+    # activations that factor is common to every block scale and multiplies the row sums at the end (below).
     norm_scale = None
-    if sumsq_ref is not None:  # a normed Int8Vector: its blocks' sums of x^2 give the norm's 1 / rms(x)
-        norm_scale = lax.rsqrt(jnp.sum(sumsq_ref[...]) / k + eps)
-    elif has_norm and not int8_activations:
+    if has_norm and not int8_activations:
 
         def sum_sq(i, acc):
             return acc + sum(_group_sums(jnp.square(t.astype(f32))) for t in tiles(x_ref, pl.multiple_of(i * ng, ng)))
@@ -341,10 +337,10 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
     zeros = tuple(jnp.zeros(shape, f32) for _ in q_refs)
     accs, x_sq = lax.fori_loop(0, n_chunks, body, (zeros, jnp.zeros((ng,), f32)))
     ys = [jnp.sum(a.reshape(bn, -1), axis=1) for a in accs]
-    if squares_in_pass:
-        norm_scale = lax.rsqrt(jnp.sum(x_sq) / k + eps)
     if int8_activations and has_norm:
-        ys = [y * norm_scale for y in ys]
+        # The sums of x^2: a normed Int8Vector's blocks bring them, a kernel rounding x * g summed them in its pass.
+        sq = sumsq_ref[...] if sumsq_ref is not None else x_sq
+        ys = [y * lax.rsqrt(jnp.sum(sq) / k + eps) for y in ys]
     if per_channel:
         ys = [y * s[...].astype(f32)[:, 0] for y, s in zip(ys, s_refs)]
     y = write_epilogue(refs, ys, gated, activation, has_bias, has_res)
