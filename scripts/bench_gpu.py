@@ -55,8 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from yalm_jax import generate as gen  # noqa: E402
-from yalm_jax import model  # noqa: E402
-from yalm_jax import quant  # noqa: E402
+from yalm_jax import model, quant  # noqa: E402
 from yalm_jax.config import ModelConfig  # noqa: E402
 from yalm_jax.sampling import SamplingParams  # noqa: E402
 from yalm_jax.weights import LayerWeights, Weights  # noqa: E402

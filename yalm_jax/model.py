@@ -13,7 +13,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from yalm_jax import ops, parallel

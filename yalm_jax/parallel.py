@@ -33,7 +33,8 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from yalm_jax.config import ModelConfig
 from yalm_jax.errors import UserError

