@@ -390,13 +390,11 @@ def matmul(x: jax.Array, w: QuantizedMatrix) -> jax.Array:
     if x.shape[0] != 1:
         return jnp.einsum("si,oi->so", x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
     g = w.group
-    if g == k:
-        # One scale a row: a plain (N, K) sum. XLA CPU ran the same sum over an (N, 1, K) view 85-135x slower
-        # (143 ms against 1.7 for int8 4096 x 4096 on the 2-core machine; BENCHMARKS.md, Quantization).
-        part = jnp.sum(_values(w) * x[0].astype(jnp.float32)[None], axis=-1)
-        return (part * w.scale.astype(jnp.float32)[:, 0])[None]
     xg = x[0].astype(jnp.float32).reshape(k // g, g)
-    part = jnp.sum(_values(w).reshape(n, k // g, g) * xg[None], axis=-1)  # (N, K / g)
+    # The values as (N, K / g, g), or with one scale a row as they are, (N, K): XLA CPU ran the sum over an
+    # (N, 1, K) view 85-135x slower (int8 4096 x 4096: 143 ms against 1.7; BENCHMARKS.md, Quantization).
+    view = (n, k // g, g) if g < k else (n, k)
+    part = jnp.sum(_values(w).reshape(view) * xg.reshape(view[1:])[None], axis=-1).reshape(n, k // g)
     y = jnp.sum(part * w.scale.astype(jnp.float32), axis=-1)
     if w.min is not None:
         y = y + jnp.sum(w.min.astype(jnp.float32) * jnp.sum(xg, axis=-1)[None], axis=-1)
