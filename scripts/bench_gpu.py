@@ -625,8 +625,11 @@ def gpu_kernel_profile(fn, n_steps: int, label: str, trace_dir: str) -> dict:
     span - busy is the time the GPU sat idle between kernels (launch gaps, host waits).
     """
     kern = gpu_kernel_events(fn, label, trace_dir)
-    if isinstance(kern, dict):
-        return kern
+    return kern if isinstance(kern, dict) else summarize_kernels(kern, n_steps)
+
+
+def summarize_kernels(kern: list[dict], n_steps: int) -> dict:
+    """Kernel events (one GPU's) per step: count, busy, span, summed time, and the 12 costliest names."""
     iv = sorted((e["ts"], e["ts"] + e["dur"]) for e in kern)
     busy, cur_s, cur_e = 0.0, *iv[0]
     for s_, e_ in iv[1:]:

@@ -7,13 +7,16 @@
 Each device generates only its own shards of the weights (jit with out_shardings),
 so a model larger than one device never exists whole anywhere. Prints tok/s and
 the bytes each device reads per token (its shard of the weights, the top-k
-experts' share for Mixtral, plus its part of the KV cache) as GB/s.
+experts' share for Mixtral, plus its part of the KV cache) as GB/s. With
+--profile_dir (a GPU), one more chunk runs under the profiler, and each device's
+kernels a step are summed: all of them, and the all-reduces' alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 
@@ -86,17 +89,38 @@ def bytes_read_per_device(weights: Weights, cfg: ModelConfig, pos: int) -> float
     return total + kv
 
 
-def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int, reps: int, layers=None) -> dict:
+def kernel_time_per_device(fn, n_steps: int, label: str, trace_dir: str) -> list[dict] | dict:
+    """fn() under the profiler: per device (the trace's GPU process), bench_gpu.summarize_kernels' figures a
+    step, and the us a step in all-reduces (NCCL's kernels or XLA's own)."""
+    from bench_gpu import gpu_kernel_events, summarize_kernels
+
+    events = gpu_kernel_events(fn, label, trace_dir)
+    if isinstance(events, dict):
+        return events
+    per_device = {}
+    for e in events:
+        per_device.setdefault(e["pid"], []).append(e)
+    out = []
+    for _, kern in sorted(per_device.items()):
+        reduce_us = sum(e["dur"] for e in kern if re.search(r"nccl|all.?reduce", e["name"], re.IGNORECASE))
+        out.append(summarize_kernels(kern, n_steps) | {"all_reduce_us_per_step": reduce_us / n_steps})
+    return out
+
+
+def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int, reps: int, layers=None,
+          profile_dir: str | None = None) -> dict:  # fmt: skip
     cfg = make_cfg(shape, dtype, tp, layers)
     parallel.check(cfg, tp)
     weights = random_weights(cfg)
-    cache = model.init_cache(cfg, ctx + n_steps * (reps + 1) + 1)
+    # Room for the warm-up, the reps and a profiled chunk, rounded up to a power of two as the CLI's cache is:
+    # the attention kernel tiles it (a cache of another length falls back to XLA's attention).
+    cache = model.init_cache(cfg, 1 << (ctx + n_steps * (reps + 2)).bit_length())
     state = gen.DecodeState(
         cache=cache, token=jnp.asarray(1, jnp.int32), pos=jnp.asarray(ctx, jnp.int32), key=jax.random.key(0),
         done=jnp.asarray(False),
     )  # fmt: skip
     stop = jnp.asarray([-1], jnp.int32)
-    attn_len = gen.attn_bucket(ctx + n_steps * (reps + 1), cache.max_context)
+    attn_len = gen.attn_bucket(ctx + n_steps * (reps + 2), cache.max_context)
     run = gen.decode_chunk  # jitted, the state donated
     kw = dict(cfg=cfg, n_steps=n_steps, attn_len=attn_len, backend=backend)
     tokens, state = run(weights, state, SamplingParams.greedy(), stop, **kw)  # compile + warm up
@@ -109,9 +133,18 @@ def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int,
         times.append(time.perf_counter() - t)
     s = statistics.median(times) / n_steps
     read = bytes_read_per_device(weights, cfg, ctx + n_steps * reps // 2)
+    profile = None
+    if profile_dir:
+        box = [state]
+
+        def chunk():
+            tokens, box[0] = run(weights, box[0], SamplingParams.greedy(), stop, **kw)
+            return tokens
+
+        profile = kernel_time_per_device(chunk, n_steps, f"{shape}_tp{tp}", profile_dir)
     return {"shape": shape, "layers": cfg.n_layers, "dtype": dtype, "tp": tp, "backend": backend, "ctx": ctx, "tok_s": 1 / s,
             "ms_per_tok": s * 1e3, "gb_per_device_per_tok": read / 1e9, "gb_s_per_device": read / s / 1e9,
-            "device": jax.devices()[0].device_kind}  # fmt: skip
+            "device": jax.devices()[0].device_kind, "per_device_step": profile}  # fmt: skip
 
 
 def main() -> None:
@@ -125,6 +158,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=None,
                     help="fewer layers than the shape has, to time a model larger than one device on one (tok/s scales ~1/layers)")
+    ap.add_argument("--profile_dir", default=None, help="GPU: profile one more chunk, traces here (see the docstring)")
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args()
     from yalm_jax import ops
@@ -132,11 +166,19 @@ def main() -> None:
     rows = []
     for tp in [int(t) for t in args.tp.split(",")]:
         r = bench(args.shape, args.dtype, tp, args.backend or ops.default_backend(), args.ctx, args.n_steps, args.reps,
-                  args.layers)  # fmt: skip
+                  args.layers, args.profile_dir)  # fmt: skip
         rows.append(r)
         print(f"{r['shape']} ({r['layers']} layers) {r['dtype']} tp={tp} {r['backend']}: {r['tok_s']:.1f} tok/s, {r['ms_per_tok']:.2f} ms/tok, "
               f"{r['gb_s_per_device']:.0f} GB/s per device ({r['gb_per_device_per_tok']:.2f} GB/tok each) on {r['device']}",
               flush=True)  # fmt: skip
+        profile = r["per_device_step"]
+        if isinstance(profile, dict):  # the profiler's error
+            print(f"  profile: {profile}")
+        for i, d in enumerate(profile if isinstance(profile, list) else []):
+            print(f"  device {i}, a step: {d['kernels_per_step']:.0f} kernels, busy {d['busy_us_per_step']:.0f} us, "
+                  f"span {d['span_us_per_step']:.0f} us, all-reduces {d['all_reduce_us_per_step']:.0f} us")
+            for t in d["top"][:8]:
+                print(f"    {t['per_step']:5.1f} x {t['mean_us']:7.2f} us  {t['name'][:80]}")
         jax.clear_caches()
     if len(rows) > 1:
         print(f"speed-up tp={rows[-1]['tp']} vs tp={rows[0]['tp']}: {rows[-1]['tok_s'] / rows[0]['tok_s']:.2f}x")

@@ -1,20 +1,26 @@
-"""Runs the tensor-parallel checks on 4 virtual CPU devices and prints their results as JSON.
+"""Runs the tensor-parallel checks on 4 virtual CPU devices (or with --gpu on the GPUs) and prints their results
+as JSON.
 
 Started by test_parallel.py in a subprocess, so that XLA_FLAGS
 (--xla_force_host_platform_device_count=4) is set before jax is imported and
-the rest of the suite keeps one device. Not collected by pytest (no test_ prefix).
+the rest of the suite keeps one device. With --gpu the same checks run on the
+host's GPUs at every tp (2, 4) that they allow, the Pallas kernels compiled
+rather than interpreted, and the collectives through NCCL. Not collected by
+pytest (no test_ prefix).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
+ON_GPU = "--gpu" in sys.argv
+if not ON_GPU:
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,6 +50,9 @@ CONFIGS = {
         **{**_BASE, "vocab_size": 98},
     ),  # fmt: skip
 }
+TPS = tuple(tp for tp in (2, 4) if tp <= jax.device_count())
+# The path whose greedy tokens are compared: on the CPU the xla one (the kernels' interpreter is slow).
+DECODE_BACKEND = "pallas" if ON_GPU else "xla"
 PROMPT = [3, 17, 5, 90, 44, 1, 2, 8, 60, 61, 11, 12, 13]
 CACHE = 64
 STEPS = 32
@@ -101,12 +110,12 @@ def main():
         seed = int(np.random.default_rng().integers(2**31))  # fresh, and the same draws for every tp below
         w1 = random_weights(cfg, seed)
         ref = {b: logits_and_decode(w1, cfg, b) for b in ("xla", "pallas")}
-        ref_tokens = greedy(w1, cfg, "xla")
-        for tp in (2, 4):
+        ref_tokens = greedy(w1, cfg, DECODE_BACKEND)
+        for tp in TPS:
             c = dataclasses.replace(cfg, tp=tp)
             w = random_weights(c, seed)
             r = {"bytes": bytes_check(w, c), "single_bytes": w1.nbytes()}
-            for b in ("xla", "pallas") if tp == 2 else ("xla",):  # pallas (interpreted here) once, to keep it quick
+            for b in ("xla", "pallas") if tp == 2 or ON_GPU else ("xla",):  # interpreted pallas once, to keep it quick
                 prefill, step, cache = logits_and_decode(w, c, b)
                 r[b] = {
                     "prefill_err": float(np.abs(prefill - ref[b][0]).max()),
@@ -115,7 +124,7 @@ def main():
                 }
             # The kernels themselves, on one device, against the xla path.
             r["pallas_vs_xla"] = [float(np.abs(ref["pallas"][i] - ref["xla"][i]).max()) for i in (0, 1)]
-            r["tokens"] = greedy(w, c, "xla")
+            r["tokens"] = greedy(w, c, DECODE_BACKEND)
             r["ref_tokens"] = ref_tokens
             results[f"{name}/tp{tp}"] = r
     errors = {}
@@ -134,7 +143,7 @@ def main():
         errors["fits"] = None
     except UserError as e:
         errors["fits"] = str(e)
-    print(json.dumps({"cases": results, "errors": errors, "generator": generator_runs(sys.argv[1])}))
+    print(json.dumps({"cases": results, "errors": errors, "generator": generator_runs(sys.argv[1]), "tps": TPS}))
 
 
 def generator_runs(tmp_dir: str) -> dict:

@@ -1,7 +1,8 @@
-"""Tensor parallelism (yalm_jax/parallel.py) on 4 virtual CPU devices equals the single-device model.
+"""Tensor parallelism (yalm_jax/parallel.py) on 4 virtual CPU devices, and on a host's GPUs where it has two or
+more, equals the single-device model.
 
-The checks run in one subprocess (tests/parallel_worker.py), which sets
---xla_force_host_platform_device_count=4 before importing jax; this module
+The checks run in one subprocess a platform (tests/parallel_worker.py), which on
+the CPU sets --xla_force_host_platform_device_count=4 before importing jax; this module
 only reads its results, so the rest of the suite keeps one device. Tiny random
 models: Llama with GQA, Qwen2 with 2 kv heads (replicated over devices at
 tp=4), Mixtral (every expert split across the devices), Gemma 3 (tied
@@ -15,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
@@ -22,20 +24,36 @@ CASES = [f"{m}/tp{tp}" for m in ("llama_gqa", "qwen2_kv2", "mixtral", "gemma3") 
 TOL = 2e-5  # f32; the sums over devices only reorder additions
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def _gpu_count() -> int:
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend
+        return 0
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def results(request, tmp_path_factory):
+    if request.param == "gpu" and _gpu_count() < 2:
+        pytest.skip("fewer than 2 GPUs")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    flags = ["--gpu"] if request.param == "gpu" else []
     proc = subprocess.run(
-        [sys.executable, WORKER, str(tmp_path_factory.mktemp("tp_tiny"))],
+        [sys.executable, WORKER, str(tmp_path_factory.mktemp("tp_tiny")), *flags],
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _case(results, case):
+    if case not in results["cases"]:  # a tp the host's GPUs do not allow
+        pytest.skip(f"{case}: the worker ran tp in {results['tps']}")
+    return results["cases"][case]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_logits_equal_single_device(results, case):
-    r = results["cases"][case]
+    r = _case(results, case)
     for backend in ("xla", "pallas"):
         if backend in r:
             assert r[backend]["prefill_err"] <= TOL * r[backend]["scale"], (backend, r[backend])
@@ -46,7 +64,7 @@ def test_sharded_logits_equal_single_device(results, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_tokens_identical_for_32_steps(results, case):
-    r = results["cases"][case]
+    r = _case(results, case)
     assert len(r["tokens"]) == 32
     assert r["tokens"] == r["ref_tokens"]
 
@@ -54,7 +72,7 @@ def test_greedy_tokens_identical_for_32_steps(results, case):
 @pytest.mark.parametrize("case", CASES)
 def test_each_device_holds_its_share(results, case):
     """1/tp of every split tensor plus the replicated ones (norms, router); the cache split by kv head."""
-    b = results["cases"][case]["bytes"]
+    b = _case(results, case)["bytes"]
     tp = int(case.rsplit("tp", 1)[1])
     assert b["devices"] == tp
     assert b["held"] == [b["expected"]] * tp
