@@ -112,9 +112,8 @@ def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int,
     cfg = make_cfg(shape, dtype, tp, layers)
     parallel.check(cfg, tp)
     weights = random_weights(cfg)
-    # Room for the warm-up, the reps and a profiled chunk, rounded up to a power of two as the CLI's cache is:
-    # the attention kernel tiles it (a cache of another length falls back to XLA's attention).
-    cache = model.init_cache(cfg, 1 << (ctx + n_steps * (reps + 2)).bit_length())
+    # Room for the warm-up, the reps and a profiled chunk, in the slots the CLI would give it.
+    cache = model.init_cache(cfg, gen.cache_slots(ctx + n_steps * (reps + 2) + 1)[0])
     state = gen.DecodeState(
         cache=cache, token=jnp.asarray(1, jnp.int32), pos=jnp.asarray(ctx, jnp.int32), key=jax.random.key(0),
         done=jnp.asarray(False),

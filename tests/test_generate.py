@@ -108,6 +108,7 @@ def test_eos_stops_and_is_kept_in_ids_not_text(tiny_llama_chat_model):
 
 def test_full_context_stops_and_long_prompt_is_a_user_error(tiny_llama_chat_model):
     g, tok = _generator(tiny_llama_chat_model, max_context=40)
+    assert (g.slots, g.ring_sinks) == (48, None)  # rounded up for the attention kernels; sequences still stop at 40
     tok.eos_ids = frozenset()
     prompt = tok.encode(PROMPT)
     out = g.generate(prompt, max_new_tokens=100)
@@ -116,6 +117,14 @@ def test_full_context_stops_and_long_prompt_is_a_user_error(tiny_llama_chat_mode
         g.generate(tok.encode(PROMPT * 3), max_new_tokens=4)
     with pytest.raises(UserError):
         g.generate([], max_new_tokens=4)
+
+
+def test_cache_slots_align_a_flat_cache_and_keep_a_ring_as_asked():
+    assert gen.cache_slots(1000) == (1008, None)
+    assert gen.cache_slots(4096, 4096) == (4096, None)
+    assert gen.cache_slots(4096, 250, 4) == (250, 4)  # a ring's length is its window: never rounded
+    with pytest.raises(UserError, match="sinks"):
+        gen.cache_slots(4096, 256, 256)
 
 
 def test_sampling_is_reproducible_per_seed(tiny_llama_chat_model):

@@ -106,10 +106,7 @@ def perplexity(
     if len(ids) < 2:
         raise UserError(f"the text is {len(ids)} token(s); perplexity needs at least 2")
     stride = stride or max(1, context // 2)
-    slots = min(window or context, context)
-    ring_sinks = sinks if slots < context else None
-    if ring_sinks is not None and not 0 <= sinks < slots:
-        raise UserError(f"sinks must be in [0, window={slots}), got {sinks}")
+    slots, ring_sinks = gen.cache_slots(context, window, sinks)
     programs = programs or gen.Programs()
     cache = model.init_cache(cfg, slots, ring_sinks=ring_sinks)
     windows = eval_windows(len(ids), context, stride)

@@ -50,6 +50,9 @@ PREFILL_CHUNK_GPU = 512  # on a GPU: 1.8x the prefill speed of 128-token chunks 
 MIN_PREFILL_CHUNK = 16
 DECODE_CHUNK = 16  # decode steps per device call
 MIN_ATTN_LEN = 256
+# The Pallas attention kernels tile the cache in multiples of this many slots; a cache of any other length
+# runs XLA's attention instead (Mistral-7B's decode step 9% slower at context 128 on an H200: BENCHMARKS.md, run 18).
+CACHE_ALIGN = 16
 
 
 def default_prefill_chunk() -> int:
@@ -65,6 +68,17 @@ def _next_pow2(n: int) -> int:
 def attn_bucket(needed: int, max_context: int) -> int:
     """The attention length for a call whose last position is `needed - 1`."""
     return min(max(MIN_ATTN_LEN, _next_pow2(needed)), max_context)
+
+
+def cache_slots(max_context: int, window: int | None = None, sinks: int = 2) -> tuple[int, int | None]:
+    """The KV cache's slots and ring sinks for sequences of up to `max_context` positions: a ring of `window`
+    slots keeping `sinks` first tokens when `window` < max_context, else max_context rounded up to
+    CACHE_ALIGN (no position reaches the slots past it, which attention never reads)."""
+    if window is not None and window < max_context:
+        if not 0 <= sinks < window:
+            raise UserError(f"sinks must be in [0, window={window}), got {sinks}")
+        return window, sinks
+    return -(-max_context // CACHE_ALIGN) * CACHE_ALIGN, None
 
 
 # -- device side -------------------------------------------------------------------
@@ -366,10 +380,7 @@ class Generator:
             raise UserError(f"max_context must be >= 1, got {max_context}")
         self.weights, self.cfg, self.tokenizer = weights, cfg, tokenizer
         self.max_context = max_context
-        self.slots = min(window or max_context, max_context)  # KV cache slots
-        self.ring_sinks = sinks if self.slots < max_context else None
-        if self.ring_sinks is not None and not 0 <= sinks < self.slots:
-            raise UserError(f"sinks must be in [0, window={self.slots}), got {sinks}")
+        self.slots, self.ring_sinks = cache_slots(max_context, window, sinks)
         self.backend = backend
         self.kv_dtype = kv_dtype  # the KV cache's dtype (default: the compute dtype); attention upcasts
         self.prefill_chunk = prefill_chunk or default_prefill_chunk()
