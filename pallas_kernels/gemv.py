@@ -43,6 +43,12 @@ CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int, int]] = {
     (576, 576, False): (2, 1024, 4, 2),  # wo: 2.0 us against 2.4
     (1536, 576, True): (2, 1024, 4, 2),  # w13, gated: 3.4 us against 3.6
     (576, 1536, False): (2, 4096, 8, 2),  # w2: 2.4 us against 5.1
+    # One device's shards of Mistral-7B at tp=2 (`sweep:bfloat16:mistral_tp2`, 2026-11-26, BENCHMARKS.md run 18);
+    # w2's (4096 x 7168) best is the default (21.7 us).
+    (3072, 4096, False): (4, 4096, 8, 2),  # wqkv: 10.9 us against the default's 11.3
+    (4096, 2048, False): (2, 4096, 8, 2),  # wo: 7.3 us against 7.7
+    (7168, 4096, True): (4, 4096, 8, 2),  # w13, gated: 41.7 us against 43.2
+    (16000, 4096, False): (2, 4096, 8, 2),  # output (vocabulary-sharded): 43.7 us against 45.0
 }
 
 

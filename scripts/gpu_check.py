@@ -99,6 +99,15 @@ GEMV_SHAPES = {
     ],
     "smoke": [("toy", 64, 256, {"norm": True}), ("toy gated", 128, 256, {"gated": True}), ("toy 576", 32, 576, {})],
 }
+# One device's shards at tensor parallelism tp=2 (parallel.py): half the heads and hidden rows; wo and w2 sum
+# their partial products across the devices (a psum) before the residual, so their kernels add none.
+GEMV_SHAPES["mistral_tp2"] = [
+    ("wqkv+norm /2", 2048 + 2 * 512, 4096, {"norm": True}),
+    ("wo /2", 4096, 2048, {}),
+    ("w13 gated+norm /2", 2 * 7168, 4096, {"gated": True, "norm": True}),
+    ("w2 /2", 4096, 7168, {}),
+    ("output /2", 16000, 4096, {}),
+]
 GEMV_SHAPES["mistral_small"] = GEMV_SHAPES["mistral"][:2]  # wqkv and wo, the ones furthest from the roofline
 # With int8 activations, w13's kernel rounds h for w2's, which reads it as it is (quant.Int8Vector), and wo's
 # rounds the FFN's normed input for w13's.
