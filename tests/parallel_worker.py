@@ -33,6 +33,7 @@ from yalm_jax import generate, model, parallel  # noqa: E402
 from yalm_jax.config import ModelConfig  # noqa: E402
 from yalm_jax.errors import UserError  # noqa: E402
 from yalm_jax.sampling import SamplingParams  # noqa: E402
+from yalm_jax.weights import field_nbytes  # noqa: E402
 
 _BASE = dict(
     vocab_size=96, dim=64, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32,
@@ -139,7 +140,7 @@ def main():
         except UserError as e:
             errors[label] = str(e)
     try:
-        parallel.check_fits(CONFIGS["llama_gqa"], limit=1000)
+        parallel.check_fits(CONFIGS["llama_gqa"], field_nbytes(CONFIGS["llama_gqa"]), limit=1000)
         errors["fits"] = None
     except UserError as e:
         errors["fits"] = str(e)

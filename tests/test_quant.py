@@ -564,6 +564,52 @@ def test_quantize_script_round_trip(tiny_dir, tmp_path, choice):
     assert back.tokenizer.encode("Hello there") == direct.tokenizer.encode("Hello there")
 
 
+# -- what a model takes on the device, before loading it (parallel.check_fits) ----------------
+
+
+def _estimate(path: str, dtype: str, choice: str) -> int:
+    from yalm_jax.loading import gguf, hf
+    from yalm_jax.weights import field_nbytes
+
+    cfg, source, _ = (gguf.open_gguf if path.endswith(".gguf") else hf.open_hf_dir)(path, dtype)
+    return sum(n for _, n in field_nbytes(cfg, source, choice))
+
+
+@pytest.mark.parametrize("choice", ["none", "int8", "int4:32", "int4:128", "fp8", "native"])
+def test_weights_bytes_estimate_is_what_loading_places(tiny_dir, choice):
+    from yalm_jax.loading import load_model
+
+    placed = load_model(tiny_dir, dtype="bfloat16", quant=choice).weights.nbytes()
+    assert _estimate(tiny_dir, "bfloat16", choice) == placed
+
+
+def test_weights_bytes_estimate_of_stored_blocks(smollm2_gguf, tiny_dir, tmp_path):
+    from yalm_jax.loading import load_model
+
+    # GGUF Q4_1 / Q8_0 blocks kept as they are, the rest dequantized.
+    assert _estimate(smollm2_gguf, "bfloat16", "native") == load_model(smollm2_gguf, "bfloat16", quant="native").weights.nbytes()
+    out = str(tmp_path / "q")  # a quantized checkpoint, which loads as it is stored
+    subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "quantize.py"), f"--model={tiny_dir}", f"--out={out}", "--quant=int4"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert _estimate(out, "float32", "native") == load_model(out).weights.nbytes()
+
+
+def test_a_quantized_model_fits_where_its_dense_form_does_not(tiny_dir):
+    from yalm_jax import parallel
+    from yalm_jax.errors import UserError
+    from yalm_jax.loading import hf
+    from yalm_jax.weights import field_nbytes
+
+    cfg, source, _ = hf.open_hf_dir(tiny_dir, "bfloat16")
+    dense, int4 = (field_nbytes(cfg, source, c) for c in ("none", "int4:32"))
+    limit = (sum(n for _, n in dense) + sum(n for _, n in int4)) // 2
+    parallel.check_fits(cfg, int4, limit=limit)
+    with pytest.raises(UserError, match="--tp"):
+        parallel.check_fits(cfg, dense, limit=limit)
+
+
 # -- KV cache dtype -------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ layer, split on its head axis.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -168,33 +169,28 @@ def per_device_bytes(tree) -> dict:
     return out
 
 
-def weight_bytes_per_device(cfg: ModelConfig) -> int:
-    """About how many bytes of weights each device holds once `cfg` is loaded (replicated tensors in full)."""
-    from yalm_jax.weights import expected_shapes
-
-    itemsize = np.dtype(cfg.dtype).itemsize
-    total = 0
-    for name, shape in expected_shapes(cfg).items():
-        n = int(np.prod(shape)) * itemsize
-        split = len(shape) > 1 and not name.endswith(("gate.weight",))  # matrices; the router is replicated
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            split = vocab_sharded(cfg)
-        total += n // cfg.tp if split else n
-    return total
+def weight_bytes_per_device(cfg: ModelConfig, field_nbytes: list[tuple[str, int]], tp: int | None = None) -> int:
+    """Bytes of weights each device holds at tensor parallelism `tp` (default cfg.tp), from
+    weights.field_nbytes: each split field's 1/tp, each replicated one whole."""
+    tp = tp or cfg.tp
+    split = dataclasses.replace(cfg, tp=tp)
+    return sum(n // tp if _axis(split, field) is not None else n for field, n in field_nbytes)
 
 
-def check_fits(cfg: ModelConfig, limit: int | None = None) -> None:
-    """A UserError, suggesting --tp, when the weights alone exceed what the device lets XLA allocate
-    (`limit`, by default the device's memory_stats()["bytes_limit"]; jax reports none on the CPU)."""
+def check_fits(cfg: ModelConfig, field_nbytes: list[tuple[str, int]], limit: int | None = None) -> None:
+    """A UserError, suggesting --tp, when the weights (weights.field_nbytes: in the form they load in, quantized
+    or not) exceed what the device lets XLA allocate (`limit`, by default the device's
+    memory_stats()["bytes_limit"]; jax reports none on the CPU)."""
     device = mesh(cfg.tp).devices.flat[0]
     if limit is None:
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
         limit = (stats or {}).get("bytes_limit")
-    need = weight_bytes_per_device(cfg)
+    need = weight_bytes_per_device(cfg, field_nbytes)
     if not limit or need <= limit:
         return
     n = len(jax.devices())
-    fit = next((t for t in range(cfg.tp + 1, n + 1) if not _check_quiet(cfg, t) and need * cfg.tp / t <= limit), None)
+    fits = [t for t in range(cfg.tp + 1, n + 1) if weight_bytes_per_device(cfg, field_nbytes, t) <= limit]
+    fit = next((t for t in fits if not _check_quiet(cfg, t)), None)
     hint = f"try --tp={fit}" if fit else f"--tp=N spreads it over N devices (this host has {n})"
     raise UserError(
         f"the weights need {need / 1e9:.1f} GB per device{f' at tp={cfg.tp}' if cfg.tp > 1 else ''}, "
@@ -203,8 +199,6 @@ def check_fits(cfg: ModelConfig, limit: int | None = None) -> None:
 
 
 def _check_quiet(cfg: ModelConfig, tp: int) -> str | None:
-    import dataclasses
-
     try:
         check(dataclasses.replace(cfg, tp=tp), tp)
     except UserError as e:

@@ -428,21 +428,49 @@ FIELDS = ("embed", "lm_head", "wqkv", "wo", "w13", "w2")
 _EDGE = ("embed", "lm_head")
 
 
+def _field_form(choice: str, field: str, is_moe: bool) -> tuple[str, int | None] | None:
+    """(format, group) that `choice` gives field `field`, ("native", None) to keep its stored blocks, or None
+    for a dense matrix. The embedding / output matrix is int8 under int4 and fp8 (_EDGE)."""
+    fmt, group = parse_choice(choice)
+    if fmt is None or field not in FIELDS or (is_moe and field in ("w13", "w2")):
+        return None
+    if fmt in ("int4", "fp8_e4m3", "fp8_e5m2") and field in _EDGE:
+        return "int8", None
+    return fmt, group
+
+
 def load_field(choice: str, field: str, names: list[str], source, read, dtype: str, *, is_moe: bool = False):
     """Field `field` (its transformers tensors `names`, stacked by rows) as a host QuantizedMatrix, or None
     to load it dense: with choice "native", when every part is stored quantized in a mappable form
     (GGUF Q8_0/Q4_0/Q4_1 blocks, a quantized checkpoint) of one format; else quantized from floats."""
-    fmt, group = parse_choice(choice)
-    if fmt is None or field not in FIELDS or (is_moe and field in ("w13", "w2")):
+    form = _field_form(choice, field, is_moe)
+    if form is None:
         return None
+    fmt, group = form
     if fmt == "native":
         getq = getattr(source, "get_quantized", None)
         parts = [getq(n, dtype) for n in names] if getq else [None]
         return None if any(p is None for p in parts) else concat_rows(parts)
     w = np.concatenate([np.asarray(read(n), np.float32) for n in names], axis=0)
-    if fmt in ("int4", "fp8_e4m3", "fp8_e5m2") and field in _EDGE:
-        return quantize(w, "int8", dtype=dtype)
     return quantize(w, fmt, group, with_min=True, dtype=dtype)
+
+
+def field_nbytes(choice: str, field: str, names: list[str], shapes: dict, source, dtype: str, *,
+                 is_moe: bool = False) -> int:  # fmt: skip
+    """The bytes field `field` (its tensors `names`, of `shapes`) takes on the device once loaded as
+    `load_field` and build_weights load it, found without reading any weights (for parallel.check_fits)."""
+    n_rows = sum(shapes[n][0] for n in names)
+    dense = n_rows * int(np.prod(shapes[names[0]][1:])) * np.dtype(dtype).itemsize
+    form = _field_form(choice, field, is_moe)
+    if form is None or dequantizes_at_load():
+        return dense
+    fmt, group = form
+    if fmt == "native":
+        stored = getattr(source, "quantized_nbytes", lambda name: None)
+        parts = [stored(n) for n in names]
+        return dense if None in parts else sum(parts)
+    one_row = quantize(np.ones((1, shapes[names[0]][1]), np.float32), fmt, group, with_min=True, dtype=dtype)
+    return n_rows * one_row.nbytes
 
 
 # On the CPU, XLA's dequantize-in-graph decode is 7-31x slower than dense f32 (BENCHMARKS.md,

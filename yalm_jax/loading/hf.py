@@ -138,6 +138,13 @@ class SafetensorsSource:
         spec = self._quant.get(name)
         return None if spec is None else quant.from_stored(spec, lambda part: self.get(f"{name}.{part}"), dtype)
 
+    def quantized_nbytes(self, name: str) -> int | None:
+        """The bytes of `get_quantized(name)`'s matrix (its stored parts), without reading it; or None."""
+        if name not in self._quant:
+            return None
+        parts = [self._where.get(f"{name}.{part}") for part in ("q", "scale", "min")]
+        return sum(info.nbytes for _, info in filter(None, parts))
+
     def get(self, name: str) -> np.ndarray:
         """A fresh array (not a view of the file) in the dtype the file stores; a quantized matrix dequantized to f32."""
         if name in self._quant:
