@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from test_prefill import random_weights  # noqa: E402
 
-from yalm_jax import generate, model, parallel  # noqa: E402
+from pallas_kernels import gemv_quant  # noqa: E402
+from yalm_jax import generate, model, parallel, quant  # noqa: E402
 from yalm_jax.config import ModelConfig  # noqa: E402
 from yalm_jax.errors import UserError  # noqa: E402
 from yalm_jax.sampling import SamplingParams  # noqa: E402
@@ -54,6 +55,18 @@ CONFIGS = {
 TPS = tuple(tp for tp in (2, 4) if tp <= jax.device_count())
 # The path whose greedy tokens are compared: on the CPU the xla one (the kernels' interpreter is slow).
 DECODE_BACKEND = "pallas" if ON_GPU else "xla"
+# Quantized weights, split as the dense ones are (parallel.place): int4 in groups of 32 with mins (wo's and w2's
+# columns split in whole groups); int8 with one scale a row, whose scales each device's slice of a row repeats;
+# and int4 with int8 activations, w13's kernel rounding h for w2's, whose partial products then go through the
+# psum. Kept quantized on the CPU (as on a GPU), and a hidden size whose shards hold whole groups of 32.
+BUILD = {
+    "llama_int4": dict(quant="int4:32"),
+    "llama_int8_a8": dict(quant="int8", int8_activations=True),
+    "llama_int4_a8": dict(quant="int4:32", int8_activations=True),
+}
+CONFIGS |= {name: ModelConfig(arch="llama", **{**_BASE, "hidden_dim": 128}) for name in BUILD}
+quant.DEQUANTIZE_ON_CPU = False
+gemv_quant.MIN_INT8_OUT_PROGRAMS = 1  # so the tiny w13 rounds h for w2, as Mistral-7B's does
 PROMPT = [3, 17, 5, 90, 44, 1, 2, 8, 60, 61, 11, 12, 13]
 CACHE = 64
 STEPS = 32
@@ -109,12 +122,12 @@ def main():
     results = {}
     for name, cfg in CONFIGS.items():
         seed = int(np.random.default_rng().integers(2**31))  # fresh, and the same draws for every tp below
-        w1 = random_weights(cfg, seed)
+        w1 = random_weights(cfg, seed, **BUILD.get(name, {}))
         ref = {b: logits_and_decode(w1, cfg, b) for b in ("xla", "pallas")}
         ref_tokens = greedy(w1, cfg, DECODE_BACKEND)
         for tp in TPS:
             c = dataclasses.replace(cfg, tp=tp)
-            w = random_weights(c, seed)
+            w = random_weights(c, seed, **BUILD.get(name, {}))
             r = {"bytes": bytes_check(w, c), "single_bytes": w1.nbytes()}
             for b in ("xla", "pallas") if tp == 2 or ON_GPU else ("xla",):  # interpreted pallas once, to keep it quick
                 prefill, step, cache = logits_and_decode(w, c, b)
@@ -129,13 +142,14 @@ def main():
             r["ref_tokens"] = ref_tokens
             results[f"{name}/tp{tp}"] = r
     errors = {}
-    for label, cfg, tp in [
-        ("heads", dataclasses.replace(CONFIGS["llama_gqa"], n_heads=6, n_kv_heads=3), 4),
-        ("kv_heads", dataclasses.replace(CONFIGS["llama_gqa"], n_heads=12, n_kv_heads=6), 4),
-        ("devices", CONFIGS["llama_gqa"], 8),
+    for label, cfg, tp, build in [
+        ("heads", dataclasses.replace(CONFIGS["llama_gqa"], n_heads=6, n_kv_heads=3), 4, {}),
+        ("kv_heads", dataclasses.replace(CONFIGS["llama_gqa"], n_heads=12, n_kv_heads=6), 4, {}),
+        ("devices", CONFIGS["llama_gqa"], 8, {}),
+        ("quant_groups", CONFIGS["llama_gqa"], 2, BUILD["llama_int4"]),  # w2's 96 columns: 48 a device
     ]:
         try:
-            random_weights(dataclasses.replace(cfg, tp=tp))
+            random_weights(dataclasses.replace(cfg, tp=tp), **build)
             errors[label] = None
         except UserError as e:
             errors[label] = str(e)

@@ -20,7 +20,8 @@ import jax
 import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
-CASES = [f"{m}/tp{tp}" for m in ("llama_gqa", "qwen2_kv2", "mixtral", "gemma3") for tp in (2, 4)]
+MODELS = ("llama_gqa", "qwen2_kv2", "mixtral", "gemma3", "llama_int4", "llama_int8_a8", "llama_int4_a8")
+CASES = [f"{m}/tp{tp}" for m in MODELS for tp in (2, 4)]
 TOL = 2e-5  # f32; the sums over devices only reorder additions
 
 
@@ -92,4 +93,5 @@ def test_clear_errors(results):
     assert "must divide the 6 attention heads" in e["heads"]
     assert "6 kv heads" in e["kv_heads"]
     assert "needs 8 devices" in e["devices"]
+    assert "would split w2's groups of 32 columns" in e["quant_groups"]
     assert "--tp" in e["fits"]

@@ -49,14 +49,15 @@ class DictSource:
         return self.tensors[name]
 
 
-def random_weights(cfg: ModelConfig, seed: int | None = None):
-    """Fresh random weights; a seed only where a test compares argmaxes (a near-tie could flip one)."""
+def random_weights(cfg: ModelConfig, seed: int | None = None, **build):
+    """Fresh random weights; a seed only where a test compares argmaxes (a near-tie could flip one). `build`:
+    build_weights' options (quant, int8_activations)."""
     rng = np.random.default_rng(seed)
     tensors = {
         k: (1.0 + 0.1 * rng.standard_normal(s) if "norm" in k else 0.2 * rng.standard_normal(s)).astype(np.float32)
         for k, s in expected_shapes(cfg).items()
     }
-    return build_weights(cfg, DictSource(tensors))
+    return build_weights(cfg, DictSource(tensors), **build)
 
 
 def token_by_token(weights, cfg, tokens, cache_size=CACHE, attn_len=None):

@@ -197,10 +197,11 @@ def logits_from_hidden(
     if cfg is None or cfg.tp == 1 or cfg.tp_axis is not None:
         return logits(weights.output, h)
     field = "embed" if weights.lm_head is None else "lm_head"
-    w_spec = parallel.spec(cfg, field, 2)
+    rows = parallel.spec(cfg, field, 2)[:1]
     return jax.shard_map(
-        logits, mesh=parallel.mesh(cfg.tp), in_specs=(w_spec, P()), out_specs=P(None, *w_spec[:1]), check_vma=False
-    )(weights.output, h)
+        logits, mesh=parallel.mesh(cfg.tp), in_specs=(parallel.field_spec(cfg, field, weights.output), P()),
+        out_specs=P(None, *rows), check_vma=False,
+    )(weights.output, h)  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "backend"), donate_argnames=("cache",))

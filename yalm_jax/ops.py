@@ -70,26 +70,33 @@ def linear(
     brings its norm), for w's decode kernel to read.
     """
     if reduce_axis is not None:
-        if _decode(x, backend):
-            part = _gemv.gemv(w, x[0], norm=norm, interpret=_interpret())[None]
-        else:
-            xn = x if norm is None else rms_norm(x, *norm)
-            part = jnp.einsum("si,oi->so", xn, w, preferred_element_type=jnp.float32)
-        y = jax.lax.psum(part.astype(jnp.float32), reduce_axis)
+        y = jax.lax.psum(_product(x, w, norm, backend, jnp.float32).astype(jnp.float32), reduce_axis)
         y = y if b is None else y + b
-        return (y if residual is None else residual + y).astype(x.dtype)
+        return y.astype(_out_dtype(x, w)) if residual is None else (residual + y).astype(residual.dtype)
     if _decode(x, backend):
         return _decode_gemv(w, x, norm, bias=b, residual=None if residual is None else residual[0])
+    y = _product(x, w, norm, backend)
+    y = y if b is None else y + b
+    return y if residual is None else residual + y
+
+
+def _out_dtype(x: jax.Array | quant.Int8Vector, w):
+    """A product's dtype: x's, or for an Int8Vector (which stands for x in w's compute dtype) w's."""
+    return jnp.dtype(w.dtype) if isinstance(x, quant.Int8Vector) else x.dtype
+
+
+def _product(x: jax.Array | quant.Int8Vector, w, norm, backend: str, dtype=None) -> jax.Array:
+    """x @ w.T, x normed first: a decoded token's through its GEMV kernel (in the product's dtype), a chunk's
+    on XLA (a quantized w dequantized inside the graph, quant.py), rounded to `dtype` (default x's)."""
+    if _decode(x, backend):
+        return _decode_gemv(w, x, norm)
     if quant.is_quantized(w) and w.int8_activations:  # the norm is part of the rounding (quant.round_activations)
         xn = quant.round_activations(x, norm)
     else:
         xn = x if norm is None else rms_norm(x, *norm)
-    if quant.is_quantized(w):  # dequantized inside the graph (quant.py)
-        y = quant.matmul(xn, w).astype(x.dtype)
-    else:
-        y = jnp.einsum("si,oi->so", xn, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    y = y if b is None else y + b
-    return y if residual is None else residual + y
+    if quant.is_quantized(w):
+        return quant.matmul(xn, w).astype(dtype or x.dtype)
+    return jnp.einsum("si,oi->so", xn, w, preferred_element_type=jnp.float32).astype(dtype or x.dtype)
 
 
 def embed(table: jax.Array, tokens: jax.Array, *, reduce_axis: str | None = None) -> jax.Array:

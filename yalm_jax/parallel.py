@@ -20,7 +20,11 @@ Layout, per device i (the row order each shard's fused kernels expect):
   * embed and lm_head rows: a contiguous 1/tp of the vocabulary when tp divides
     it (the embedding lookup masks and psums; the logits come out vocab-sharded),
     else replicated;
-  * norms and the router: replicated.
+  * norms and the router: replicated;
+  * a quant.QuantizedMatrix (int8, int4, fp8, GGUF blocks): its q, scale and min split along the field's
+    axis together; a split of columns (wo, w2) keeps whole groups on each device, a row's one scale
+    (per-channel formats) repeated for each device's slice of the row; matrices marked for int8
+    activations are marked before the split, while their groups are the whole model's.
 Each weight is one global `jax.Array` whose NamedSharding splits the shard-major
 row (or column) axis, placed piece by piece from the host: no device ever holds
 the whole tensor. The KV cache is (tp * n_kv_heads_per_shard, T, head_dim) per
@@ -90,13 +94,24 @@ def spec(cfg: ModelConfig, field: str, ndim: int) -> P:
     return P() if axis is None else P(*[AXIS if a == axis else None for a in range(ndim)])
 
 
+def field_spec(cfg: ModelConfig, field: str, x):
+    """The PartitionSpec of field `field`'s value x; for a quant.QuantizedMatrix, one for each of its arrays
+    (q, scale and min split along the same axis: its rows, or its columns in whole groups)."""
+    from yalm_jax import quant
+
+    if quant.is_quantized(x):
+        s = spec(cfg, field, 2)
+        return dataclasses.replace(x, q=s, scale=s, min=None if x.min is None else s)
+    return spec(cfg, field, x.ndim)
+
+
 def weight_specs(cfg: ModelConfig, weights):
     """The PartitionSpec of every leaf of `weights`, as a pytree of the same structure."""
     from yalm_jax.weights import LayerWeights, Weights
 
     def of(obj, cls):
         return cls(**{
-            f: None if (x := getattr(obj, f)) is None else spec(cfg, f, x.ndim)
+            f: None if (x := getattr(obj, f)) is None else field_spec(cfg, f, x)
             for f in cls.__dataclass_fields__ if f != "layers"
         }, **({"layers": [of(l, LayerWeights) for l in obj.layers]} if cls is Weights else {}))  # fmt: skip
 
@@ -137,8 +152,29 @@ def _piece(cfg: ModelConfig, field: str, host: np.ndarray, i: int) -> np.ndarray
     return np.take(host, np.arange(i * s, (i + 1) * s), axis=axis)
 
 
-def place(cfg: ModelConfig, field: str, host: np.ndarray) -> jax.Array:
-    """Puts a whole host tensor on the mesh: each device gets only its piece (or a copy, if replicated)."""
+def _splittable(cfg: ModelConfig, field: str, w):
+    """A host quant.QuantizedMatrix w in a form whose arrays split along K with whole groups on every device:
+    one scale a row becomes one a device's slice of the row (the same scale, repeated)."""
+    if _axis(cfg, field) != 1:
+        return w
+    k, local = w.shape[1], w.shape[1] // cfg.tp
+    if w.group == k:
+        return dataclasses.replace(w, scale=np.tile(np.asarray(w.scale), (1, cfg.tp)), group=local)
+    if local % w.group:
+        raise UserError(f"tp={cfg.tp} would split {field}'s groups of {w.group} columns (its rows have {k})")
+    return w
+
+
+def place(cfg: ModelConfig, field: str, host):
+    """Puts a whole host tensor (or quant.QuantizedMatrix) on the mesh: each device gets only its piece (or a
+    copy, if replicated)."""
+    from yalm_jax import quant
+
+    if quant.is_quantized(host):
+        w = _splittable(cfg, field, host)
+        arrays = {name: place(cfg, field, np.asarray(a)) for name in ("q", "scale", "min")
+                  if (a := getattr(w, name)) is not None}  # fmt: skip
+        return dataclasses.replace(w, **arrays)
     m = mesh(cfg.tp)
     sharding = NamedSharding(m, spec(cfg, field, host.ndim))
     axis = _axis(cfg, field)

@@ -198,7 +198,10 @@ def with_int8_activations(weights):
     def mark(w):
         if not takes_int8_activations(w) or w.int8_activations:
             return w
-        words = lax.bitcast_convert_type(w.q.reshape(w.q.shape[0], -1, 4), jnp.int32)
+        if isinstance(w.q, np.ndarray):  # a host matrix (build_weights): its words as a view of its bytes
+            words = np.ascontiguousarray(w.q).reshape(w.q.shape[0], -1, 4).view(np.int32)[..., 0]
+        else:
+            words = lax.bitcast_convert_type(w.q.reshape(w.q.shape[0], -1, 4), jnp.int32)
         return dataclasses.replace(w, q=words, int8_activations=True)
 
     return jax.tree.map(mark, weights, is_leaf=is_quantized)

@@ -143,8 +143,13 @@ def field_nbytes(cfg: ModelConfig, source: TensorSource | None = None, quant: st
     ]  # fmt: skip
 
 
-def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False, quant: str | None = None) -> Weights:
-    """With cfg.tp > 1 each tensor goes to the devices piece by piece, in parallel.py's layout."""
+def build_weights(
+    cfg: ModelConfig, source: TensorSource, progress: bool = False, quant: str | None = None,
+    int8_activations: bool = False,
+) -> Weights:
+    """With cfg.tp > 1 each tensor goes to the devices piece by piece, in parallel.py's layout. `quant` and
+    `int8_activations` as load_model takes them; a matrix is marked for int8 activations before it is split,
+    while its groups are still the whole model's (quant.with_int8_activations)."""
     parallel.check(cfg, cfg.tp)
     shapes = expected_shapes(cfg)
     missing = [n for n in shapes if not source.has(n)]
@@ -159,7 +164,7 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
             raise UserError(f"tensor {name} has shape {tuple(arr.shape)}, expected {shapes[name]}")
         return arr
 
-    def place(field: str, host: np.ndarray) -> jax.Array:
+    def place(field: str, host):  # an array, or a host quant.QuantizedMatrix
         return jax.device_put(host) if cfg.tp == 1 else parallel.place(cfg, field, host)
 
     def put(field: str, *names: str, shape: tuple[int, ...] | None = None) -> jax.Array:
@@ -190,7 +195,8 @@ def build_weights(cfg: ModelConfig, source: TensorSource, progress: bool = False
             parts = [names] if isinstance(names, str) else names
             qm = _quant.load_field(quant, field, parts, source, read, cfg.dtype, is_moe=cfg.is_moe)
             if qm is not None:
-                return jax.device_put(_quant.for_device(qm))
+                qm = _quant.with_int8_activations(qm) if int8_activations else qm
+                return place(field, _quant.for_device(qm))
         if field in _NORMS:
             return put_norm(field, names)
         if field in ("w13", "w2") and cfg.is_moe:

@@ -68,14 +68,11 @@ def load_model(
         quant_lib.parse_choice(quant)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if quant != "none" and tp > 1:
-        raise UserError("quantized weights do not support tensor parallelism yet; use --quant=none with tp > 1")
     parallel.check_fits(cfg, field_nbytes(cfg, source, quant))
-    weights = build_weights(cfg, source, progress=progress, quant=quant)
+    weights = build_weights(cfg, source, progress=progress, quant=quant, int8_activations=int8_activations)
     if int8_activations:
         import jax
 
-        weights = quant_lib.with_int8_activations(weights)
         if not any(getattr(w, "int8_activations", False) for w in jax.tree.leaves(weights, is_leaf=quant_lib.is_quantized)):
             why = " (the CPU computes with weights dequantized at load; the option is for the GPU's kernels)"
             raise UserError(f"--int8_activations needs int8 or int4:32 weights; got --quant={quant}"
