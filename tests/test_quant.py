@@ -622,9 +622,10 @@ def test_fp8_kv_cache_through_both_paths(tiny_dir, rng):
     for kv in ("bfloat16", "float16", "float8_e4m3fn"):
         pre, dec = _logits(lm, tokens, kv_dtype=kv)
         _, dec_pallas = _logits(lm, tokens, backend="pallas", kv_dtype=kv)
-        # e4m3 keeps 3 mantissa bits (up to 6% per stored value); on fresh random models the decode
-        # logits land 0.05-0.11 from f32, and a misread cache lands near 1.
-        tol = 0.2 if kv == "float8_e4m3fn" else 0.02
+        # e4m3 keeps 3 mantissa bits (up to 6% per stored value); over 60 token draws the decode logits
+        # landed 0.08 from f32 at the median, 0.23 at worst (0.2 was the bound until a CI draw hit 0.21),
+        # and a misread cache lands near 1.
+        tol = 0.35 if kv == "float8_e4m3fn" else 0.02
         assert _rel(pre, ref_pre) < tol and _rel(dec, ref_dec) < tol, kv
         # Both paths attend over keys and values as the cache stores them. The kernels compute in f32
         # from those; so does the xla path on the CPU, but on a GPU it multiplies in the cache's 16-bit
