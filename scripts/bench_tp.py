@@ -16,6 +16,7 @@ kernels a step are summed: all of them, and the all-reduces' alone.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import statistics
@@ -55,11 +56,12 @@ def random_weights(cfg: ModelConfig, seed: int = 0, quant_fmt: str | None = None
     dt = jnp.dtype(cfg.dtype)
     key = iter(jax.random.split(jax.random.key(seed), 16 * cfg.n_layers + 8))
     kv_rows = 2 * parallel.cache_heads(cfg) * cfg.head_dim  # k and v rows, with any replicated kv heads
+    quant_seeds = itertools.count(seed * 10_000)
 
     def quantized(field, shape):
         from bench_gpu import random_quantized
 
-        host = jax.device_get(random_quantized(shape, quant_fmt.removesuffix("_a8"), int(next(key)[0])))
+        host = jax.device_get(random_quantized(shape, quant_fmt.removesuffix("_a8"), next(quant_seeds)))
         return parallel.place(cfg, field, quant.with_int8_activations(host) if quant_fmt.endswith("_a8") else host)
 
     def w(field, *shape, norm=False):
