@@ -70,6 +70,7 @@ def linear(
     brings its norm), for w's decode kernel to read.
     """
     if reduce_axis is not None:
+        # Each device's partial product (the decode kernels' in x's dtype), summed over the axis in f32.
         y = jax.lax.psum(_product(x, w, norm, backend, jnp.float32).astype(jnp.float32), reduce_axis)
         y = y if b is None else y + b
         return y.astype(_out_dtype(x, w)) if residual is None else (residual + y).astype(residual.dtype)

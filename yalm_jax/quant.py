@@ -458,8 +458,8 @@ def load_field(choice: str, field: str, names: list[str], source, read, dtype: s
     return quantize(w, fmt, group, with_min=True, dtype=dtype)
 
 
-def field_nbytes(choice: str, field: str, names: list[str], shapes: dict, source, dtype: str, *,
-                 is_moe: bool = False) -> int:  # fmt: skip
+def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, source, dtype: str, *,
+                  is_moe: bool = False) -> int:  # fmt: skip
     """The bytes field `field` (its tensors `names`, of `shapes`) takes on the device once loaded as
     `load_field` and build_weights load it, found without reading any weights (for parallel.check_fits)."""
     n_rows = sum(shapes[n][0] for n in names)

@@ -137,7 +137,7 @@ def field_nbytes(cfg: ModelConfig, source: TensorSource | None = None, quant: st
     fields += [] if cfg.tie_embeddings else [("lm_head", "lm_head.weight")]
     fields += [(f, n) for i in range(cfg.n_layers) for f, n in _layer_names(cfg, i).items() if n is not None]
     return [
-        (field, _quant.field_nbytes(quant, field, [names] if isinstance(names, str) else names, shapes, source,
+        (field, _quant.loaded_nbytes(quant, field, [names] if isinstance(names, str) else names, shapes, source,
                                     cfg.dtype, is_moe=cfg.is_moe))
         for field, names in fields
     ]  # fmt: skip
