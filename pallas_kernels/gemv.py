@@ -135,9 +135,10 @@ def gemv(
     activation: str = "silu",
     config: tuple[int, int, int, int] | None = None,
     out: jax.Array | None = None,
+    out_dtype=None,
     interpret: bool = False,
 ) -> jax.Array:
-    """y = W x (+ bias) (+ residual), in x's dtype, accumulated in f32.
+    """y = W x (+ bias) (+ residual), in `out_dtype` (default x's), accumulated in f32.
 
     w: (N, K) in f32/bf16/f16; x: (K,). With `norm=(g, eps)` x is replaced by
     rms_norm(x) * g first. With `gated=True`, N = 2H and the result (H,) is
@@ -185,7 +186,7 @@ def gemv(
     )
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((n_out,), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((n_out,), out_dtype or x.dtype),
         grid=grid,
         in_specs=specs,
         out_specs=vec_n,
@@ -244,6 +245,7 @@ def gemv_reference(
     norm: tuple[jax.Array, float] | None = None,
     gated: bool = False,
     activation: str = "silu",
+    out_dtype=None,
 ) -> jax.Array:
     """The function `gemv` computes, in plain jnp (f32 accumulation, one final rounding)."""
     if norm is not None:
@@ -257,4 +259,4 @@ def gemv_reference(
         y = y + bias.astype(jnp.float32)
     if residual is not None:
         y = y + residual.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(out_dtype or x.dtype)

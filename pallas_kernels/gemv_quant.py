@@ -363,9 +363,11 @@ def gemv_quant(
     out: jax.Array | None = None,
     int8_out: bool = False,
     norm_out: tuple[jax.Array, float] | None = None,
+    out_dtype=None,
     interpret: bool = False,
 ) -> jax.Array | tuple[jax.Array, Int8Vector]:
-    """`gemv.gemv` for a QuantizedMatrix w (N, K): y = W x (+ bias) (+ residual) in x's dtype, f32 accumulation.
+    """`gemv.gemv` for a QuantizedMatrix w (N, K): y = W x (+ bias) (+ residual) in `out_dtype` (default x's),
+    f32 accumulation.
 
     `config` = (block_n, block_k, num_warps, num_stages), block_k counting stored
     bytes of a row; block_n shrinks to a power of two that divides the row count,
@@ -434,7 +436,7 @@ def gemv_quant(
         operands.append(norm_out[0])
         specs.append(vec_n)
     aliases = append_epilogue(operands, specs, vec_n, bias, residual, out)
-    dtype = jnp.dtype(w.dtype) if x_rounded else x.dtype
+    dtype = out_dtype or (jnp.dtype(w.dtype) if x_rounded else x.dtype)
     out_shape, out_specs = jax.ShapeDtypeStruct((n_out,), dtype), vec_n
     if int8_out:  # words, then each block's scale and integer sum (and with norm_out, its sum of y^2)
         sizes = [(n_out // 4, bn // 4, jnp.int32)] + [(n_out // ACT_BLOCK, bn // ACT_BLOCK, jnp.float32)] * (
@@ -469,8 +471,9 @@ def gemv_quant_reference(w, x, **kw) -> jax.Array:
     """The function `gemv_quant` computes (without `int8_out`), in plain jnp: dequantize to f32, then
     `gemv_reference`; for a matrix with int8_activations, x normed and rounded (quant.round_activations)
     first, or an Int8Vector's values."""
-    if isinstance(x, Int8Vector):  # its f32 values; y in w's compute dtype, as the kernel writes it
-        return gemv_reference(w.dequantize(jnp.float32), x.values(), **kw).astype(w.dtype)
+    if isinstance(x, Int8Vector):  # its f32 values; y in w's compute dtype unless out_dtype says, as the kernel
+        kw["out_dtype"] = kw.get("out_dtype") or jnp.dtype(w.dtype)
+        return gemv_reference(w.dequantize(jnp.float32), x.values(), **kw)
     if w.int8_activations:  # x normed and rounded to int8 blocks (quant.round_activations), in x's dtype
         x = round_activations(x[None], kw.pop("norm", None))[0]
     return gemv_reference(w.dequantize(jnp.float32), x, **kw)

@@ -158,7 +158,29 @@ def main():
         errors["fits"] = None
     except UserError as e:
         errors["fits"] = str(e)
-    print(json.dumps({"cases": results, "errors": errors, "generator": generator_runs(sys.argv[1]), "tps": TPS}))
+    print(json.dumps({"cases": results, "errors": errors, "generator": generator_runs(sys.argv[1]), "tps": TPS,
+                      "lowered_tp2": lowered_tp2_step()}))  # fmt: skip
+
+
+def lowered_tp2_step() -> dict:
+    """A tp=2 decode step as lowered for the GPU (no GPU needed): its Triton kernels, in program order, and its
+    all-reduces, so that a sharded projection falling off its kernel shows."""
+    import re
+
+    from yalm_jax import ops
+
+    cfg = dataclasses.replace(CONFIGS["llama_gqa"], tp=2)
+    w, cache = random_weights(cfg), model.init_cache(cfg, CACHE)
+    token, pos = jnp.asarray([7], jnp.int32), jnp.asarray([3], jnp.int32)
+    interpret, ops._interpret = ops._interpret, lambda: False
+    jax.clear_caches()  # the interpreted kernels' traces of this same step, from the checks above
+    try:
+        step = jax.jit(lambda w, c, t, p: model.forward(w, c, t, p, cfg=cfg, backend="pallas"))
+        text = step.trace(w, cache, token, pos).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        ops._interpret = interpret
+    kernels = [re.findall(r'name = "([^"]+)"', line)[-1] for line in text.splitlines() if "xla.gpu.triton" in line]
+    return {"kernels": kernels, "all_reduces": text.count('"stablehlo.all_reduce"'), "n_layers": cfg.n_layers}
 
 
 def generator_runs(tmp_dir: str) -> dict:

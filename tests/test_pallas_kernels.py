@@ -77,6 +77,16 @@ def test_gemv_matches_reference_small(dtype, form):
     _check_gemv(n, 256, dtype, SMALL_GEMV, **dict(form))
 
 
+def test_gemv_writes_f32_for_a_16_bit_x():
+    # Tensor parallelism sums the devices' partial products in f32 (ops.linear): the kernel writes them unrounded.
+    k1, k2 = jax.random.split(_key())
+    w, x = jax.random.normal(k1, (64, 256), jnp.bfloat16), jax.random.normal(k2, (256,), jnp.bfloat16)
+    out = gemv(w, x, config=SMALL_GEMV, out_dtype=jnp.float32, interpret=INTERPRET)
+    ref = gemv_reference(w, x, out_dtype=jnp.float32)
+    assert out.dtype == jnp.float32 and _rel_err(out, ref) < 1e-5
+    assert _rel_err(out, ref.astype(jnp.bfloat16)) > 1e-4  # not bf16 values widened
+
+
 @pytest.mark.parametrize("form", [{"residual": True}, {"gated": True, "norm": True}], ids=["residual", "gated_norm"])
 def test_gemv_odd_shapes(form):
     # 96 rows and 576 columns (SmolLM2's dim): block_n falls to a power of two that divides the rows;

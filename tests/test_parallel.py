@@ -92,6 +92,16 @@ def test_each_device_holds_its_share(results, case):
     assert b["cache_shard_shape"][0] == max(1, {"qwen2_kv2": 2}.get(case.split("/")[0], 4) // tp)
 
 
+def test_tp2_decode_step_keeps_its_kernels(results):
+    """Each device runs the five kernels a layer and the output's, as one device does; two all-reduces a layer
+    (after wo and w2) and the embedding's."""
+    r = results["lowered_tp2"]
+    layer = ["gemv_", "decode_attention", "gemv_", "gemv_gated_", "gemv_"]
+    want = layer * r["n_layers"] + ["gemv_"]
+    assert len(r["kernels"]) == len(want) and all(k.startswith(p) for k, p in zip(r["kernels"], want)), r["kernels"]
+    assert r["all_reduces"] == 2 * r["n_layers"] + 1
+
+
 def test_generator_with_load_model_tp(results):
     g = results["generator"]
     assert g["1"]["ids"] == g["2"]["ids"]

@@ -196,6 +196,17 @@ def test_gemv_quant_bf16_with_norm(rng, fmt, group, with_min):
     _check_gemv(rng, fmt, group, with_min, jnp.bfloat16, norm=True)
 
 
+@pytest.mark.parametrize("fmt,group,with_min", [("int4", 32, True), ("int8", None, False)])
+def test_gemv_quant_writes_f32_for_a_16_bit_x(rng, fmt, group, with_min):
+    # Tensor parallelism sums the devices' partial products in f32 (ops.linear): the kernel writes them unrounded.
+    qm = quant.quantize(_weights(rng, 64, 256), fmt, group, with_min=with_min, dtype="bfloat16")
+    qm, x = jax.device_put(qm), jnp.asarray(rng.standard_normal(256), jnp.bfloat16)
+    out = gemv_quant(qm, x, config=SMALL, out_dtype=jnp.float32, interpret=INTERPRET)
+    ref = np.asarray(gemv_quant_reference(qm, x, out_dtype=jnp.float32))
+    assert out.dtype == jnp.float32 and _rel(np.asarray(out), ref) < 1e-5
+    assert _rel(np.asarray(out), np.asarray(ref.astype(ml_dtypes.bfloat16), np.float32)) > 1e-4
+
+
 @pytest.mark.parametrize("fmt,group,with_min", [("int4", 64, True), ("int4", 32, False), ("int8", 32, False),
                                                 ("int8", None, False), ("fp8_e4m3", 32, False)])  # fmt: skip
 @pytest.mark.parametrize("k", [576, 896, 1536])

@@ -70,8 +70,8 @@ def linear(
     brings its norm), for w's decode kernel to read.
     """
     if reduce_axis is not None:
-        # Each device's partial product (the decode kernels' in x's dtype), summed over the axis in f32.
-        y = jax.lax.psum(_product(x, w, norm, backend, jnp.float32).astype(jnp.float32), reduce_axis)
+        # Each device's partial product, summed over the axis in f32 (the kernels write it so: no conversion).
+        y = jax.lax.psum(_product(x, w, norm, backend, jnp.float32), reduce_axis)
         y = y if b is None else y + b
         return y.astype(_out_dtype(x, w)) if residual is None else (residual + y).astype(residual.dtype)
     if _decode(x, backend):
@@ -87,10 +87,10 @@ def _out_dtype(x: jax.Array | quant.Int8Vector, w):
 
 
 def _product(x: jax.Array | quant.Int8Vector, w, norm, backend: str, dtype=None) -> jax.Array:
-    """x @ w.T, x normed first: a decoded token's through its GEMV kernel (in the product's dtype), a chunk's
-    on XLA (a quantized w dequantized inside the graph, quant.py), rounded to `dtype` (default x's)."""
+    """x @ w.T, x normed first, in `dtype` (default the product's: x's): a decoded token's through its GEMV
+    kernel, a chunk's on XLA (a quantized w dequantized inside the graph, quant.py)."""
     if _decode(x, backend):
-        return _decode_gemv(w, x, norm)
+        return _decode_gemv(w, x, norm, out_dtype=dtype)
     if quant.is_quantized(w) and w.int8_activations:  # the norm is part of the rounding (quant.round_activations)
         xn = quant.round_activations(x, norm)
     else:
