@@ -165,7 +165,7 @@ def main():
 def lowered_tp2_step() -> dict:
     """A tp=2 decode step as lowered for the GPU (no GPU needed): its Triton kernels, in program order, and its
     all-reduces, so that a sharded projection falling off its kernel shows."""
-    import re
+    from test_gpu_lowering import gpu_lowering, triton_kernels
 
     from yalm_jax import ops
 
@@ -175,12 +175,12 @@ def lowered_tp2_step() -> dict:
     interpret, ops._interpret = ops._interpret, lambda: False
     jax.clear_caches()  # the interpreted kernels' traces of this same step, from the checks above
     try:
-        step = jax.jit(lambda w, c, t, p: model.forward(w, c, t, p, cfg=cfg, backend="pallas"))
-        text = step.trace(w, cache, token, pos).lower(lowering_platforms=("cuda",)).as_text()
+        step = lambda w, c, t, p: model.forward(w, c, t, p, cfg=cfg, backend="pallas")  # noqa: E731
+        kernels = triton_kernels(step, w, cache, token, pos)
+        all_reduces = gpu_lowering(step, w, cache, token, pos).count('"stablehlo.all_reduce"')
     finally:
         ops._interpret = interpret
-    kernels = [re.findall(r'name = "([^"]+)"', line)[-1] for line in text.splitlines() if "xla.gpu.triton" in line]
-    return {"kernels": kernels, "all_reduces": text.count('"stablehlo.all_reduce"'), "n_layers": cfg.n_layers}
+    return {"kernels": kernels, "all_reduces": all_reduces, "n_layers": cfg.n_layers}
 
 
 def generator_runs(tmp_dir: str) -> dict:

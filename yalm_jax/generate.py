@@ -51,7 +51,7 @@ MIN_PREFILL_CHUNK = 16
 DECODE_CHUNK = 16  # decode steps per device call
 MIN_ATTN_LEN = 256
 # The Pallas attention kernels tile the cache in multiples of this many slots; a cache of any other length
-# runs XLA's attention instead (Mistral-7B's decode step 9% slower at context 128 on an H200: BENCHMARKS.md, run 18).
+# runs XLA's attention instead (Mistral-7B's decode 7% slower a token on one H200: BENCHMARKS.md, run 18).
 CACHE_ALIGN = 16
 
 

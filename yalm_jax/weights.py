@@ -96,11 +96,16 @@ def _layer_names(cfg: ModelConfig, i: int) -> dict[str, str | list[str] | None]:
 _NORMS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "attn_post_norm", "ffn_post_norm")
 
 
+def _model_names(cfg: ModelConfig) -> dict[str, str]:
+    """The transformers names behind the Weights fields outside the layers (no lm_head when it is tied)."""
+    names = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
+    return names if cfg.tie_embeddings else names | {"lm_head": "lm_head.weight"}
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor `build_weights` reads, by transformers' name."""
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.dim), "model.norm.weight": (cfg.dim,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.dim)
+    top = {"embed": (cfg.vocab_size, cfg.dim), "final_norm": (cfg.dim,), "lm_head": (cfg.vocab_size, cfg.dim)}
+    shapes = {name: top[field] for field, name in _model_names(cfg).items()}
     field_shapes = {
         "attn_norm": (cfg.dim,),
         "wqkv": None,
@@ -133,8 +138,7 @@ def field_nbytes(cfg: ModelConfig, source: TensorSource | None = None, quant: st
     """(field, bytes on the device) for every tensor `build_weights` would place, the whole of it (before any
     split across devices), found from shapes and the source's metadata without reading a weight."""
     shapes = expected_shapes(cfg)
-    fields = [("embed", "model.embed_tokens.weight"), ("final_norm", "model.norm.weight")]
-    fields += [] if cfg.tie_embeddings else [("lm_head", "lm_head.weight")]
+    fields = list(_model_names(cfg).items())
     fields += [(f, n) for i in range(cfg.n_layers) for f, n in _layer_names(cfg, i).items() if n is not None]
     return [
         (field, _quant.loaded_nbytes(quant, field, [names] if isinstance(names, str) else names, shapes, source,
@@ -205,7 +209,8 @@ def build_weights(
         return put(field, *names) if isinstance(names, list) else put(field, names)
 
     bar = _progress(cfg.n_layers + 2, enabled=progress)
-    embed = put_field("embed", "model.embed_tokens.weight")
+    top = _model_names(cfg)
+    embed = put_field("embed", top["embed"])
     bar.update()
     layers = []
     for i in range(cfg.n_layers):
@@ -214,8 +219,8 @@ def build_weights(
     weights = Weights(
         embed=embed,
         layers=layers,
-        final_norm=put_norm("final_norm", "model.norm.weight"),
-        lm_head=None if cfg.tie_embeddings else put_field("lm_head", "lm_head.weight"),
+        final_norm=put_norm("final_norm", top["final_norm"]),
+        lm_head=put_field("lm_head", top.get("lm_head")),
     )
     bar.update()
     bar.close()
