@@ -5,12 +5,14 @@
   python scripts/bench_tp.py --shape=mistral7b --tp=1,2 --quant=int4_a8   # int4 projections, int8 activations
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_tp.py --shape=toy --tp=1,2  # CPU smoke
 
-Each device generates only its own shards of the weights (jit with out_shardings),
-so a model larger than one device never exists whole anywhere. Prints tok/s and
+Each device generates only its own shards of the dense weights (jit with out_shardings),
+so a model larger than one device never exists whole anywhere (--quant's matrices are
+drawn whole, one at a time, and split as the loader splits them). Prints tok/s and
 the bytes each device reads per token (its shard of the weights, the top-k
 experts' share for Mixtral, plus its part of the KV cache) as GB/s. With
---profile_dir (a GPU), one more chunk runs under the profiler, and each device's
-kernels a step are summed: all of them, and the all-reduces' alone.
+--profile_dir (a GPU), one more chunk runs under the profiler and each device's
+kernels a step are summed: count, busy time and span (span - busy: the time its
+compute stream waits, on the all-reduces' latency among others).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import statistics
 import time
 
@@ -104,8 +105,8 @@ def bytes_read_per_device(weights: Weights, cfg: ModelConfig, pos: int) -> float
 
 
 def kernel_time_per_device(fn, n_steps: int, label: str, trace_dir: str) -> list[dict] | dict:
-    """fn() under the profiler: per device (the trace's GPU process), bench_gpu.summarize_kernels' figures a
-    step, and the us a step in all-reduces (NCCL's kernels or XLA's own)."""
+    """fn() under the profiler: bench_gpu.summarize_kernels' figures a step for each device (the trace's GPU
+    processes), or the profiler's error."""
     from bench_gpu import gpu_kernel_events, summarize_kernels
 
     events = gpu_kernel_events(fn, label, trace_dir)
@@ -114,11 +115,7 @@ def kernel_time_per_device(fn, n_steps: int, label: str, trace_dir: str) -> list
     per_device = {}
     for e in events:
         per_device.setdefault(e["pid"], []).append(e)
-    out = []
-    for _, kern in sorted(per_device.items()):
-        reduce_us = sum(e["dur"] for e in kern if re.search(r"nccl|all.?reduce", e["name"], re.IGNORECASE))
-        out.append(summarize_kernels(kern, n_steps) | {"all_reduce_us_per_step": reduce_us / n_steps})
-    return out
+    return [summarize_kernels(kern, n_steps) for _, kern in sorted(per_device.items())]
 
 
 def bench(shape: str, dtype: str, tp: int, backend: str, ctx: int, n_steps: int, reps: int, layers=None,
@@ -191,7 +188,7 @@ def main() -> None:
             print(f"  profile: {profile}")
         for i, d in enumerate(profile if isinstance(profile, list) else []):
             print(f"  device {i}, a step: {d['kernels_per_step']:.0f} kernels, busy {d['busy_us_per_step']:.0f} us, "
-                  f"span {d['span_us_per_step']:.0f} us, all-reduces {d['all_reduce_us_per_step']:.0f} us")
+                  f"span {d['span_us_per_step']:.0f} us")
             for t in d["top"][:8]:
                 print(f"    {t['per_step']:5.1f} x {t['mean_us']:7.2f} us  {t['name'][:80]}")
         jax.clear_caches()
