@@ -211,3 +211,34 @@ def test_mixtral_fused_expert_layout(variant_checkpoints, variant_tokens, tmp_pa
     save_file(fused, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
     assert rel_err(our_logits(tmp_path, variant_tokens), ref) <= TOL_F32
+
+
+def test_gemma3_gguf_blocks_kept_quantized(gemma3_gguf, gemma3_ours, monkeypatch):
+    # --quant=native keeps every matrix of this Q4_K_M file in its blocks' integers (Q5_0 and Q8_0 as int8 in
+    # groups of 32, Q4_K as int4 with mins, Q6_K as int8 in groups of 16), as the GPU holds them; computed by
+    # the xla path (dequantized in the graph), the logits stay within the K-quants' f16 scales of the
+    # dequantized file's.
+    import collections
+
+    import jax
+
+    from yalm_jax import quant
+    from yalm_jax.loading import load_model
+
+    monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", False)
+    m = load_model(gemma3_gguf, "float32", quant="native")
+    forms = collections.Counter(
+        (w.fmt, w.group, w.min is not None)
+        for w in jax.tree.leaves(m.weights, is_leaf=quant.is_quantized) if quant.is_quantized(w)
+    )  # fmt: skip
+    # 18 layers: wqkv and w13 (Q5_0, v in Q8_0 in half the layers) and the tied embedding (Q8_0); wo and half
+    # the w2 in Q4_K; the other w2 in Q6_K.
+    assert forms == {("int8", 32, False): 37, ("int4", 32, True): 27, ("int8", 16, False): 9}
+    ids = m.tokenizer.encode(GEMMA3_TEXT)
+    logits = [
+        np.asarray(model.forward(w, model.init_cache(m.cfg, 64), jnp.asarray(ids, jnp.int32),
+                                 jnp.arange(len(ids), dtype=jnp.int32), cfg=m.cfg)[0])
+        for w in (m.weights, gemma3_ours.weights)
+    ]  # fmt: skip
+    assert rel_err(logits[0], logits[1]) <= 5e-3
+    assert np.array_equal(logits[0].argmax(-1), logits[1].argmax(-1))

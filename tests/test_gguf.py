@@ -292,6 +292,40 @@ def test_dequantized_tensor_has_transformers_layout(tmp_path, qtype):
         assert not np.array_equal(got, x)  # really went through the format
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_kquant_blocks_keep_their_integers(qtype):
+    # Q4_K maps onto int4 in groups of 32 with a min, Q6_K onto int8 in groups of 16: the same integers, each
+    # scale (and min) rounded to f16, so the error is at most 2^-11 of |scale| times the largest integer plus
+    # |min|. A misplaced integer would cost a whole step, 15 to 30 times that.
+    from yalm_jax import quant
+
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((96, 512)) * rng.uniform(0.001, 3.0, (96, 1))).astype(np.float32)
+    blocks = _quantize(x, qtype)
+    qm = quant.from_gguf_blocks(blocks, qtype.name, x.shape)
+    assert (qm.fmt, qm.group, qm.min is not None) == {QT.Q4_K: ("int4", 32, True), QT.Q6_K: ("int8", 16, False)}[qtype]
+    assert qm.nbytes == quant.gguf_nbytes(qtype.name, x.shape)
+    want = gguf.quants.dequantize(blocks, qtype).reshape(x.shape)
+    got = np.asarray(qm.dequantize(jnp.float32)).reshape(96, -1, qm.group)
+    top = 15 if qtype == QT.Q4_K else 32
+    bound = 2.0**-11 * (top * np.abs(qm.scale.astype(np.float32)) + (0 if qm.min is None else np.abs(qm.min)))
+    err = np.abs(got - want.reshape(got.shape))
+    assert (err <= bound[..., None] * 1.001).all(), (err / bound[..., None]).max()
+    assert err.max() > 0  # the f16 scales really are a rounding
+
+
+def test_kquant_scale_past_f16_loads_dense():
+    # d * sc overflows f16 (d = 60000, sc = 127): no quantized form, so the loader reads the matrix dense.
+    from yalm_jax import quant
+
+    x = np.random.default_rng().standard_normal((2, 256)).astype(np.float32)
+    blocks = _quantize(x, QT.Q6_K)
+    assert quant.from_gguf_blocks(blocks, "Q6_K", x.shape) is not None
+    blocks[0, 192:208] = 127
+    blocks[0, 208:210] = np.array([60000], np.float16).view(np.uint8)
+    assert quant.from_gguf_blocks(blocks, "Q6_K", x.shape) is None
+
+
 def test_q_and_k_are_unpermuted_but_v_is_not(tmp_path):
     rng = np.random.default_rng()
     hp = dict(dim=32, n_heads=2, n_kv_heads=1, head_dim=16)

@@ -32,7 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (format, group, with_min)
 FORMATS = [
     ("int8", None, False),  # per output channel
-    ("int8", 32, False),  # GGUF Q8_0's form
+    ("int8", 32, False),  # GGUF Q8_0's form (and Q5_0's)
+    ("int8", 16, False),  # Q6_K's
     ("int4", 32, False),  # Q4_0's
     ("int4", 32, True),  # Q4_1's
     ("int4", 64, True),
@@ -125,7 +126,7 @@ def test_int4_group_falls_back_to_a_divisor():
         quant.parse_choice("int3")
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_0", "Q4_1"])
 def test_gguf_blocks_map_exactly(rng, qtype):
     from gguf import GGMLQuantizationType, quants
 
@@ -190,7 +191,7 @@ def test_gemv_quant_matches_reference(rng, fmt, group, with_min, form):
 
 
 @pytest.mark.parametrize(
-    "fmt,group,with_min", [FORMATS[i] for i in (1, 3, 6, 8)], ids=[FMT_IDS[i] for i in (1, 3, 6, 8)]
+    "fmt,group,with_min", [FORMATS[i] for i in (1, 4, 7, 9)], ids=[FMT_IDS[i] for i in (1, 4, 7, 9)]
 )
 def test_gemv_quant_bf16_with_norm(rng, fmt, group, with_min):
     _check_gemv(rng, fmt, group, with_min, jnp.bfloat16, norm=True)

@@ -20,8 +20,12 @@ Formats, for a matrix W (N, K) split along K into groups of `group` columns
 
 scale and min have shape (N, K / group): float16 for groups (as GGUF stores
 them), float32 per channel. The GGUF block types map onto these without a
-round trip through float: Q8_0 is int8 group 32, Q4_0 int4 group 32, Q4_1
-int4 group 32 with a min (`from_gguf_blocks`).
+round trip through float (`from_gguf_blocks`): Q8_0 is int8 group 32, Q4_0 int4
+group 32, Q4_1 int4 group 32 with a min, Q5_0 int8 group 32 (its 5-bit values,
+-16..15), bit for bit. The K-quants keep their integers too: Q4_K is int4 group
+32 with a min, Q6_K int8 group 16; their scales (a block's f16 scale times each
+sub-block's 6- or 8-bit one) are rounded to f16, a relative 2^-12 at most, some
+hundred times below the 4- and 6-bit steps themselves.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from jax import lax
 from yalm_jax.errors import UserError
 
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
-# Values a quantize-at-load flag (--quant) takes; "native" keeps GGUF's Q8_0/Q4_0/Q4_1 blocks as they are.
+# Values a quantize-at-load flag (--quant) takes; "native" keeps GGUF's blocks (GGUF_TYPES) as they are.
 CHOICES = ("none", "native", "int8", "int4", "fp8", "fp8_e5m2")
 INT4_GROUPS = (32, 64, 128)
 DEFAULT_INT4_GROUP = 32  # SmolLM2 perplexity: +0.07% at 32, +33% at 64 (BENCHMARKS.md)
@@ -46,8 +50,15 @@ DEFAULT_INT4_GROUP = 32  # SmolLM2 perplexity: +0.07% at 32, +33% at 64 (BENCHMA
 FP8_GROUP = 32
 FP8_SCALE_STEPS = 16  # candidate fp8 scales tried per group, spaced evenly over one octave
 _FP8 = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
-# GGUF block types that map straight onto a format: (format, group, has min, bytes per block).
-GGUF_TYPES = {"Q8_0": ("int8", 32, False, 34), "Q4_0": ("int4", 32, False, 18), "Q4_1": ("int4", 32, True, 20)}
+# GGUF block types that map onto a format: (format, group, has min, values a block, bytes a block).
+GGUF_TYPES = {
+    "Q8_0": ("int8", 32, False, 32, 34),
+    "Q5_0": ("int8", 32, False, 32, 22),
+    "Q4_0": ("int4", 32, False, 32, 18),
+    "Q4_1": ("int4", 32, True, 32, 20),
+    "Q4_K": ("int4", 32, True, 256, 144),
+    "Q6_K": ("int8", 16, False, 256, 210),
+}
 
 
 @functools.partial(
@@ -185,7 +196,7 @@ def to_int8_vector(x: jax.Array, norm: tuple[jax.Array, float] | None = None) ->
 
 def takes_int8_activations(w) -> bool:
     """Whether `w` can multiply int8 activations: int8 per channel or in groups of ACT_BLOCK, int4 in groups
-    of ACT_BLOCK (GGUF's Q8_0, Q4_0 and Q4_1 included)."""
+    of ACT_BLOCK (GGUF's Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K included)."""
     if not is_quantized(w) or w.fmt not in ("int8", "int4"):
         return False
     return w.group == ACT_BLOCK or (w.fmt == "int8" and w.group == w.shape[1])
@@ -333,15 +344,78 @@ def unpack_int4(packed, group: int):
 
 
 def from_gguf_blocks(data: np.ndarray, qtype: str, shape: tuple[int, int], dtype: str = "float32"):
-    """Q8_0 / Q4_0 / Q4_1 blocks (uint8, one row of blocks per matrix row) as a host QuantizedMatrix, bit for bit."""
-    fmt, group, has_min, block = GGUF_TYPES[qtype]
+    """GGUF blocks (uint8, one row of blocks per matrix row) of a GGUF_TYPES type as a host QuantizedMatrix:
+    their integers as they are, their scales (and mins) as GGUF computes them, in f16. None where a scale
+    does not fit f16 (the caller then loads the matrix dense)."""
+    fmt, group, has_min, per_block, nbytes = GGUF_TYPES[qtype]
     n, k = shape
-    b = np.ascontiguousarray(data, np.uint8).reshape(n, k // group, block)
-    scale = b[..., 0:2].copy().view(np.float16)[..., 0]
-    mn = b[..., 2:4].copy().view(np.float16)[..., 0] if has_min else None
-    body = b[..., 4 if has_min else 2 :].reshape(n, -1)
-    q = body.view(np.int8).copy() if fmt == "int8" else body.copy()
-    return QuantizedMatrix(q, scale, mn, fmt, group, dtype)
+    b = np.ascontiguousarray(data, np.uint8).reshape(n * k // per_block, nbytes)
+    q, scale, mn = _GGUF_BLOCKS[qtype](b)
+    with np.errstate(over="ignore"):  # a scale past f16's range: checked below
+        scale, mn = [None if a is None else np.asarray(a, np.float16).reshape(n, k // group) for a in (scale, mn)]
+    if not all(a is None or np.isfinite(a).all() for a in (scale, mn)):
+        return None
+    q = q.reshape(n, -1)
+    return QuantizedMatrix(q.view(np.int8) if fmt == "int8" else q, scale, mn, fmt, group, dtype)
+
+
+def gguf_nbytes(qtype: str, shape: tuple[int, int]) -> int:
+    """The bytes `from_gguf_blocks` gives a `qtype` matrix of `shape` (the file's own for Q8_0, Q4_0 and Q4_1)."""
+    fmt, group, has_min, _, _ = GGUF_TYPES[qtype]
+    n, k = shape
+    return n * k // (2 if fmt == "int4" else 1) + n * (k // group) * 2 * (2 if has_min else 1)
+
+
+def _f16_field(b: np.ndarray, at: int) -> np.ndarray:
+    """The f16 at bytes at, at + 1 of each block (row of b), as (blocks, 1) f32."""
+    return b[:, at : at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _blocks_as_stored(qtype: str):
+    """Q8_0 / Q4_0 / Q4_1: a scale (and a min), then the values already in this module's layout."""
+    body = 4 if GGUF_TYPES[qtype][2] else 2
+    return lambda b: (b[:, body:], _f16_field(b, 0), _f16_field(b, 2) if body == 4 else None)
+
+
+def _q5_0(b: np.ndarray):
+    """d, 32 high bits (bit j: value j's fifth), 16 bytes of low nibbles (values j and j + 16); x = d (q - 16)."""
+    high = (b[:, 2:6].copy().view("<u4") >> np.arange(32, dtype=np.uint32)) & 1
+    low = np.concatenate([b[:, 6:] & 15, b[:, 6:] >> 4], axis=1)
+    return (low | (high.astype(np.uint8) << 4)).view(np.int8) - np.int8(16), _f16_field(b, 0), None
+
+
+def _q4_k(b: np.ndarray):
+    """256 values as 8 sub-blocks of 32: d, dmin, 6-bit scales and mins packed in 12 bytes (ggml's
+    get_scale_min_k4), then 4 runs of 32 bytes whose low nibbles are sub-block 2j, high ones 2j + 1;
+    x = d sc q - dmin m. Repacked to int4's layout (pack_int4) for groups of 32."""
+    s = b[:, 4:16]
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    runs = b[:, 16:].reshape(-1, 4, 1, 32)
+    values = np.concatenate([runs & 15, runs >> 4], axis=2).reshape(-1, 32)  # one sub-block a row
+    return pack_int4(values, 32), _f16_field(b, 0) * sc, -(_f16_field(b, 2) * m)
+
+
+def _q6_k(b: np.ndarray):
+    """256 values in two halves of 128: 64 bytes of low nibbles (values l and l + 64 of a half in byte l,
+    l + 32 and l + 96 in byte l + 32), 32 bytes of 2-bit high parts (value l + 32 i in bits 2i of byte l), then
+    16 int8 scales (one a run of 16 values) and d; x = d sc (q - 32)."""
+    low = b[:, :128].reshape(-1, 2, 1, 64)
+    low = np.concatenate([low & 15, low >> 4], axis=2)  # (blocks, half, 2, 64): values 0-63, then 64-127
+    high = b[:, 128:192].reshape(-1, 2, 1, 32)
+    high = np.concatenate([(high >> shift) & 3 for shift in (0, 2, 4, 6)], axis=2).reshape(-1, 2, 2, 64)
+    q = (low | (high << 4)).reshape(-1, 256).view(np.int8) - np.int8(32)
+    return q, _f16_field(b, 208) * b[:, 192:208].view(np.int8), None
+
+
+_GGUF_BLOCKS = {
+    "Q8_0": _blocks_as_stored("Q8_0"),
+    "Q4_0": _blocks_as_stored("Q4_0"),
+    "Q4_1": _blocks_as_stored("Q4_1"),
+    "Q5_0": _q5_0,
+    "Q4_K": _q4_k,
+    "Q6_K": _q6_k,
+}
 
 
 def concat_rows(parts: list[QuantizedMatrix]) -> QuantizedMatrix | None:
@@ -445,7 +519,7 @@ def _field_form(choice: str, field: str, is_moe: bool) -> tuple[str, int | None]
 def load_field(choice: str, field: str, names: list[str], source, read, dtype: str, *, is_moe: bool = False):
     """Field `field` (its transformers tensors `names`, stacked by rows) as a host QuantizedMatrix, or None
     to load it dense: with choice "native", when every part is stored quantized in a mappable form
-    (GGUF Q8_0/Q4_0/Q4_1 blocks, a quantized checkpoint) of one format; else quantized from floats."""
+    (GGUF blocks of GGUF_TYPES, a quantized checkpoint) of one format; else quantized from floats."""
     form = _field_form(choice, field, is_moe)
     if form is None:
         return None

@@ -149,7 +149,8 @@ class GGUFSource:
         return self._tensors[name][0].tensor_type.name
 
     def get_quantized(self, name: str, dtype: str = "float32"):
-        """A Q8_0 / Q4_0 / Q4_1 tensor as a host quant.QuantizedMatrix, straight from its blocks; else None."""
+        """A tensor of a quant.GGUF_TYPES type (Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q6_K) as a host
+        quant.QuantizedMatrix, its integers straight from its blocks; else None."""
         from yalm_jax import quant
 
         t, expert = self._tensors[name]
@@ -157,18 +158,18 @@ class GGUFSource:
             return None
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         w = quant.from_gguf_blocks(np.asarray(t.data), t.tensor_type.name, shape, dtype)
-        if name in self._heads:  # the same row order as `get`: permute whole rows of blocks
+        if w is not None and name in self._heads:  # the same row order as `get`: permute whole rows of blocks
             w = quant.map_rows(w, lambda a: unpermute_rows(a, self._heads[name]))
         return w
 
     def quantized_nbytes(self, name: str) -> int | None:
-        """The bytes of `get_quantized(name)`'s matrix (the file's own blocks), without reading it; or None."""
+        """The bytes of `get_quantized(name)`'s matrix, without reading it; or None."""
         from yalm_jax import quant
 
         t, expert = self._tensors[name]
         if t.tensor_type.name not in quant.GGUF_TYPES or len(t.shape) != 2 or expert is not None:
             return None
-        return int(t.n_bytes)
+        return quant.gguf_nbytes(t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())))
 
     def get(self, name: str) -> np.ndarray:
         from gguf import quants
