@@ -304,7 +304,7 @@ def test_kquant_blocks_keep_their_integers(qtype):
     blocks = _quantize(x, qtype)
     qm = quant.from_gguf_blocks(blocks, qtype.name, x.shape)
     assert (qm.fmt, qm.group, qm.min is not None) == {QT.Q4_K: ("int4", 32, True), QT.Q6_K: ("int8", 16, False)}[qtype]
-    assert qm.nbytes == quant.gguf_nbytes(qtype.name, x.shape)
+    assert qm.nbytes == quant.gguf_form(qtype.name, x.shape).nbytes
     want = gguf.quants.dequantize(blocks, qtype).reshape(x.shape)
     got = np.asarray(qm.dequantize(jnp.float32)).reshape(96, -1, qm.group)
     top = 15 if qtype == QT.Q4_K else 32
@@ -324,6 +324,44 @@ def test_kquant_scale_past_f16_loads_dense():
     blocks[0, 192:208] = 127
     blocks[0, 208:210] = np.array([60000], np.float16).view(np.uint8)
     assert quant.from_gguf_blocks(blocks, "Q6_K", x.shape) is None
+
+
+def test_fused_parts_of_different_types_are_rounded_again_as_int8(tmp_path, monkeypatch):
+    # A Q4_K_M file's layer: q and k in Q4_K, v in Q6_K (fused into one wqkv), the rest in one type each. With
+    # --quant=native the wqkv becomes int8 in groups of 32, within half an int8 step of the file's values (and
+    # the K-quants' f16 scales); the others keep their forms; the size estimate is what loading places.
+    from yalm_jax import quant
+    from yalm_jax.loading import load_model
+    from yalm_jax.weights import field_nbytes
+
+    monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", False)
+    rng = np.random.default_rng()
+    dim, hidden, heads, kv_heads, hd = 256, 512, 4, 2, 64
+    vocab = spm_vocab()
+    w = lambda n, k: (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)  # noqa: E731
+    types = {"attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_K,
+             "ffn_gate": QT.Q4_K, "ffn_up": QT.Q4_K, "ffn_down": QT.Q6_K}  # fmt: skip
+    shapes = {"attn_q": (heads * hd, dim), "attn_k": (kv_heads * hd, dim), "attn_v": (kv_heads * hd, dim),
+              "attn_output": (dim, heads * hd), "ffn_gate": (hidden, dim), "ffn_up": (hidden, dim),
+              "ffn_down": (dim, hidden)}  # fmt: skip
+    tensors = {f"blk.0.{t}.weight": (_quantize(w(*shapes[t]), types[t]), types[t]) for t in types}
+    tensors |= {"token_embd.weight": w(len(vocab[0]), dim), "output.weight": w(len(vocab[0]), dim),
+                "output_norm.weight": np.ones(dim, np.float32), "blk.0.attn_norm.weight": np.ones(dim, np.float32),
+                "blk.0.ffn_norm.weight": np.ones(dim, np.float32)}  # fmt: skip
+    hp = dict(n_layers=1, dim=dim, hidden=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd)
+    path = write_gguf(tmp_path / "q4_k_m.gguf", tensors, vocab=vocab, hp=hp)
+    m = load_model(path, "float32", quant="native")
+    layer = m.weights.layers[0]
+    forms = {f: (getattr(layer, f).fmt, getattr(layer, f).group) for f in ("wqkv", "wo", "w13", "w2")}
+    assert forms == {"wqkv": ("int8", 32), "wo": ("int4", 32), "w13": ("int4", 32), "w2": ("int8", 16)}
+    _, source, _ = open_gguf(path)
+    want = np.concatenate([source.get(f"model.layers.0.self_attn.{x}_proj.weight") for x in "qkv"])
+    got = np.asarray(layer.wqkv.dequantize(jnp.float32))
+    group_max = np.abs(want).reshape(want.shape[0], -1, 32).max(-1, keepdims=True)
+    err = np.abs(got - want).reshape(group_max.shape[0], -1, 32)
+    assert (err <= group_max * (1 / 254 + 2.0**-9)).all()
+    cfg, source, _ = open_gguf(path, "float32")
+    assert sum(n for _, n in field_nbytes(cfg, source, "native")) == m.weights.nbytes()
 
 
 def test_q_and_k_are_unpermuted_but_v_is_not(tmp_path):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -359,11 +360,22 @@ def from_gguf_blocks(data: np.ndarray, qtype: str, shape: tuple[int, int], dtype
     return QuantizedMatrix(q.view(np.int8) if fmt == "int8" else q, scale, mn, fmt, group, dtype)
 
 
-def gguf_nbytes(qtype: str, shape: tuple[int, int]) -> int:
-    """The bytes `from_gguf_blocks` gives a `qtype` matrix of `shape` (the file's own for Q8_0, Q4_0 and Q4_1)."""
+class StoredForm(NamedTuple):
+    """The form of a matrix a source stores quantized (what its `get_quantized` returns), known without
+    reading it: its sources' `quantized_form(name)`."""
+
+    fmt: str
+    group: int
+    has_min: bool
+    nbytes: int
+
+
+def gguf_form(qtype: str, shape: tuple[int, int]) -> StoredForm:
+    """What `from_gguf_blocks` makes of a `qtype` matrix of `shape` (the file's own bytes for Q8_0, Q4_0, Q4_1)."""
     fmt, group, has_min, _, _ = GGUF_TYPES[qtype]
     n, k = shape
-    return n * k // (2 if fmt == "int4" else 1) + n * (k // group) * 2 * (2 if has_min else 1)
+    nbytes = n * k // (2 if fmt == "int4" else 1) + n * (k // group) * 2 * (2 if has_min else 1)
+    return StoredForm(fmt, group, has_min, nbytes)
 
 
 def _f16_field(b: np.ndarray, at: int) -> np.ndarray:
@@ -516,10 +528,17 @@ def _field_form(choice: str, field: str, is_moe: bool) -> tuple[str, int | None]
     return fmt, group
 
 
+# A fused matrix whose parts are stored in different forms (a Q4_K_M file's attn_v in Q6_K beside q and k in
+# Q4_K) is rounded again, whole, to int8 in groups of 32 (Q8_0's form): at most 1/254 of a group's largest value
+# on top of the parts' own rounding, at about half a bf16 matrix's bytes.
+MIXED_FORM = ("int8", ACT_BLOCK)
+
+
 def load_field(choice: str, field: str, names: list[str], source, read, dtype: str, *, is_moe: bool = False):
     """Field `field` (its transformers tensors `names`, stacked by rows) as a host QuantizedMatrix, or None
     to load it dense: with choice "native", when every part is stored quantized in a mappable form
-    (GGUF blocks of GGUF_TYPES, a quantized checkpoint) of one format; else quantized from floats."""
+    (GGUF blocks of GGUF_TYPES, a quantized checkpoint), fused as stored (or in MIXED_FORM where the parts'
+    forms differ); else quantized from floats."""
     form = _field_form(choice, field, is_moe)
     if form is None:
         return None
@@ -527,8 +546,15 @@ def load_field(choice: str, field: str, names: list[str], source, read, dtype: s
     if fmt == "native":
         getq = getattr(source, "get_quantized", None)
         parts = [getq(n, dtype) for n in names] if getq else [None]
-        return None if any(p is None for p in parts) else concat_rows(parts)
-    w = np.concatenate([np.asarray(read(n), np.float32) for n in names], axis=0)
+        if any(p is None for p in parts):
+            return None
+        fused = concat_rows(parts)
+        if fused is not None:
+            return fused
+        w = np.concatenate([np.asarray(dequantize(p, jnp.float32)) for p in parts], axis=0)
+        fmt, group = MIXED_FORM
+    else:
+        w = np.concatenate([np.asarray(read(n), np.float32) for n in names], axis=0)
     return quantize(w, fmt, group, with_min=True, dtype=dtype)
 
 
@@ -543,9 +569,13 @@ def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, sourc
         return dense
     fmt, group = form
     if fmt == "native":
-        stored = getattr(source, "quantized_nbytes", lambda name: None)
+        stored = getattr(source, "quantized_form", lambda name: None)
         parts = [stored(n) for n in names]
-        return dense if None in parts else sum(parts)
+        if None in parts:
+            return dense
+        if len({p[:3] for p in parts}) == 1:
+            return sum(p.nbytes for p in parts)
+        fmt, group = MIXED_FORM
     one_row = quantize(np.ones((1, shapes[names[0]][1]), np.float32), fmt, group, with_min=True, dtype=dtype)
     return n_rows * one_row.nbytes
 

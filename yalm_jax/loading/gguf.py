@@ -162,14 +162,14 @@ class GGUFSource:
             w = quant.map_rows(w, lambda a: unpermute_rows(a, self._heads[name]))
         return w
 
-    def quantized_nbytes(self, name: str) -> int | None:
-        """The bytes of `get_quantized(name)`'s matrix, without reading it; or None."""
+    def quantized_form(self, name: str):
+        """The quant.StoredForm of `get_quantized(name)`'s matrix, without reading it; or None."""
         from yalm_jax import quant
 
         t, expert = self._tensors[name]
         if t.tensor_type.name not in quant.GGUF_TYPES or len(t.shape) != 2 or expert is not None:
             return None
-        return quant.gguf_nbytes(t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())))
+        return quant.gguf_form(t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())))
 
     def get(self, name: str) -> np.ndarray:
         from gguf import quants

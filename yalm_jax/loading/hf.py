@@ -138,12 +138,16 @@ class SafetensorsSource:
         spec = self._quant.get(name)
         return None if spec is None else quant.from_stored(spec, lambda part: self.get(f"{name}.{part}"), dtype)
 
-    def quantized_nbytes(self, name: str) -> int | None:
-        """The bytes of `get_quantized(name)`'s matrix (its stored parts), without reading it; or None."""
-        if name not in self._quant:
+    def quantized_form(self, name: str):
+        """The quant.StoredForm of `get_quantized(name)`'s matrix (its stored parts), without reading it; or None."""
+        from yalm_jax import quant
+
+        spec = self._quant.get(name)
+        if spec is None:
             return None
         parts = [self._where.get(f"{name}.{part}") for part in ("q", "scale", "min")]
-        return sum(info.nbytes for _, info in filter(None, parts))
+        nbytes = sum(info.nbytes for _, info in filter(None, parts))
+        return quant.StoredForm(spec.get("format"), spec.get("group"), bool(spec.get("min")), nbytes)
 
     def get(self, name: str) -> np.ndarray:
         """A fresh array (not a view of the file) in the dtype the file stores; a quantized matrix dequantized to f32."""
