@@ -856,6 +856,8 @@ LLAMA_QUANTIZE = os.environ.get("LLAMA_QUANTIZE")
 # no min: Q4_0's own bytes), both with int8 activations, as llama.cpp multiplies them; Q4_1 beside SmolLM2's
 # int4 with mins, as the default chat runs its shipped Q4_1 file (float products; the part's int4_min_a8 row
 # multiplies int8 activations, as llama.cpp does).
+# Q4_K_M (llama-quantize's own mix, not --pure) is timed on our side from the same file (part "same_file":
+# part_same_file), with its blocks kept (--quant=native) and int8 activations.
 PEER_RUNS = [
     ("mistral7b", "f16", "mistral", "ctx128_pallas", "ctx4096_pallas", 64),
     ("smollm2", "f32", "smollm2", "float32_pallas_steps256", None, 256),
@@ -863,6 +865,7 @@ PEER_RUNS = [
     ("mistral7b", "q8_0", "quant", "int8_a8", None, 64),
     ("mistral7b", "q4_0", "quant", "int4_a8", None, 64),
     ("smollm2", "q4_1", "quant_smollm2", "int4_min", None, 128),
+    ("mistral7b", "q4_k_m", "same_file", "native_a8", None, 64),
 ]
 # PEER_RUNS_ONLY=smollm2_q4_1,... runs just those (shape_gtype), to fit the build and the runs in one call.
 PEER_RUNS_ONLY = [r for r in os.environ.get("PEER_RUNS_ONLY", "").split(",") if r]
@@ -884,6 +887,23 @@ def _random_gguf(gguf_dir: str, shape: str, gtype: str) -> str:
     if not os.path.exists(path):
         subprocess.run([sys.executable, MAKE_GGUF, path, shape, gtype], check=True, capture_output=True, timeout=900)
     return path
+
+
+def part_same_file(res, roof, path: str) -> None:
+    """Ours on a GGUF file llama.cpp runs too, its blocks kept (--quant=native), without and with int8
+    activations: decode at context 128, as the quant part times its random weights."""
+    from yalm_jax.loading import load_model
+
+    out = res.setdefault("same_file", {})
+    lm = load_model(path, "bfloat16", quant="native")
+    cache = random_cache(lm.cfg, MAX_CONTEXT)
+    for key, weights in (("native", lm.weights), ("native_a8", quant.with_int8_activations(lm.weights))):
+        nbytes = weight_bytes_per_token(weights, lm.cfg) + kv_bytes_per_token(lm.cfg, 128 + 31 / 2)
+        r, cache = time_decode(weights, lm.cfg, cache, backend="pallas", ctx=128, n_steps=32, reps=3)
+        t = r["s_per_tok"]
+        out[key] = r | {"tok_s": 1 / t, "bytes_per_token": nbytes, "gb_s": nbytes / t / 1e9}
+        add_row(f"{os.path.basename(path)} --quant=native{' --int8_activations' if key.endswith('a8') else ''}",
+                "pallas", 1 / t, t * 1e3, nbytes / t / 1e9, roof, f"{nbytes / 1e9:.2f} GB/token")  # fmt: skip
 
 
 def part_llama_cpp(res, roof, smoke, gguf_dir):
@@ -909,8 +929,11 @@ def part_llama_cpp(res, roof, smoke, gguf_dir):
         else:  # the F16 file, quantized by llama.cpp itself
             f16_path, path = _random_gguf(gguf_dir, shape, "f16"), os.path.join(gguf_dir, f"{shape}_{gtype}.gguf")
             if not os.path.exists(path):
-                subprocess.run([LLAMA_QUANTIZE, "--pure", f16_path, path, gtype.upper()], check=True,
+                pure = [] if part == "same_file" else ["--pure"]
+                subprocess.run([LLAMA_QUANTIZE, *pure, f16_path, path, gtype.upper()], check=True,
                                capture_output=True, timeout=900)  # fmt: skip
+        if part == "same_file":
+            part_same_file(res, roof, path)
         depths = [0] if key4096 is None or smoke else [0, 4096]
         n_prompt = 512 if part == "mistral" else 0  # 0: no prefill test
         results = llama_bench(path, n_prompt=16 if smoke else n_prompt, n_gen=4 if smoke else n_gen, depths=depths,
