@@ -292,22 +292,24 @@ def test_dequantized_tensor_has_transformers_layout(tmp_path, qtype):
         assert not np.array_equal(got, x)  # really went through the format
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda q: q.name)
 def test_kquant_blocks_keep_their_integers(qtype):
-    # Q4_K maps onto int4 in groups of 32 with a min, Q6_K onto int8 in groups of 16: the same integers, each
-    # scale (and min) rounded to f16, so the error is at most 2^-11 of |scale| times the largest integer plus
-    # |min|. A misplaced integer would cost a whole step, 15 to 30 times that.
+    # Q4_K maps onto int4 in groups of 32 with a min, Q5_K onto int8 in groups of 32 with a min, Q6_K onto int8
+    # in groups of 16: the same integers, each scale (and min) rounded to f16, so the error is at most 2^-11 of
+    # |scale| times the largest integer plus |min|. A misplaced integer would cost a whole step, 15 to 31
+    # times that.
     from yalm_jax import quant
 
     rng = np.random.default_rng()
     x = (rng.standard_normal((96, 512)) * rng.uniform(0.001, 3.0, (96, 1))).astype(np.float32)
     blocks = _quantize(x, qtype)
     qm = quant.from_gguf_blocks(blocks, qtype.name, x.shape)
-    assert (qm.fmt, qm.group, qm.min is not None) == {QT.Q4_K: ("int4", 32, True), QT.Q6_K: ("int8", 16, False)}[qtype]
+    forms = {QT.Q4_K: ("int4", 32, True), QT.Q5_K: ("int8", 32, True), QT.Q6_K: ("int8", 16, False)}
+    assert (qm.fmt, qm.group, qm.min is not None) == forms[qtype]
     assert qm.nbytes == quant.gguf_form(qtype.name, x.shape).nbytes
     want = gguf.quants.dequantize(blocks, qtype).reshape(x.shape)
     got = np.asarray(qm.dequantize(jnp.float32)).reshape(96, -1, qm.group)
-    top = 15 if qtype == QT.Q4_K else 32
+    top = {QT.Q4_K: 15, QT.Q5_K: 31, QT.Q6_K: 32}[qtype]
     bound = 2.0**-11 * (top * np.abs(qm.scale.astype(np.float32)) + (0 if qm.min is None else np.abs(qm.min)))
     err = np.abs(got - want.reshape(got.shape))
     assert (err <= bound[..., None] * 1.001).all(), (err / bound[..., None]).max()

@@ -48,12 +48,15 @@ def compiled_kernels(monkeypatch):
 
 
 def quantized(n: int, k: int, fmt: str, dtype: str, with_min: bool = False) -> quant.QuantizedMatrix:
-    """An abstract (n, k) QuantizedMatrix in `fmt`, its parts' dtypes and widths taken from a real one."""
-    name, group = quant.parse_choice(fmt)
+    """An abstract (n, k) QuantizedMatrix in `fmt`, its parts' dtypes and widths taken from a real one.
+    "int8_g32" with a min is GGUF's Q5_K form (int8 in groups of 32 with an f16 min a group), which only
+    GGUF blocks make."""
+    name, group = ("int8", 32) if fmt == "int8_g32" else quant.parse_choice(fmt)
     fmt = {"fp8": "fp8_e4m3"}.get(name, name)
     probe = quant.quantize(np.random.default_rng().standard_normal((2, k)), fmt, group, with_min=with_min)
     part = lambda a: None if a is None else SDS((n, a.shape[1]), a.dtype)  # noqa: E731
-    return quant.QuantizedMatrix(part(probe.q), part(probe.scale), part(probe.min), probe.fmt, probe.group, dtype)
+    mn = probe.scale if with_min and probe.min is None else probe.min
+    return quant.QuantizedMatrix(part(probe.q), part(probe.scale), part(mn), probe.fmt, probe.group, dtype)
 
 
 def abstract_weights(cfg: ModelConfig, fmt: str | None = None) -> Weights:
@@ -208,7 +211,7 @@ def test_gemv_forms_lower(dtype, n, k, form):
 
 
 @pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int4:128", False),
-                                          ("fp8", False), ("fp8_e5m2", False)])  # fmt: skip
+                                          ("int8_g32", True), ("fp8", False), ("fp8_e5m2", False)])  # fmt: skip
 @pytest.mark.parametrize("n,k,form", [(6144, 4096, dict(norm=True)), (28672, 4096, dict(gated=True, norm=True)),
                                       (4096, 14336, dict(residual=True)), (3072, 576, dict(gated=True, norm=True)),
                                       (576, 1536, dict(residual=True))])  # fmt: skip
@@ -230,7 +233,7 @@ def test_quantized_gemv_forms_lower(fmt, with_min, n, k, form):
         assert "fma.rn.f32" in gpu_lowering(run, *args)
 
 
-@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True)])
+@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int8_g32", True)])
 @pytest.mark.parametrize("n,k,form", [(6144, 4096, {}), (28672, 4096, dict(gated=True)),
                                       (4096, 14336, dict(residual=True))])  # fmt: skip
 def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
@@ -247,12 +250,12 @@ def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
 
     args = (w, SDS((k,), jnp.bfloat16), norm, residual)
     names = triton_kernels(run, *args)
-    assert len(names) == 1 and names[0].startswith(f"gemv_{fmt}_a8{'_gated' if form.get('gated') else ''}_{n_out}x{k}_")
+    assert len(names) == 1 and names[0].startswith(f"gemv_{w.fmt}_a8{'_gated' if form.get('gated') else ''}_{n_out}x{k}_")
     # Four products an instruction: int8 weights are signed bytes, int4's unpacked nibbles unsigned ones;
     # x rounded in the kernel (the add of _round_ptx); and no step regroups the weights' bytes (a
     # bitcast-convert to wider words would copy them every token) or rounds x outside the kernel.
     text = gpu_lowering(run, *args)
-    assert f"dp4a.{'u32' if fmt == 'int4' else 's32'}.s32" in text and "add.rn.f32" in text
+    assert f"dp4a.{'u32' if w.fmt == 'int4' else 's32'}.s32" in text and "add.rn.f32" in text
     assert "bitcast_convert" not in text
 
 

@@ -10,7 +10,7 @@ fusion that reads the quantized bytes), the pallas decode path calls
 Formats, for a matrix W (N, K) split along K into groups of `group` columns
 (group == K: one scale per output channel):
 
-* ``int8``: q int8 (N, K); W = scale * q.
+* ``int8``: q int8 (N, K); W = scale * q, or scale * q + min with a min (GGUF's Q5_K only).
 * ``int4``: q uint8 (N, K/2), two values per byte. Within each group, byte j
   holds column j in its low nibble and column j + group/2 in its high nibble
   (GGUF's Q4 block layout). W = scale * (q - 8), or scale * q + min with a min.
@@ -23,9 +23,10 @@ them), float32 per channel. The GGUF block types map onto these without a
 round trip through float (`from_gguf_blocks`): Q8_0 is int8 group 32, Q4_0 int4
 group 32, Q4_1 int4 group 32 with a min, Q5_0 int8 group 32 (its 5-bit values,
 -16..15), bit for bit. The K-quants keep their integers too: Q4_K is int4 group
-32 with a min, Q6_K int8 group 16; their scales (a block's f16 scale times each
-sub-block's 6- or 8-bit one) are rounded to f16, a relative 2^-12 at most, some
-hundred times below the 4- and 6-bit steps themselves.
+32 with a min, Q5_K int8 group 32 with a min (values 0..31), Q6_K int8 group 16;
+their scales (a block's f16 scale times each sub-block's 6- or 8-bit one) are
+rounded to f16, a relative 2^-12 at most, some hundred times below the 4- to
+6-bit steps themselves.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ GGUF_TYPES = {
     "Q4_0": ("int4", 32, False, 32, 18),
     "Q4_1": ("int4", 32, True, 32, 20),
     "Q4_K": ("int4", 32, True, 256, 144),
+    "Q5_K": ("int8", 32, True, 256, 176),
     "Q6_K": ("int8", 16, False, 256, 210),
 }
 
@@ -76,7 +78,7 @@ class QuantizedMatrix:
 
     q: jax.Array  # int8 / uint8 / float8 (N, row bytes), or with int8_activations int32 (N, row bytes / 4)
     scale: jax.Array  # (N, K // group)
-    min: jax.Array | None  # (N, K // group), int4 only; None: symmetric
+    min: jax.Array | None  # (N, K // group), int4, or int8 in groups (GGUF's Q5_K); None: symmetric
     fmt: str
     group: int
     dtype: str = "float32"
@@ -197,7 +199,7 @@ def to_int8_vector(x: jax.Array, norm: tuple[jax.Array, float] | None = None) ->
 
 def takes_int8_activations(w) -> bool:
     """Whether `w` can multiply int8 activations: int8 per channel or in groups of ACT_BLOCK, int4 in groups
-    of ACT_BLOCK (GGUF's Q8_0, Q5_0, Q4_0, Q4_1 and Q4_K included)."""
+    of ACT_BLOCK (GGUF's Q8_0, Q5_0, Q4_0, Q4_1, Q4_K and Q5_K included)."""
     if not is_quantized(w) or w.fmt not in ("int8", "int4"):
         return False
     return w.group == ACT_BLOCK or (w.fmt == "int8" and w.group == w.shape[1])
@@ -396,16 +398,34 @@ def _q5_0(b: np.ndarray):
     return (low | (high.astype(np.uint8) << 4)).view(np.int8) - np.int8(16), _f16_field(b, 0), None
 
 
-def _q4_k(b: np.ndarray):
-    """256 values as 8 sub-blocks of 32: d, dmin, 6-bit scales and mins packed in 12 bytes (ggml's
-    get_scale_min_k4), then 4 runs of 32 bytes whose low nibbles are sub-block 2j, high ones 2j + 1;
-    x = d sc q - dmin m. Repacked to int4's layout (pack_int4) for groups of 32."""
+def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 8 sub-blocks' 6-bit scales and mins, packed in bytes 4..15 (ggml's get_scale_min_k4)."""
     s = b[:, 4:16]
     sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
     m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
-    runs = b[:, 16:].reshape(-1, 4, 1, 32)
-    values = np.concatenate([runs & 15, runs >> 4], axis=2).reshape(-1, 32)  # one sub-block a row
+    return sc, m
+
+
+def _k_nibbles(runs: np.ndarray) -> np.ndarray:
+    """4 runs of 32 bytes whose low nibbles are sub-block 2j, high ones 2j + 1: (blocks, 8 sub-blocks, 32)."""
+    runs = runs.reshape(-1, 4, 1, 32)
+    return np.concatenate([runs & 15, runs >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def _q4_k(b: np.ndarray):
+    """256 values as 8 sub-blocks of 32: d, dmin, the scales and mins (_k_scales), the nibbles (_k_nibbles);
+    x = d sc q - dmin m. Repacked to int4's layout (pack_int4) for groups of 32."""
+    sc, m = _k_scales(b)
+    values = _k_nibbles(b[:, 16:]).reshape(-1, 32)  # one sub-block a row
     return pack_int4(values, 32), _f16_field(b, 0) * sc, -(_f16_field(b, 2) * m)
+
+
+def _q5_k(b: np.ndarray):
+    """Q4_K's layout with 32 bytes of fifth bits before the nibbles (bit j of byte l: value l of sub-block j)."""
+    sc, m = _k_scales(b)
+    high = (b[:, 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1  # (blocks, 32, 8 sub-blocks)
+    values = _k_nibbles(b[:, 48:]) | (high.transpose(0, 2, 1) << 4)
+    return values.reshape(-1, 256).view(np.int8), _f16_field(b, 0) * sc, -(_f16_field(b, 2) * m)
 
 
 def _q6_k(b: np.ndarray):
@@ -426,6 +446,7 @@ _GGUF_BLOCKS = {
     "Q4_1": _blocks_as_stored("Q4_1"),
     "Q5_0": _q5_0,
     "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
     "Q6_K": _q6_k,
 }
 

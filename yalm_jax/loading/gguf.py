@@ -149,7 +149,7 @@ class GGUFSource:
         return self._tensors[name][0].tensor_type.name
 
     def get_quantized(self, name: str, dtype: str = "float32"):
-        """A tensor of a quant.GGUF_TYPES type (Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q6_K) as a host
+        """A tensor of a quant.GGUF_TYPES type (Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) as a host
         quant.QuantizedMatrix, its integers straight from its blocks; else None."""
         from yalm_jax import quant
 
