@@ -27,8 +27,8 @@ One run measures, on one GPU, with random normal weights built on the device:
   Mistral-7B step at context 128 and a 512-token prefill: kernels per step, busy time, the top kernels;
   and the prefill at chunk 256;
 * llama_cpp: the peer, llama.cpp's llama-bench (a binary given by $LLAMA_BENCH), on random-weight GGUFs
-  of the Mistral-7B and SmolLM2 shapes (and Q8_0 / Q4_0 ones, given $LLAMA_QUANTIZE), with ours /
-  llama.cpp for the workloads this run timed both.
+  of the Mistral-7B and SmolLM2 shapes (and Q8_0 / Q4_0 / Q4_K_M ones, given $LLAMA_QUANTIZE; ours runs the
+  Q4_K_M file itself, --quant=native), with ours / llama.cpp for the workloads this run timed both.
 
 Compile time is excluded from every figure (programs are compiled ahead, and
 reported separately). The table is printed last.
