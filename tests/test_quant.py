@@ -650,6 +650,32 @@ def test_a_quantized_model_fits_where_its_dense_form_does_not(tiny_dir):
         parallel.check_fits(cfg, dense, limit=limit)
 
 
+def test_a_gguf_too_large_dense_is_pointed_at_its_blocks(smollm2_gguf, monkeypatch):
+    # SmolLM2's Q4_1 file loads dense by default; on a device that holds its blocks but not its dense form the
+    # error names --quant=native (and its size) before --tp; where neither fits, only --tp.
+    from yalm_jax import parallel
+    from yalm_jax.errors import UserError
+    from yalm_jax.loading import gguf, load_model
+    from yalm_jax.weights import field_nbytes
+
+    monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", False)  # the forms a GPU loads
+    cfg, source, _ = gguf.open_gguf(smollm2_gguf, "bfloat16")
+    dense, native = (field_nbytes(cfg, source, c) for c in ("none", "native"))
+    need = sum(n for _, n in native)
+    assert need < sum(n for _, n in dense) / 2
+    with pytest.raises(UserError, match=rf"--quant=native loads it in {need / 1e9:.1f} GB per device, or"):
+        parallel.check_fits(cfg, dense, limit=need + 1, alternatives=[("--quant=native", native)])
+    with pytest.raises(UserError) as e:
+        parallel.check_fits(cfg, dense, limit=need - 1, alternatives=[("--quant=native", native)])
+    assert "--quant=native" not in str(e.value) and "--tp" in str(e.value)
+    # load_model offers the blocks where it loads the file dense, and nothing else where it keeps them.
+    seen = []
+    monkeypatch.setattr(parallel, "check_fits", lambda cfg, f, alternatives=(): seen.append(alternatives))
+    load_model(smollm2_gguf, "bfloat16", quant="none")
+    load_model(smollm2_gguf, "bfloat16", quant="native")
+    assert [[flag for flag, _ in alt] for alt in seen] == [["--quant=native"], []]
+
+
 # -- KV cache dtype -------------------------------------------------------------------------
 
 

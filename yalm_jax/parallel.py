@@ -213,10 +213,12 @@ def weight_bytes_per_device(cfg: ModelConfig, field_nbytes: list[tuple[str, int]
     return sum(n // tp if _axis(split, field) is not None else n for field, n in field_nbytes)
 
 
-def check_fits(cfg: ModelConfig, field_nbytes: list[tuple[str, int]], limit: int | None = None) -> None:
+def check_fits(cfg: ModelConfig, field_nbytes: list[tuple[str, int]], limit: int | None = None,
+               alternatives: list[tuple[str, list[tuple[str, int]]]] = ()) -> None:  # fmt: skip
     """A UserError, suggesting --tp, when the weights (weights.field_nbytes: in the form they load in, quantized
     or not) exceed what the device lets XLA allocate (`limit`, by default the device's
-    memory_stats()["bytes_limit"]; jax reports none on the CPU)."""
+    memory_stats()["bytes_limit"]; jax reports none on the CPU). `alternatives`: (flag, field_nbytes) of other
+    ways to load the same model (a GGUF file's blocks kept: --quant=native), named first where they fit."""
     device = mesh(cfg.tp).devices.flat[0]
     if limit is None:
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -228,6 +230,10 @@ def check_fits(cfg: ModelConfig, field_nbytes: list[tuple[str, int]], limit: int
     fits = [t for t in range(cfg.tp + 1, n + 1) if weight_bytes_per_device(cfg, field_nbytes, t) <= limit]
     fit = next((t for t in fits if not _check_quiet(cfg, t)), None)
     hint = f"try --tp={fit}" if fit else f"--tp=N spreads it over N devices (this host has {n})"
+    for flag, alt in alternatives:
+        if (alt_need := weight_bytes_per_device(cfg, alt)) <= limit:
+            hint = f"{flag} loads it in {alt_need / 1e9:.1f} GB per device, or {hint}"
+            break
     raise UserError(
         f"the weights need {need / 1e9:.1f} GB per device{f' at tp={cfg.tp}' if cfg.tp > 1 else ''}, "
         f"but {device.device_kind} lets XLA allocate {limit / 1e9:.1f} GB; {hint}"

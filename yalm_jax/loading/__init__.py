@@ -68,7 +68,9 @@ def load_model(
         quant_lib.parse_choice(quant)
     except ValueError as e:
         raise UserError(str(e)) from None
-    parallel.check_fits(cfg, field_nbytes(cfg, source, quant))
+    # A GGUF file loads dense unless asked (quant.auto_choice); where its blocks kept would fit, say so.
+    native = [("--quant=native", field_nbytes(cfg, source, "native"))] if quant == "none" else []
+    parallel.check_fits(cfg, field_nbytes(cfg, source, quant), alternatives=native)
     weights = build_weights(cfg, source, progress=progress, quant=quant, int8_activations=int8_activations)
     if int8_activations:
         import jax
