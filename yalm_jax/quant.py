@@ -104,6 +104,10 @@ class QuantizedMatrix:
     def nbytes(self) -> int:
         return sum(x.nbytes for x in (self.q, self.scale, self.min) if x is not None)
 
+    @property
+    def stored_form(self) -> StoredForm:
+        return StoredForm(self.fmt, self.group, self.min is not None, self.nbytes)
+
     def dequantize(self, dtype=None) -> jax.Array:
         return dequantize(self, dtype)
 
@@ -372,6 +376,12 @@ class StoredForm(NamedTuple):
     nbytes: int
 
 
+def _one_form(forms: list[StoredForm]) -> bool:
+    """Whether matrices of these forms fuse as they are stored (their arrays' dtypes follow from the form);
+    else load_field rounds them, whole, to MIXED_FORM. Loading and the size estimate both decide by this."""
+    return len({(f.fmt, f.group, f.has_min) for f in forms}) == 1
+
+
 def gguf_form(qtype: str, shape: tuple[int, int]) -> StoredForm:
     """What `from_gguf_blocks` makes of a `qtype` matrix of `shape` (the file's own bytes for Q8_0, Q4_0, Q4_1)."""
     fmt, group, has_min, _, _ = GGUF_TYPES[qtype]
@@ -452,15 +462,10 @@ _GGUF_BLOCKS = {
 
 
 def concat_rows(parts: list[QuantizedMatrix]) -> QuantizedMatrix | None:
-    """Host matrices stacked by rows (a fused wqkv / w13), or None when their formats differ."""
-    first = parts[0]
-    same = all(
-        (p.fmt, p.group, p.min is None, p.q.dtype, p.scale.dtype, p.shape[1])
-        == (first.fmt, first.group, first.min is None, first.q.dtype, first.scale.dtype, first.shape[1])
-        for p in parts
-    )
-    if not same:
+    """Host matrices stacked by rows (a fused wqkv / w13), or None when their forms differ (_one_form)."""
+    if not _one_form([p.stored_form for p in parts]):
         return None
+    first = parts[0]
     cat = lambda xs: np.concatenate(xs, axis=0)  # noqa: E731
     mn = None if first.min is None else cat([p.min for p in parts])
     return dataclasses.replace(first, q=cat([p.q for p in parts]), scale=cat([p.scale for p in parts]), min=mn)
@@ -594,7 +599,7 @@ def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, sourc
         parts = [stored(n) for n in names]
         if None in parts:
             return dense
-        if len({p[:3] for p in parts}) == 1:
+        if _one_form(parts):
             return sum(p.nbytes for p in parts)
         fmt, group = MIXED_FORM
     one_row = quantize(np.ones((1, shapes[names[0]][1]), np.float32), fmt, group, with_min=True, dtype=dtype)
