@@ -463,9 +463,15 @@ def test_unsupported_quant_type_is_a_user_error(tmp_path):
     _one_line_user_error(lambda: open_gguf(path), "Q5_1", "blk.0.ffn_up.weight")
 
 
-def test_missing_tensor_is_a_user_error(tmp_path):
+@pytest.mark.parametrize("keep_quantized", [False, True], ids=["cpu_dequantizes", "gpu_keeps_blocks"])
+@pytest.mark.parametrize("choice", [None, "native", "int8"])
+def test_missing_tensor_is_a_user_error(tmp_path, monkeypatch, keep_quantized, choice):
+    # Also where the GPU's loading sizes the blocks before reading them (parallel.check_fits).
+    from yalm_jax import quant
+
+    monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", not keep_quantized)
     path = _small_valid_gguf(tmp_path)  # one layer, but only token_embd and ffn_up
-    _one_line_user_error(lambda: load_model(path), "missing tensor")
+    _one_line_user_error(lambda: load_model(path, quant=choice), "missing tensor")
 
 
 # ---- SmolLM2 (real file) vs transformers ------------------------------------------------------

@@ -134,9 +134,18 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_complete(cfg: ModelConfig, source: TensorSource | None) -> None:
+    """A UserError naming the first tensor of cfg's model that `source` lacks (None: shapes only)."""
+    missing = [n for n in expected_shapes(cfg) if source is not None and not source.has(n)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"missing tensor {missing[0]}{more}")
+
+
 def field_nbytes(cfg: ModelConfig, source: TensorSource | None = None, quant: str = "none") -> list[tuple[str, int]]:
     """(field, bytes on the device) for every tensor `build_weights` would place, the whole of it (before any
     split across devices), found from shapes and the source's metadata without reading a weight."""
+    check_complete(cfg, source)
     shapes = expected_shapes(cfg)
     fields = list(_model_names(cfg).items())
     fields += [(f, n) for i in range(cfg.n_layers) for f, n in _layer_names(cfg, i).items() if n is not None]
@@ -155,11 +164,8 @@ def build_weights(
     `int8_activations` as load_model takes them; a matrix is marked for int8 activations before it is split,
     while its groups are still the whole model's (quant.with_int8_activations)."""
     parallel.check(cfg, cfg.tp)
+    check_complete(cfg, source)
     shapes = expected_shapes(cfg)
-    missing = [n for n in shapes if not source.has(n)]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"missing tensor {missing[0]}{more}")
     dtype = jnp.dtype(cfg.dtype)
 
     def read(name: str) -> np.ndarray:
