@@ -163,15 +163,8 @@ def test_unsupported_gguf_quant_exits_2(env, tmp_path):
     import numpy as np
     from test_gguf import spm_vocab, write_gguf
 
-    from yalm_jax.loading.gguf import SUPPORTED_QUANTS
-
-    candidates = ("Q2_K", "Q3_K", "IQ2_XXS", "IQ4_XS")
-    qname = next((q for q in candidates if q not in SUPPORTED_QUANTS), None)
-    if qname is None:
-        pytest.skip("every candidate quant type is supported now")
-    qtype = gguf.GGMLQuantizationType[qname]
-    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    # A complete one-layer llama (dim 32, 2 heads of 16, 1 kv head, hidden 256) whose ffn_down is `qname`.
+    # A complete one-layer llama (dim 32, 2 heads of 16, 1 kv head, hidden 256) whose ffn_down is a tensor of
+    # integers (I8), a type with no dequantization.
     rng = np.random.default_rng(0)
     shapes = {
         "token_embd.weight": (len(spm_vocab()[0]), 32),
@@ -186,7 +179,7 @@ def test_unsupported_gguf_quant_exits_2(env, tmp_path):
         "blk.0.ffn_up.weight": (256, 32),
     }
     tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-    raw = rng.integers(0, 256, (32, 256 // block * block_bytes), dtype=np.uint8)
-    tensors["blk.0.ffn_down.weight"] = (raw, qtype)
+    ints = rng.integers(-100, 100, (32, 256), dtype=np.int8)
+    tensors["blk.0.ffn_down.weight"] = (ints, gguf.GGMLQuantizationType.I8)
     path = write_gguf(tmp_path / "unsupported.gguf", tensors, hp={"hidden": 256})
-    _assert_usage_error(_run(env, f"--model={path}", "--prompt=hi"), qname)
+    _assert_usage_error(_run(env, f"--model={path}", "--prompt=hi"), "I8")

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as QT
 
 from yalm_jax.errors import UserError
 from yalm_jax.loading import load_model
-from yalm_jax.loading.gguf import is_gguf, open_gguf
+from yalm_jax.loading.gguf import SUPPORTED_QUANTS, is_gguf, open_gguf
 from yalm_jax.model import forward, init_cache
 
 # ---- writing small GGUF files ------------------------------------------------------------------
@@ -292,28 +292,87 @@ def test_dequantized_tensor_has_transformers_layout(tmp_path, qtype):
         assert not np.array_equal(got, x)  # really went through the format
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda q: q.name)
-def test_kquant_blocks_keep_their_integers(qtype):
-    # Q4_K maps onto int4 in groups of 32 with a min, Q5_K onto int8 in groups of 32 with a min, Q6_K onto int8
-    # in groups of 16: the same integers, each scale (and min) rounded to f16, so the error is at most 2^-11 of
-    # |scale| times the largest integer plus |min|. A misplaced integer would cost a whole step, 15 to 31
-    # times that.
+# Byte offsets of the f16 fields (scales, mins) in a block of each type quant.GGUF_TYPES maps.
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "IQ4_NL": (0,),
+              "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # fmt: skip
+
+
+def random_blocks(qtype: str, shape: tuple[int, int], rng, field_scale: float = 0.1) -> np.ndarray:
+    """A (rows, cols) matrix of `qtype` blocks of random bytes (every bit of the format drawn), its f16 fields
+    random values of either sign up to `field_scale`, so no scale overflows."""
     from yalm_jax import quant
 
+    _, _, _, per_block, nbytes = quant.GGUF_TYPES[qtype]
+    n, k = shape
+    b = rng.integers(0, 256, (n * k // per_block, nbytes), dtype=np.uint8)
+    for at in F16_FIELDS[qtype]:
+        v = rng.uniform(0.01, 1.0, b.shape[0]) * rng.choice([-field_scale, field_scale], b.shape[0])
+        b[:, at : at + 2] = _fp16_bytes(v)
+    return b.reshape(n, -1)
+
+
+def finite_random_blocks(qtype: QT, n_blocks: int, rng) -> np.ndarray:
+    """Random bytes as `qtype` blocks, each drawn again until gguf dequantizes it to finite values below 1e3
+    (for types whose fields F16_FIELDS does not place)."""
+    _, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
+    for _ in range(200):
+        with np.errstate(all="ignore"):  # the draws this rejects
+            x = gguf.quants.dequantize(b, qtype).reshape(n_blocks, -1)
+        bad = ~(np.abs(x) < 1e3).all(axis=1)
+        if not bad.any():
+            return b
+        b[bad] = rng.integers(0, 256, (int(bad.sum()), nbytes), dtype=np.uint8)
+    raise AssertionError(f"no finite {qtype.name} blocks drawn")
+
+
+EXACT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")  # the block's own f16 scale (and min)
+
+
+@pytest.mark.parametrize("qtype", list(F16_FIELDS))
+def test_mapped_blocks_keep_their_integers(qtype):
+    # Every mapped type on random bytes, against gguf's own dequantization. Where a block's scale is its f16
+    # field, bit for bit; where it is that field times a sub-block's 4- to 8-bit scale (the K-quants,
+    # IQ4_XS), each value within 2^-11 of |scale q| + |min| (the product rounded to f16). A misplaced integer
+    # or scale would cost a whole step, hundreds of times that.
+    from yalm_jax import quant
+
+    assert set(F16_FIELDS) == set(quant.GGUF_TYPES)
     rng = np.random.default_rng()
-    x = (rng.standard_normal((96, 512)) * rng.uniform(0.001, 3.0, (96, 1))).astype(np.float32)
-    blocks = _quantize(x, qtype)
-    qm = quant.from_gguf_blocks(blocks, qtype.name, x.shape)
-    forms = {QT.Q4_K: ("int4", 32, True), QT.Q5_K: ("int8", 32, True), QT.Q6_K: ("int8", 16, False)}
-    assert (qm.fmt, qm.group, qm.min is not None) == forms[qtype]
-    assert qm.nbytes == quant.gguf_form(qtype.name, x.shape).nbytes
-    want = gguf.quants.dequantize(blocks, qtype).reshape(x.shape)
-    got = np.asarray(qm.dequantize(jnp.float32)).reshape(96, -1, qm.group)
-    top = {QT.Q4_K: 15, QT.Q5_K: 31, QT.Q6_K: 32}[qtype]
-    bound = 2.0**-11 * (top * np.abs(qm.scale.astype(np.float32)) + (0 if qm.min is None else np.abs(qm.min)))
-    err = np.abs(got - want.reshape(got.shape))
-    assert (err <= bound[..., None] * 1.001).all(), (err / bound[..., None]).max()
+    shape = (24, 512)
+    blocks = random_blocks(qtype, shape, rng)
+    qm = quant.from_gguf_blocks(blocks, qtype, shape)
+    assert qm.stored_form == quant.gguf_form(qtype, shape)
+    want = gguf.quants.dequantize(blocks, QT[qtype]).reshape(shape)
+    got = np.asarray(qm.dequantize(jnp.float32))
+    if qtype in EXACT_TYPES:
+        np.testing.assert_array_equal(got, want)
+        return
+    per_group = lambda a: np.repeat(np.abs(np.asarray(a, np.float32)), qm.group, axis=1)  # noqa: E731
+    q = np.abs((quant.unpack_int4(qm.q, qm.group) if qm.fmt == "int4" else qm.q).astype(np.float32))
+    bound = 2.0**-11 * (q * per_group(qm.scale) + (0 if qm.min is None else per_group(qm.min)))
+    err = np.abs(got - want)
+    assert (err <= bound * 1.001 + 1e-30).all(), (err / bound).max()
     assert err.max() > 0  # the f16 scales really are a rounding
+
+
+@pytest.mark.parametrize("qtype", [t for t in SUPPORTED_QUANTS if t not in ("F32", "F16", "BF16")])
+def test_every_supported_type_loads_in_transformers_layout(tmp_path, qtype):
+    # Random blocks of each type (the importance-matrix and ternary types included, which load dense) as a
+    # llama.cpp-permuted attn_q: the loader serves gguf's dequantization of them, rows back in transformers' order.
+    from yalm_jax.loading.gguf import unpermute_rows
+
+    rng = np.random.default_rng()
+    per_block, _ = gguf.GGML_QUANT_SIZES[QT[qtype]]
+    rows, cols = 64, 512
+    blocks = finite_random_blocks(QT[qtype], rows * cols // per_block, rng).reshape(rows, -1)
+    hp = dict(dim=cols, n_heads=4, n_kv_heads=4, head_dim=16)
+    path = write_gguf(tmp_path / f"{qtype}.gguf", {"blk.0.attn_q.weight": (blocks, QT[qtype])}, hp=hp)
+    _, source, _ = open_gguf(path)
+    got = source.get("model.layers.0.self_attn.q_proj.weight")
+    want = unpermute_rows(gguf.quants.dequantize(blocks, QT[qtype]).reshape(rows, cols), 4)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(want).max() > 0
 
 
 def test_kquant_scale_past_f16_loads_dense():
@@ -366,6 +425,44 @@ def test_fused_parts_of_different_types_are_rounded_again_as_int8(tmp_path, monk
     assert sum(n for _, n in field_nbytes(cfg, source, "native")) == m.weights.nbytes()
 
 
+def test_every_mapped_type_keeps_its_blocks_in_the_model(tmp_path, monkeypatch):
+    # A layer whose matrices come in the types llama.cpp's smaller files use (Q3_K, Q2_K, IQ4_XS, Q5_1, IQ4_NL
+    # on random bytes): with --quant=native each keeps its integers in its quant form, and the model's logits
+    # are the dense load's within the f16 rounding of the K-quants' scales; the size estimate is what loading places.
+    from yalm_jax import quant
+    from yalm_jax.weights import field_nbytes
+
+    monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", False)
+    rng = np.random.default_rng()
+    dim, hidden, heads, kv_heads, hd = 256, 512, 4, 2, 64
+    vocab = spm_vocab()
+    types = {"attn_q": "Q3_K", "attn_k": "Q3_K", "attn_v": "Q3_K", "attn_output": "IQ4_XS", "ffn_gate": "Q2_K",
+             "ffn_up": "Q2_K", "ffn_down": "Q5_1", "output": "IQ4_NL"}  # fmt: skip
+    shapes = {"attn_q": (heads * hd, dim), "attn_k": (kv_heads * hd, dim), "attn_v": (kv_heads * hd, dim),
+              "attn_output": (dim, heads * hd), "ffn_gate": (hidden, dim), "ffn_up": (hidden, dim),
+              "ffn_down": (dim, hidden), "output": (len(vocab[0]), dim)}  # fmt: skip
+    tensors = {("" if t == "output" else "blk.0.") + f"{t}.weight": (
+        random_blocks(types[t], shapes[t], rng, 0.02 / np.sqrt(shapes[t][1])), QT[types[t]]) for t in types}
+    norm = lambda: (1 + 0.2 * rng.standard_normal(dim)).astype(np.float32)  # noqa: E731
+    tensors |= {"token_embd.weight": rng.standard_normal((len(vocab[0]), dim)).astype(np.float32),
+                "output_norm.weight": norm(), "blk.0.attn_norm.weight": norm(), "blk.0.ffn_norm.weight": norm()}
+    hp = dict(n_layers=1, dim=dim, hidden=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd)
+    path = write_gguf(tmp_path / "small_types.gguf", tensors, vocab=vocab, hp=hp)
+    native, dense = load_model(path, "float32", quant="native"), load_model(path, "float32")
+    layer = native.weights.layers[0]
+    forms = {f: getattr(layer, f).stored_form[:3] for f in ("wqkv", "wo", "w13", "w2")}
+    forms["lm_head"] = native.weights.lm_head.stored_form[:3]
+    assert forms == {"wqkv": ("int8", 16, False), "wo": ("int8", 32, False), "w13": ("int8", 16, True),
+                     "w2": ("int8", 32, True), "lm_head": ("int8", 32, False)}  # fmt: skip
+    ids = jnp.asarray(rng.integers(3, len(vocab[0]), 9), jnp.int32)
+    logits = [np.asarray(forward(m.weights, init_cache(m.cfg, 32), ids, jnp.arange(9), cfg=m.cfg)[0])
+              for m in (native, dense)]  # fmt: skip
+    err = np.abs(logits[0] - logits[1]).max() / np.abs(logits[1]).max()
+    assert err < 2e-3, err  # 3e-4 to 4e-4 seen
+    cfg, source, _ = open_gguf(path, "float32")
+    assert sum(n for _, n in field_nbytes(cfg, source, "native")) == native.weights.nbytes()
+
+
 def test_q_and_k_are_unpermuted_but_v_is_not(tmp_path):
     rng = np.random.default_rng()
     hp = dict(dim=32, n_heads=2, n_kv_heads=1, head_dim=16)
@@ -405,13 +502,11 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
 # ---- bad input ---------------------------------------------------------------------------------
 
 
-def _small_valid_gguf(tmp_path, name="ok.gguf", qtype=QT.F32):
+def _small_valid_gguf(tmp_path):
     rng = np.random.default_rng()
-    x = rng.standard_normal((64, 256)).astype(np.float32)
-    data = x if qtype == QT.F32 else _quantize(x, qtype)
     tensors = {"token_embd.weight": rng.standard_normal((len(spm_vocab()[0]), 32)).astype(np.float32)}
-    tensors["blk.0.ffn_up.weight"] = (data, qtype)
-    return write_gguf(tmp_path / name, tensors)
+    tensors["blk.0.ffn_up.weight"] = rng.standard_normal((64, 256)).astype(np.float32)
+    return write_gguf(tmp_path / "ok.gguf", tensors)
 
 
 def _one_line_user_error(fn, *match: str) -> str:
@@ -459,8 +554,10 @@ def test_unsupported_architecture_is_a_user_error(tmp_path):
 
 
 def test_unsupported_quant_type_is_a_user_error(tmp_path):
-    path = _small_valid_gguf(tmp_path, "q5_1.gguf", QT.Q5_1)
-    _one_line_user_error(lambda: open_gguf(path), "Q5_1", "blk.0.ffn_up.weight")
+    # An integer tensor where a weight belongs: no dequantization defined.
+    ints = np.random.default_rng().integers(-100, 100, (64, 256), dtype=np.int8)
+    path = write_gguf(tmp_path / "i8.gguf", {"blk.0.ffn_up.weight": (ints, QT.I8)})
+    _one_line_user_error(lambda: open_gguf(path), "I8", "blk.0.ffn_up.weight")
 
 
 @pytest.mark.parametrize("keep_quantized", [False, True], ids=["cpu_dequantizes", "gpu_keeps_blocks"])

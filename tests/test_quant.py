@@ -126,17 +126,6 @@ def test_int4_group_falls_back_to_a_divisor():
         quant.parse_choice("int3")
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q4_0", "Q4_1"])
-def test_gguf_blocks_map_exactly(rng, qtype):
-    from gguf import GGMLQuantizationType, quants
-
-    w = _weights(rng, 16, 256)
-    blocks = quants.quantize(w, GGMLQuantizationType[qtype])
-    qm = quant.from_gguf_blocks(blocks, qtype, w.shape)
-    want = quants.dequantize(blocks, GGMLQuantizationType[qtype]).reshape(w.shape)
-    np.testing.assert_array_equal(np.asarray(quant.dequantize(qm, jnp.float32)), want)
-
-
 def test_gguf_source_serves_blocks_in_transformers_row_order(smollm2_gguf):
     # q_proj (Q4_1, rows permuted back per head), v_proj (Q4_1) and the Q8_0 embedding, straight from the file.
     from yalm_jax.loading.gguf import open_gguf
@@ -307,18 +296,19 @@ def test_gemv_quant_with_int8_activations_matches_reference(rng, fmt, group, wit
     assert _rel(np.asarray(ref, np.float32), np.asarray(unrounded, np.float32)) < bound
 
 
-@pytest.mark.parametrize("int8_activations", [False, True], ids=["float", "int8_activations"])
+@pytest.mark.parametrize("qtype,int8_activations", [("Q5_K", False), ("Q5_K", True), ("Q2_K", False)],
+                         ids=["Q5_K-float", "Q5_K-int8_activations", "Q2_K-float"])  # fmt: skip
 @pytest.mark.parametrize("form", [{"residual": True, "bias": True}, {"gated": True, "norm": True}],
                          ids=["res_bias", "gated_norm"])  # fmt: skip
-def test_int8_with_mins_through_the_kernel_and_xla(rng, int8_activations, form):
-    # int8 in groups of 32 with a min a group, which only GGUF's Q5_K blocks make (values 0..31): the GEMV
-    # kernel's float and integer paths and the xla product against their references.
-    from test_gguf import quantize_q5_k
+def test_int8_with_mins_through_the_kernel_and_xla(rng, qtype, int8_activations, form):
+    # int8 with a min a group, which only GGUF's blocks make: Q5_K's groups of 32 (values 0..31) and Q2_K's of
+    # 16 (0..3), on random bytes: the GEMV kernel's float and integer paths and the xla product against their
+    # references.
+    from test_gguf import random_blocks
 
     n = 128 if form.get("gated") else 64
-    w = _weights(rng, n, 256)
-    qm = jax.device_put(quant.from_gguf_blocks(quantize_q5_k(w), "Q5_K", w.shape))
-    assert (qm.fmt, qm.group, qm.min is not None) == ("int8", 32, True)
+    qm = jax.device_put(quant.from_gguf_blocks(random_blocks(qtype, (n, 256), rng, 0.01), qtype, (n, 256)))
+    assert (qm.fmt, qm.min is not None) == ("int8", True)
     x = jnp.asarray(rng.standard_normal(256), jnp.float32)
     dense = np.asarray(quant.dequantize(qm, jnp.float32))
     np.testing.assert_allclose(np.asarray(jax.jit(quant.matmul)(x[None], qm))[0], dense @ np.asarray(x), rtol=1e-4,

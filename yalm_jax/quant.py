@@ -22,11 +22,13 @@ scale and min have shape (N, K / group): float16 for groups (as GGUF stores
 them), float32 per channel. The GGUF block types map onto these without a
 round trip through float (`from_gguf_blocks`): Q8_0 is int8 group 32, Q4_0 int4
 group 32, Q4_1 int4 group 32 with a min, Q5_0 int8 group 32 (its 5-bit values,
--16..15), bit for bit. The K-quants keep their integers too: Q4_K is int4 group
-32 with a min, Q5_K int8 group 32 with a min (values 0..31), Q6_K int8 group 16;
-their scales (a block's f16 scale times each sub-block's 6- or 8-bit one) are
-rounded to f16, a relative 2^-12 at most, some hundred times below the 4- to
-6-bit steps themselves.
+-16..15), Q5_1 the same with a min (values 0..31), IQ4_NL int8 group 32 (its codes'
+levels, -127..113), bit for bit. The K-quants keep their integers too: Q4_K is
+int4 group 32 with a min, Q5_K int8 group 32 with a min (values 0..31), Q6_K int8
+group 16, Q3_K int8 group 16 (-4..3), Q2_K int8 group 16 with a min (0..3), IQ4_XS
+int8 group 32; their scales (a block's f16 scale times each sub-block's 4- to
+8-bit one) are rounded to f16, a relative 2^-12 at most, some hundred times below
+the 2- to 6-bit steps themselves.
 """
 
 from __future__ import annotations
@@ -56,11 +58,16 @@ _FP8 = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
 GGUF_TYPES = {
     "Q8_0": ("int8", 32, False, 32, 34),
     "Q5_0": ("int8", 32, False, 32, 22),
+    "Q5_1": ("int8", 32, True, 32, 24),
+    "IQ4_NL": ("int8", 32, False, 32, 18),
     "Q4_0": ("int4", 32, False, 32, 18),
     "Q4_1": ("int4", 32, True, 32, 20),
+    "Q2_K": ("int8", 16, True, 256, 84),
+    "Q3_K": ("int8", 16, False, 256, 110),
     "Q4_K": ("int4", 32, True, 256, 144),
     "Q5_K": ("int8", 32, True, 256, 176),
     "Q6_K": ("int8", 16, False, 256, 210),
+    "IQ4_XS": ("int8", 32, False, 256, 136),
 }
 
 
@@ -401,11 +408,73 @@ def _blocks_as_stored(qtype: str):
     return lambda b: (b[:, body:], _f16_field(b, 0), _f16_field(b, 2) if body == 4 else None)
 
 
+def _five_bits(b: np.ndarray, at: int) -> np.ndarray:
+    """Q5_0 / Q5_1's values 0..31: 32 fifth bits in bytes at .. at + 3 (bit j: value j's), then 16 bytes of
+    low nibbles (values j and j + 16)."""
+    high = (b[:, at : at + 4].copy().view("<u4") >> np.arange(32, dtype=np.uint32)) & 1
+    low = np.concatenate([b[:, at + 4 :] & 15, b[:, at + 4 :] >> 4], axis=1)
+    return (low | (high.astype(np.uint8) << 4)).view(np.int8)
+
+
 def _q5_0(b: np.ndarray):
-    """d, 32 high bits (bit j: value j's fifth), 16 bytes of low nibbles (values j and j + 16); x = d (q - 16)."""
-    high = (b[:, 2:6].copy().view("<u4") >> np.arange(32, dtype=np.uint32)) & 1
-    low = np.concatenate([b[:, 6:] & 15, b[:, 6:] >> 4], axis=1)
-    return (low | (high.astype(np.uint8) << 4)).view(np.int8) - np.int8(16), _f16_field(b, 0), None
+    """d, then _five_bits; x = d (q - 16)."""
+    return _five_bits(b, 2) - np.int8(16), _f16_field(b, 0), None
+
+
+def _q5_1(b: np.ndarray):
+    """d, m, then _five_bits; x = d q + m."""
+    return _five_bits(b, 4), _f16_field(b, 0), _f16_field(b, 2)
+
+
+# IQ4's 16 levels (ggml's kvalues_iq4nl): a code indexes them, so its values are these integers.
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _iq4_values(codes: np.ndarray) -> np.ndarray:
+    """Runs of 16 bytes of 4-bit codes (low nibbles values j, high ones j + 16 of a run's 32) as int8 values."""
+    runs = codes.reshape(codes.shape[0], -1, 1, 16)
+    return IQ4_LEVELS[np.concatenate([runs & 15, runs >> 4], axis=2)].reshape(codes.shape[0], -1)
+
+
+def _iq4_nl(b: np.ndarray):
+    """d, then one run of codes; x = d level."""
+    return _iq4_values(b[:, 2:]), _f16_field(b, 0), None
+
+
+def _iq4_xs(b: np.ndarray):
+    """256 values as 8 sub-blocks of 32: d, the 6-bit scales' high 2 bits (a u16), their low 4 bits (4 bytes),
+    then 8 runs of codes; x = d (scale - 32) level."""
+    high = (b[:, 2:4].copy().view("<u2") >> np.arange(0, 16, 2, dtype=np.uint16)) & 3
+    low = (b[:, 4:8, None] >> np.array([0, 4], np.uint8)).reshape(-1, 8) & 15
+    scale = (low | (high.astype(np.uint8) << 4)).astype(np.float32) - 32
+    return _iq4_values(b[:, 8:]), _f16_field(b, 0) * scale, None
+
+
+def _crumbs(runs: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K's 2-bit values: runs of 32 bytes, bits 2i of byte l holding value l + 32 i of the run's
+    128, as (blocks, 16 sub-blocks of 16)."""
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return ((runs.reshape(runs.shape[0], -1, 1, 32) >> shifts) & 3).reshape(-1, 16, 16)
+
+
+def _q2_k(b: np.ndarray):
+    """256 values as 16 sub-blocks of 16: 16 bytes of 4-bit scales (low nibble) and mins (high), the values
+    (_crumbs), d, dmin; x = d scale q - dmin min."""
+    sc = b[:, :16].astype(np.float32)
+    values = _crumbs(b[:, 16:80]).reshape(-1, 256).view(np.int8)
+    return values, _f16_field(b, 80) * (sc % 16), -(_f16_field(b, 82) * (sc // 16))
+
+
+def _q3_k(b: np.ndarray):
+    """256 values as 16 sub-blocks of 16: 32 bytes of third bits (bit i of byte l: value l + 32 i; clear means
+    4 less), the low two bits (_crumbs), 12 bytes of 6-bit scales (low nibbles in bytes 0-7, high pairs in 8-11),
+    d; x = d (scale - 32) q with q in -4..3."""
+    low = (b[:, 96:104, None] >> np.array([0, 4], np.uint8)).transpose(0, 2, 1).reshape(-1, 16) & 15
+    high = (b[:, 104:108, None] >> np.array([0, 2, 4, 6], np.uint8)).transpose(0, 2, 1).reshape(-1, 16) & 3
+    scale = (low | (high << 4)).astype(np.float32) - 32
+    third = ((b[:, None, :32] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(-1, 16, 16)
+    values = (_crumbs(b[:, 32:96]).astype(np.int8) - ((third ^ 1) << 2).astype(np.int8)).reshape(-1, 256)
+    return values, _f16_field(b, 108) * scale, None
 
 
 def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,9 +524,14 @@ _GGUF_BLOCKS = {
     "Q4_0": _blocks_as_stored("Q4_0"),
     "Q4_1": _blocks_as_stored("Q4_1"),
     "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "IQ4_NL": _iq4_nl,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
     "Q4_K": _q4_k,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
+    "IQ4_XS": _iq4_xs,
 }
 
 

@@ -22,7 +22,11 @@ from yalm_jax.errors import UserError
 from yalm_jax.tokenizer import Tokenizer, tokenizer_from_gguf
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+# Every type gguf.quants dequantizes (gguf >= 0.17) that llama.cpp writes for these models' weights.
+SUPPORTED_QUANTS = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ2_0", "TQ1_0",
+)  # fmt: skip
 # Mixtral is "llama" with experts (expert_count) in GGUF files.
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
@@ -149,8 +153,8 @@ class GGUFSource:
         return self._tensors[name][0].tensor_type.name
 
     def get_quantized(self, name: str, dtype: str = "float32"):
-        """A tensor of a quant.GGUF_TYPES type (Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) as a host
-        quant.QuantizedMatrix, its integers straight from its blocks; else None."""
+        """A tensor of a quant.GGUF_TYPES type as a host quant.QuantizedMatrix, its integers straight from its
+        blocks; else None."""
         from yalm_jax import quant
 
         t, expert = self._tensors[name]
