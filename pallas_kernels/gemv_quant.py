@@ -127,14 +127,18 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
 # rounds a 14,336-long h in every program, 2.6 us a call, where w13's programs round their own rows for 1.1-1.4
 # us; KERNEL_NOTES.md, run 10), and wo rounding the FFN's normed input for w13 (run 11). Slower where the next
 # kernel rounds its input cheaply or the 32-row programs are too few to fill the card: Mistral's int8 (3.142
-# against 3.092), SmolLM2's int4 (1,536 rows, 48 programs: 0.545 against 0.488 ms) (H100).
+# against 3.092), SmolLM2's int4 (1,536 rows, 48 programs: 0.545 against 0.488 ms) (H100). Only a kernel
+# on the integer path rounds its output: on the float path's tiles, the 32 rows a program it needs spill
+# (a Q3_K_M file's w13, int8 in groups of 16, rounding h for w2's int4: decodes 7.88 ms a token against 3.38
+# without int8 activations; BENCHMARKS.md run 22).
 MIN_INT8_OUT_PROGRAMS = 128  # about an H100's 132 SMs; Mistral-7B's wo has 4,096 rows
 
 
 def rounds_output_for(w, next_w, gated: bool = False) -> bool:
     """Whether w's kernel should round its output for next_w (int8_out), rather than next_w's kernel rounding
     it; `gated`: w holds gate and up rows, so its output has half as many."""
-    if not (is_quantized(w) and is_quantized(next_w) and next_w.int8_activations and next_w.fmt == "int4"):
+    both_a8 = all(is_quantized(m) and m.int8_activations for m in (w, next_w))
+    if not (both_a8 and next_w.fmt == "int4"):
         return False
     return w.shape[0] // (2 if gated else 1) // ACT_BLOCK >= MIN_INT8_OUT_PROGRAMS
 

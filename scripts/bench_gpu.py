@@ -27,8 +27,8 @@ One run measures, on one GPU, with random normal weights built on the device:
   Mistral-7B step at context 128 and a 512-token prefill: kernels per step, busy time, the top kernels;
   and the prefill at chunk 256;
 * llama_cpp: the peer, llama.cpp's llama-bench (a binary given by $LLAMA_BENCH), on random-weight GGUFs
-  of the Mistral-7B and SmolLM2 shapes (and Q8_0 / Q4_0 / Q4_K_M ones, given $LLAMA_QUANTIZE; ours runs the
-  Q4_K_M file itself, --quant=native), with ours / llama.cpp for the workloads this run timed both.
+  of the Mistral-7B and SmolLM2 shapes (and Q8_0 / Q4_0 / Q4_K_M / Q3_K_M ones, given $LLAMA_QUANTIZE; ours runs
+  the K-quant mixes' files themselves, --quant=native), with ours / llama.cpp for the workloads this run timed both.
 
 Compile time is excluded from every figure (programs are compiled ahead, and
 reported separately). The table is printed last.
@@ -856,8 +856,8 @@ LLAMA_QUANTIZE = os.environ.get("LLAMA_QUANTIZE")
 # no min: Q4_0's own bytes), both with int8 activations, as llama.cpp multiplies them; Q4_1 beside SmolLM2's
 # int4 with mins, as the default chat runs its shipped Q4_1 file (float products; the part's int4_min_a8 row
 # multiplies int8 activations, as llama.cpp does).
-# Q4_K_M (llama-quantize's own mix, not --pure) is timed on our side from the same file (part "same_file":
-# part_same_file), with its blocks kept (--quant=native) and int8 activations.
+# Q4_K_M and Q3_K_M (llama-quantize's own mixes, not --pure) are timed on our side from the same file (part
+# "same_file": part_same_file), with their blocks kept (--quant=native) and int8 activations.
 PEER_RUNS = [
     ("mistral7b", "f16", "mistral", "ctx128_pallas", "ctx4096_pallas", 64),
     ("smollm2", "f32", "smollm2", "float32_pallas_steps256", None, 256),
@@ -865,7 +865,8 @@ PEER_RUNS = [
     ("mistral7b", "q8_0", "quant", "int8_a8", None, 64),
     ("mistral7b", "q4_0", "quant", "int4_a8", None, 64),
     ("smollm2", "q4_1", "quant_smollm2", "int4_min", None, 128),
-    ("mistral7b", "q4_k_m", "same_file", "native_a8", None, 64),
+    ("mistral7b", "q4_k_m", "same_file", "q4_k_m_native_a8", None, 64),
+    ("mistral7b", "q3_k_m", "same_file", "q3_k_m_native_a8", None, 64),
 ]
 # PEER_RUNS_ONLY=smollm2_q4_1,... runs just those (shape_gtype), to fit the build and the runs in one call.
 PEER_RUNS_ONLY = [r for r in os.environ.get("PEER_RUNS_ONLY", "").split(",") if r]
@@ -889,15 +890,17 @@ def _random_gguf(gguf_dir: str, shape: str, gtype: str) -> str:
     return path
 
 
-def part_same_file(res, roof, path: str) -> None:
+def part_same_file(res, roof, path: str, gtype: str) -> None:
     """Ours on a GGUF file llama.cpp runs too, its blocks kept (--quant=native), without and with int8
-    activations: decode at context 128, as the quant part times its random weights."""
+    activations (keys `gtype`_native, `gtype`_native_a8): decode at context 128, as the quant part times its
+    random weights."""
     from yalm_jax.loading import load_model
 
     out = res.setdefault("same_file", {})
     lm = load_model(path, "bfloat16", quant="native")
     cache = random_cache(lm.cfg, MAX_CONTEXT)
-    for key, weights in (("native", lm.weights), ("native_a8", quant.with_int8_activations(lm.weights))):
+    for key, weights in ((f"{gtype}_native", lm.weights),
+                         (f"{gtype}_native_a8", quant.with_int8_activations(lm.weights))):  # fmt: skip
         nbytes = weight_bytes_per_token(weights, lm.cfg) + kv_bytes_per_token(lm.cfg, 128 + 31 / 2)
         r, cache = time_decode(weights, lm.cfg, cache, backend="pallas", ctx=128, n_steps=32, reps=3)
         t = r["s_per_tok"]
@@ -933,7 +936,7 @@ def part_llama_cpp(res, roof, smoke, gguf_dir):
                 subprocess.run([LLAMA_QUANTIZE, *pure, f16_path, path, gtype.upper()], check=True,
                                capture_output=True, timeout=900)  # fmt: skip
         if part == "same_file":
-            part_same_file(res, roof, path)
+            part_same_file(res, roof, path, gtype)
         depths = [0] if key4096 is None or smoke else [0, 4096]
         n_prompt = 512 if part == "mistral" else 0  # 0: no prefill test
         results = llama_bench(path, n_prompt=16 if smoke else n_prompt, n_gen=4 if smoke else n_gen, depths=depths,

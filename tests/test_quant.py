@@ -407,6 +407,21 @@ def test_int8_vector_misuse_is_refused(rng):
             ops.linear(normed, qm, norm=norm, backend="pallas")
 
 
+def test_only_a_kernel_on_the_integer_path_rounds_its_output(rng):
+    # A float-path producer (a Q3_K_M file's w13: int8 in groups of 16) leaves the rounding of h to w2's
+    # kernel: rounding it itself needs 32 rows a program, which spill on the float path's tiles.
+    from test_gguf import random_blocks
+
+    from pallas_kernels.gemv_quant import MIN_INT8_OUT_PROGRAMS, rounds_output_for
+
+    rows = quant.ACT_BLOCK * MIN_INT8_OUT_PROGRAMS
+    int4_a8 = quant.with_int8_activations(quant.quantize(_weights(rng, 2 * rows, 64), "int4", 32))
+    q3_k = quant.from_gguf_blocks(random_blocks("Q3_K", (2 * rows, 256), rng), "Q3_K", (2 * rows, 256))
+    assert rounds_output_for(int4_a8, int4_a8, gated=True)
+    assert not rounds_output_for(quant.with_int8_activations(q3_k), int4_a8, gated=True)
+    assert not rounds_output_for(int4_a8, quant.quantize(_weights(rng, 64, 64), "int4", 32), gated=True)
+
+
 def test_config_kind_names_the_kernel_path(rng):
     # Tiles are looked up by the kernel's path, not the format: fp8 and GGUF's Q8_0 form share the grouped 8-bit
     # path, int8 and fp8 with one scale a row the per-channel one; every kind in CONFIGS is one of them.
