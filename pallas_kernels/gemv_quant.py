@@ -18,8 +18,9 @@ Per-channel formats (one scale a row) take the chunk itself as the group, keep
 a (block_n, 1, block_k) accumulator and scale once at the end.
 
 For a matrix with int8_activations (quant.with_int8_activations: int8, or int4
-in groups of 32, its bytes held as int32 words), the kernel multiplies integers
-instead: every program rounds each chunk of x (x * g with a fused norm) to int8
+in groups of 32, its bytes held as int32 words; or iq4, GGUF's IQ4_NL / IQ4_XS
+codes, turned into their levels four at a time by prmt, which only this path
+takes), the kernel multiplies integers instead: every program rounds each chunk of x (x * g with a fused norm) to int8
 in blocks of 32 in registers, as quant.round_activations does, packs four to a
 word, and multiplies words through PTX's dp4a (four products an instruction;
 int4 unpacked into two words of nibbles); each block's integer sum is scaled
@@ -59,7 +60,7 @@ from pallas_kernels.gemv import (
     kernel_name,
     write_epilogue,
 )
-from yalm_jax.quant import ACT_BLOCK, Int8Vector, is_quantized, round_activations
+from yalm_jax.quant import ACT_BLOCK, IQ4_LEVELS, NIBBLE_FORMATS, Int8Vector, is_quantized, round_activations
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind from
 # `config_kind`. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4, sweep:fp8_e4m3,
@@ -138,7 +139,7 @@ def rounds_output_for(w, next_w, gated: bool = False) -> bool:
     """Whether w's kernel should round its output for next_w (int8_out), rather than next_w's kernel rounding
     it; `gated`: w holds gate and up rows, so its output has half as many."""
     both_a8 = all(is_quantized(m) and m.int8_activations for m in (w, next_w))
-    if not (both_a8 and next_w.fmt == "int4"):
+    if not (both_a8 and next_w.fmt in NIBBLE_FORMATS):
         return False
     return w.shape[0] // (2 if gated else 1) // ACT_BLOCK >= MIN_INT8_OUT_PROGRAMS
 
@@ -147,7 +148,7 @@ def config_kind(w) -> str:
     """CONFIGS' first key for a QuantizedMatrix w: its kernel path. int4; 8-bit weights (int8 or fp8) with a
     scale a row, or in groups (each group's sum scaled apart); and whether the products are integer (int8
     activations)."""
-    if w.fmt == "int4":
+    if w.fmt in NIBBLE_FORMATS:
         kind = "4bit"
     else:
         kind = "8bit" if w.group == w.shape[1] else "8bit_groups"
@@ -161,6 +162,43 @@ def _values(q, fmt: str, symmetric: bool) -> list:
     if fmt != "int4":
         return [q.astype(f32)]
     return [(n & 15).astype(f32) - (8.0 if symmetric else 0.0) for n in (q, q >> 4)]
+
+
+def _table_words(values) -> list[int]:
+    """Signed bytes packed four to a word, the lowest first, as int32 values."""
+    b = [v & 0xFF for v in values]
+    words = [b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24 for i in range(0, len(b), 4)]
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+
+
+def _prmt_ptx(a, b, c):
+    """PTX's prmt: byte i of the result is byte (c's nibble i) of the 8 bytes b:a (a the lower four)."""
+    return _ptx("prmt.b32", jnp.int32, a, b, jnp.asarray(c, jnp.int32))
+
+
+def _prmt_jnp(a, b, c):
+    """_prmt_ptx in integer jnp, for interpret mode (a selector's fourth bit, sign replication, unused here)."""
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 7
+        out = out | ((jnp.where(sel < 4, a, b) >> (8 * (sel & 3))) & 0xFF) << (8 * i)
+    return out
+
+
+def _iq4_levels(q, interpret: bool) -> list:
+    """iq4's words of codes (byte j: codes 2j and 2j + 1 in its low and high nibbles) to [the low nibbles'
+    levels, the high nibbles'], int8 four to a word, as int4's nibbles (q & 0x0F0F0F0F, q >> 4 & ...) are laid
+    out. prmt picks each code's level from IQ4_LEVELS' first and second eight by its low three bits, a third
+    picks between the two by its fourth, and two more sort the bytes (llama.cpp's get_int_from_table_16)."""
+    prmt = _prmt_jnp if interpret else _prmt_ptx
+    table = [jnp.full((), w, jnp.int32) for w in _table_words(IQ4_LEVELS)]
+    low3 = q & 0x77777777
+    pick = ((q >> 1) & 0x44444444) | 0x32103210  # a code's fourth bit selects the second eight's byte
+    codes4 = [
+        prmt(prmt(table[0], table[1], sel), prmt(table[2], table[3], sel), which)
+        for sel, which in ((low3, pick), (low3 >> 16, pick >> 16))
+    ]  # the levels of codes 0-3 and 4-7, in code order
+    return [prmt(codes4[0], codes4[1], 0x6420), prmt(codes4[0], codes4[1], 0x7531)]
 
 
 def _ptx(instruction: str, dtype, *args):
@@ -253,7 +291,7 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
         n_int8 = 4 if norm_out else 3
         int8_refs, refs = refs[-n_int8:], refs[:-n_int8]
     f32 = jnp.float32
-    int4 = fmt == "int4"
+    int4 = fmt in NIBBLE_FORMATS
     n_groups = x_ref.shape[0]
     n_chunks = pl.cdiv(n_groups, ng)
     fma = (lambda a, b, c: a * b + c) if interpret else _fma_ptx
@@ -316,11 +354,14 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
             # dot: each group's sum of v x (v the weights' values before their scale); xsum: each group's x sum.
             if int8_activations:
                 # int4's low nibbles are a block's first half, its high nibbles the second (quant.pack_int4).
-                nibbles = [q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F]
+                if fmt == "iq4":
+                    nibbles = _iq4_levels(q, interpret)
+                else:
+                    nibbles = [q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F]
                 pairs = zip(nibbles, x_words) if int4 else [(q, x_words[0])]
                 dot = jnp.zeros(q.shape, jnp.int32)
                 for a, b in pairs:
-                    dot = dp4a(a, b[None], dot, signed_a=not int4)
+                    dot = dp4a(a, b[None], dot, signed_a=fmt != "int4")
                 dot = jnp.sum(dot, axis=2).astype(f32) - (8 * x_qsum if symmetric else 0)  # exact integers
                 dot, xsum = dot * x_scale, x_scale * x_qsum
             else:
@@ -394,7 +435,10 @@ def gemv_quant(
         raise ValueError("an Int8Vector x is for a matrix with int8_activations, without a norm of its own")
     if norm_out is not None and not int8_out:
         raise ValueError("norm_out is the norm of int8_out's vector")
-    int4 = w.fmt == "int4"
+    if w.fmt == "iq4" and not w.int8_activations:
+        raise ValueError("iq4 multiplies int8 activations (quant.with_int8_activations); for float products "
+                         "it is int8 holding its levels (quant.iq4_as_int8)")  # fmt: skip
+    int4 = w.fmt in NIBBLE_FORMATS
     per_channel = w.group == k and not int4
     act8 = w.int8_activations
     n_out = n // 2 if gated else n
@@ -449,7 +493,7 @@ def gemv_quant(
         out_shape = (out_shape, *(jax.ShapeDtypeStruct((size,), dt) for size, _, dt in sizes))
         out_specs = (vec_n, *(pl.BlockSpec((block,), lambda i: (i,)) for _, block, _ in sizes))
 
-    common = dict(bn=bn, ng=ng, symmetric=int4 and w.min is None, per_channel=per_channel, gated=gated,
+    common = dict(bn=bn, ng=ng, symmetric=w.fmt == "int4" and w.min is None, per_channel=per_channel, gated=gated,
                   activation=activation, has_min=w.min is not None, has_bias=bias is not None,
                   has_res=residual is not None, interpret=interpret)  # fmt: skip
     kernel = functools.partial(_kernel, k=k, fmt=w.fmt, int8_activations=act8, x_rounded=x_rounded,

@@ -748,21 +748,24 @@ def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
     """A random QuantizedMatrix of `shape` in `fmt`, in the form --quant makes (values don't set the speed;
     the bytes do): int4 and fp8 in groups of 32 with f16 scales, int8 with an f32 scale a row; "int4_min" is
     int4 with an f16 min a group too (GGUF's Q4_1, the form SmolLM2 ships in), "int8_g32" int8 in groups of 32
-    with f16 scales (GGUF's Q8_0)."""
-    from yalm_jax.quant import DEFAULT_INT4_GROUP, FP8_GROUP, GGUF_TYPES, QuantizedMatrix
+    with f16 scales (GGUF's Q8_0), "iq4" GGUF's IQ4_NL / IQ4_XS form (int4's bytes as words, codes for levels,
+    f16 scales in groups of 32)."""
+    from yalm_jax.quant import DEFAULT_INT4_GROUP, FP8_GROUP, GGUF_TYPES, QuantizedMatrix, as_words
 
     if fmt == "int4_min":
         w = random_quantized(shape, "int4", seed)
         return dataclasses.replace(w, min=(-8 * w.scale).astype(w.scale.dtype))
     n, k = shape
     k1, k2 = jax.random.split(jax.random.key(seed))
-    group = {"int4": DEFAULT_INT4_GROUP, "int8": k, "int8_g32": GGUF_TYPES["Q8_0"][1]}.get(fmt, FP8_GROUP)
+    groups = {"int4": DEFAULT_INT4_GROUP, "int8": k, "int8_g32": GGUF_TYPES["Q8_0"][1], "iq4": GGUF_TYPES["IQ4_NL"][1]}
+    group = groups.get(fmt, FP8_GROUP)
     fmt = fmt.removesuffix("_g32")
     scale = (0.01 * (1 + jax.random.uniform(k2, (n, k // group)))).astype(jnp.float16 if group < k else jnp.float32)
     if fmt == "int8":
         q = jax.random.randint(k1, (n, k), -127, 128, jnp.int8)
-    elif fmt == "int4":
+    elif fmt in ("int4", "iq4"):
         q = jax.random.randint(k1, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
+        q = as_words(q) if fmt == "iq4" else q
     else:
         q = jax.random.normal(k1, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
     return QuantizedMatrix(q=q, scale=scale, min=None, fmt=fmt, group=group, dtype="bfloat16")
@@ -771,13 +774,13 @@ def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
 def part_quant(res, roof, smoke):
     """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 (group 32) weights, beside bf16, at
     context 128, and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations), then int8 in
-    GGUF's Q8_0 form (groups of 32) without and with them; and bf16
+    GGUF's Q8_0 form (groups of 32) and GGUF's IQ4_NL / IQ4_XS form (iq4) without and with them; and bf16
     against fp8 KV at context 4096. Then SmolLM2's shape in its shipped Q4_1 form (int4_min) and the others,
     128 steps from context 128 (a tied model: its embedding, the output matrix, in the format too, as
     llama-quantize --pure writes it)."""
     dense = _quant_decodes(res.setdefault("quant", {}), roof, "toy" if smoke else "mistral7b", smoke, 32,
                            ("bf16", "int8", "int4", "fp8_e4m3", "int8_a8", "int4_a8", "int8_g32",
-                            "int8_g32_a8"))  # fmt: skip
+                            "int8_g32_a8", "iq4_a8"))  # fmt: skip
     _kv_decodes(res["quant"], dense, "toy" if smoke else "mistral7b", smoke)
     del dense
     _quant_decodes(res.setdefault("quant_smollm2", {}), roof, "toy" if smoke else "smollm2", smoke, 128,
@@ -897,16 +900,18 @@ def part_same_file(res, roof, path: str, gtype: str) -> None:
     from yalm_jax.loading import load_model
 
     out = res.setdefault("same_file", {})
-    lm = load_model(path, "bfloat16", quant="native")
-    cache = random_cache(lm.cfg, MAX_CONTEXT)
-    for key, weights in ((f"{gtype}_native", lm.weights),
-                         (f"{gtype}_native_a8", quant.with_int8_activations(lm.weights))):  # fmt: skip
-        nbytes = weight_bytes_per_token(weights, lm.cfg) + kv_bytes_per_token(lm.cfg, 128 + 31 / 2)
-        r, cache = time_decode(weights, lm.cfg, cache, backend="pallas", ctx=128, n_steps=32, reps=3)
+    cache = None
+    for key, int8_activations in ((f"{gtype}_native", False), (f"{gtype}_native_a8", True)):
+        # Loaded for each: a file's iq4 matrices are placed as int8 for float products (quant.load_field).
+        lm = load_model(path, "bfloat16", quant="native", int8_activations=int8_activations)
+        cache = random_cache(lm.cfg, MAX_CONTEXT) if cache is None else cache
+        nbytes = weight_bytes_per_token(lm.weights, lm.cfg) + kv_bytes_per_token(lm.cfg, 128 + 31 / 2)
+        r, cache = time_decode(lm.weights, lm.cfg, cache, backend="pallas", ctx=128, n_steps=32, reps=3)
         t = r["s_per_tok"]
         out[key] = r | {"tok_s": 1 / t, "bytes_per_token": nbytes, "gb_s": nbytes / t / 1e9}
-        add_row(f"{os.path.basename(path)} --quant=native{' --int8_activations' if key.endswith('a8') else ''}",
+        add_row(f"{os.path.basename(path)} --quant=native{' --int8_activations' if int8_activations else ''}",
                 "pallas", 1 / t, t * 1e3, nbytes / t / 1e9, roof, f"{nbytes / 1e9:.2f} GB/token")  # fmt: skip
+        del lm
 
 
 def part_llama_cpp(res, roof, smoke, gguf_dir):

@@ -345,11 +345,13 @@ def test_mapped_blocks_keep_their_integers(qtype):
     assert qm.stored_form == quant.gguf_form(qtype, shape)
     want = gguf.quants.dequantize(blocks, QT[qtype]).reshape(shape)
     got = np.asarray(qm.dequantize(jnp.float32))
+    if qm.fmt == "iq4":  # as it is placed for float products: int8 holding its levels, the same values
+        np.testing.assert_array_equal(np.asarray(quant.iq4_as_int8(qm).dequantize(jnp.float32)), got)
     if qtype in EXACT_TYPES:
         np.testing.assert_array_equal(got, want)
         return
     per_group = lambda a: np.repeat(np.abs(np.asarray(a, np.float32)), qm.group, axis=1)  # noqa: E731
-    q = np.abs((quant.unpack_int4(qm.q, qm.group) if qm.fmt == "int4" else qm.q).astype(np.float32))
+    q = np.abs(np.asarray(quant._values(qm)))  # the integers (or iq4's levels) the scales multiply
     bound = 2.0**-11 * (q * per_group(qm.scale) + (0 if qm.min is None else per_group(qm.min)))
     err = np.abs(got - want)
     assert (err <= bound * 1.001 + 1e-30).all(), (err / bound).max()
@@ -427,8 +429,9 @@ def test_fused_parts_of_different_types_are_rounded_again_as_int8(tmp_path, monk
 
 def test_every_mapped_type_keeps_its_blocks_in_the_model(tmp_path, monkeypatch):
     # A layer whose matrices come in the types llama.cpp's smaller files use (Q3_K, Q2_K, IQ4_XS, Q5_1, IQ4_NL
-    # on random bytes): with --quant=native each keeps its integers in its quant form, and the model's logits
-    # are the dense load's within the f16 rounding of the K-quants' scales; the size estimate is what loading places.
+    # on random bytes): with --quant=native each keeps its integers in its quant form (iq4's codes only where it
+    # multiplies int8 activations, else int8 holding its levels), and the model's logits are the dense load's
+    # within the f16 rounding of the K-quants' scales; the size estimate is what loading places.
     from yalm_jax import quant
     from yalm_jax.weights import field_nbytes
 
@@ -448,19 +451,22 @@ def test_every_mapped_type_keeps_its_blocks_in_the_model(tmp_path, monkeypatch):
                 "output_norm.weight": norm(), "blk.0.attn_norm.weight": norm(), "blk.0.ffn_norm.weight": norm()}
     hp = dict(n_layers=1, dim=dim, hidden=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd)
     path = write_gguf(tmp_path / "small_types.gguf", tensors, vocab=vocab, hp=hp)
-    native, dense = load_model(path, "float32", quant="native"), load_model(path, "float32")
-    layer = native.weights.layers[0]
-    forms = {f: getattr(layer, f).stored_form[:3] for f in ("wqkv", "wo", "w13", "w2")}
-    forms["lm_head"] = native.weights.lm_head.stored_form[:3]
-    assert forms == {"wqkv": ("int8", 16, False), "wo": ("int8", 32, False), "w13": ("int8", 16, True),
-                     "w2": ("int8", 32, True), "lm_head": ("int8", 32, False)}  # fmt: skip
+    dense = load_model(path, "float32")
+    cfg, source, _ = open_gguf(path, "float32")
+    for int8_activations, iq4_form in ((False, ("int8", 32, False)), (True, ("iq4", 32, False))):
+        native = load_model(path, "float32", quant="native", int8_activations=int8_activations)
+        layer = native.weights.layers[0]
+        forms = {f: getattr(layer, f).stored_form[:3] for f in ("wqkv", "wo", "w13", "w2")}
+        forms["lm_head"] = native.weights.lm_head.stored_form[:3]
+        assert forms == {"wqkv": ("int8", 16, False), "wo": iq4_form, "w13": ("int8", 16, True),
+                         "w2": ("int8", 32, True), "lm_head": iq4_form}  # fmt: skip
+        assert sum(n for _, n in field_nbytes(cfg, source, "native", int8_activations)) == native.weights.nbytes()
+    native = load_model(path, "float32", quant="native")
     ids = jnp.asarray(rng.integers(3, len(vocab[0]), 9), jnp.int32)
     logits = [np.asarray(forward(m.weights, init_cache(m.cfg, 32), ids, jnp.arange(9), cfg=m.cfg)[0])
               for m in (native, dense)]  # fmt: skip
     err = np.abs(logits[0] - logits[1]).max() / np.abs(logits[1]).max()
     assert err < 2e-3, err  # 3e-4 to 4e-4 seen
-    cfg, source, _ = open_gguf(path, "float32")
-    assert sum(n for _, n in field_nbytes(cfg, source, "native")) == native.weights.nbytes()
 
 
 def test_q_and_k_are_unpermuted_but_v_is_not(tmp_path):

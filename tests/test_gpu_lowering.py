@@ -49,8 +49,11 @@ def compiled_kernels(monkeypatch):
 
 def quantized(n: int, k: int, fmt: str, dtype: str, with_min: bool = False) -> quant.QuantizedMatrix:
     """An abstract (n, k) QuantizedMatrix in `fmt`, its parts' dtypes and widths taken from a real one.
-    "int8_g32" with a min is GGUF's Q5_K form (int8 in groups of 32 with an f16 min a group), which only
-    GGUF blocks make."""
+    "int8_g32" with a min is GGUF's Q5_K form (int8 in groups of 32 with an f16 min a group), "iq4" its IQ4_NL
+    and IQ4_XS form (int4's layout held as int32 words, levels for codes, f16 scales in groups of 32): only
+    GGUF blocks make them."""
+    if fmt == "iq4":
+        return quant.QuantizedMatrix(SDS((n, k // 8), jnp.int32), SDS((n, k // 32), jnp.float16), None, "iq4", 32, dtype)
     name, group = ("int8", 32) if fmt == "int8_g32" else quant.parse_choice(fmt)
     fmt = {"fp8": "fp8_e4m3"}.get(name, name)
     probe = quant.quantize(np.random.default_rng().standard_normal((2, k)), fmt, group, with_min=with_min)
@@ -233,13 +236,15 @@ def test_quantized_gemv_forms_lower(fmt, with_min, n, k, form):
         assert "fma.rn.f32" in gpu_lowering(run, *args)
 
 
-@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int8_g32", True)])
+@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int8_g32", True),
+                                          ("iq4", False)])  # fmt: skip
 @pytest.mark.parametrize("n,k,form", [(6144, 4096, {}), (28672, 4096, dict(gated=True)),
                                       (4096, 14336, dict(residual=True))])  # fmt: skip
 def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
-    # As with_int8_activations leaves it: q's bytes as int32 words.
+    # As with_int8_activations leaves it: q's bytes as int32 words (iq4's are already).
     w = quantized(n, k, fmt, "bfloat16", with_min)
-    w = dataclasses.replace(w, q=SDS((n, w.q.shape[1] // 4), jnp.int32), int8_activations=True)
+    words = w.q if w.q.dtype == jnp.int32 else SDS((n, w.q.shape[1] // 4), jnp.int32)
+    w = dataclasses.replace(w, q=words, int8_activations=True)
     n_out = n // 2 if form.get("gated") else n
     residual = SDS((n_out,), jnp.bfloat16) if form.get("residual") else None
     norm = None if form.get("residual") else SDS((k,), jnp.bfloat16)
@@ -257,6 +262,7 @@ def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):
     text = gpu_lowering(run, *args)
     assert f"dp4a.{'u32' if w.fmt == 'int4' else 's32'}.s32" in text and "add.rn.f32" in text
     assert "bitcast_convert" not in text
+    assert ("prmt.b32" in text) == (w.fmt == "iq4")  # iq4's levels looked up four at a time
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn])

@@ -296,19 +296,23 @@ def test_gemv_quant_with_int8_activations_matches_reference(rng, fmt, group, wit
     assert _rel(np.asarray(ref, np.float32), np.asarray(unrounded, np.float32)) < bound
 
 
-@pytest.mark.parametrize("qtype,int8_activations", [("Q5_K", False), ("Q5_K", True), ("Q2_K", False)],
-                         ids=["Q5_K-float", "Q5_K-int8_activations", "Q2_K-float"])  # fmt: skip
+GGUF_ONLY_FORMS = [("Q5_K", False), ("Q5_K", True), ("Q2_K", False), ("IQ4_XS", True), ("IQ4_NL", True)]
+
+
+@pytest.mark.parametrize("qtype,int8_activations", GGUF_ONLY_FORMS,
+                         ids=[f"{q}-{'int8_activations' if a else 'float'}" for q, a in GGUF_ONLY_FORMS])  # fmt: skip
 @pytest.mark.parametrize("form", [{"residual": True, "bias": True}, {"gated": True, "norm": True}],
                          ids=["res_bias", "gated_norm"])  # fmt: skip
-def test_int8_with_mins_through_the_kernel_and_xla(rng, qtype, int8_activations, form):
-    # int8 with a min a group, which only GGUF's blocks make: Q5_K's groups of 32 (values 0..31) and Q2_K's of
-    # 16 (0..3), on random bytes: the GEMV kernel's float and integer paths and the xla product against their
-    # references.
+def test_gguf_only_forms_through_the_kernel_and_xla(rng, qtype, int8_activations, form):
+    # The forms only GGUF's blocks make, on random bytes: int8 with a min a group (Q5_K's groups of 32, values
+    # 0..31, and Q2_K's of 16, 0..3) and iq4 (IQ4_XS's and IQ4_NL's codes for levels, looked up in the integer
+    # path's kernel; float products take it as int8): the GEMV kernel's float and integer paths and the xla
+    # product against their references.
     from test_gguf import random_blocks
 
     n = 128 if form.get("gated") else 64
     qm = jax.device_put(quant.from_gguf_blocks(random_blocks(qtype, (n, 256), rng, 0.01), qtype, (n, 256)))
-    assert (qm.fmt, qm.min is not None) == ("int8", True)
+    assert qm.stored_form[:3] == quant.GGUF_TYPES[qtype][:3]
     x = jnp.asarray(rng.standard_normal(256), jnp.float32)
     dense = np.asarray(quant.dequantize(qm, jnp.float32))
     np.testing.assert_allclose(np.asarray(jax.jit(quant.matmul)(x[None], qm))[0], dense @ np.asarray(x), rtol=1e-4,
@@ -323,6 +327,24 @@ def test_int8_with_mins_through_the_kernel_and_xla(rng, qtype, int8_activations,
             args[field] = jnp.asarray(rng.standard_normal(n_out), jnp.float32)
     out = gemv_quant(qm, x, config=SMALL, interpret=INTERPRET, **args)
     assert _rel(np.asarray(out), np.asarray(gemv_quant_reference(qm, x, **args))) < 1e-5
+    if int8_activations and not form.get("norm"):  # x as a producer's kernel hands it over
+        xv = quant.to_int8_vector(x)
+        out = gemv_quant(qm, xv, config=SMALL, interpret=INTERPRET, **args)
+        assert _rel(np.asarray(out), np.asarray(gemv_quant_reference(qm, xv, **args))) < 1e-5
+
+
+def test_iq4_multiplies_int8_activations_only(rng):
+    # Its levels' lookup is the integer path's; float products take it as int8 holding its levels.
+    from test_gguf import random_blocks
+
+    qm = quant.from_gguf_blocks(random_blocks("IQ4_XS", (64, 256), rng, 0.01), "IQ4_XS", (64, 256))
+    x = jnp.asarray(rng.standard_normal(256), jnp.float32)
+    with pytest.raises(ValueError, match="iq4"):
+        gemv_quant(jax.device_put(qm), x, config=SMALL, interpret=INTERPRET)
+    as_int8 = jax.device_put(quant.iq4_as_int8(qm))
+    assert (as_int8.fmt, as_int8.group) == ("int8", 32)
+    out = gemv_quant(as_int8, x, config=SMALL, interpret=INTERPRET)
+    assert _rel(np.asarray(out), np.asarray(gemv_quant_reference(jax.device_put(qm), x))) < 1e-5
 
 
 @pytest.mark.parametrize("fmt,group,with_min", [("int4", 32, True), ("int8", 32, False), ("int8", None, False)])

@@ -14,6 +14,11 @@ Formats, for a matrix W (N, K) split along K into groups of `group` columns
 * ``int4``: q uint8 (N, K/2), two values per byte. Within each group, byte j
   holds column j in its low nibble and column j + group/2 in its high nibble
   (GGUF's Q4 block layout). W = scale * (q - 8), or scale * q + min with a min.
+* ``iq4``: int4's layout, each nibble a code for one of 16 levels (IQ4_LEVELS, GGUF's
+  IQ4_NL and IQ4_XS); W = scale * level. Only GGUF's blocks make it. q is held as
+  int32 words, four bytes a word, the form the GPU kernel for int8 activations
+  reads (it looks the levels up four at a time, as llama.cpp does); float
+  products take it as int8 holding its levels (`iq4_as_int8`).
 * ``fp8_e4m3`` / ``fp8_e5m2``: q float8 (N, K); W = scale * q. Each scale is the one, of a few
   candidates above absmax / the format's max, that rounds its group with the least squared error
   (`_fp8_quantize`); --quant=fp8 takes groups of 32.
@@ -22,11 +27,11 @@ scale and min have shape (N, K / group): float16 for groups (as GGUF stores
 them), float32 per channel. The GGUF block types map onto these without a
 round trip through float (`from_gguf_blocks`): Q8_0 is int8 group 32, Q4_0 int4
 group 32, Q4_1 int4 group 32 with a min, Q5_0 int8 group 32 (its 5-bit values,
--16..15), Q5_1 the same with a min (values 0..31), IQ4_NL int8 group 32 (its codes'
-levels, -127..113), bit for bit. The K-quants keep their integers too: Q4_K is
+-16..15), Q5_1 the same with a min (values 0..31), IQ4_NL iq4 group 32, bit for
+bit. The K-quants keep their integers too: Q4_K is
 int4 group 32 with a min, Q5_K int8 group 32 with a min (values 0..31), Q6_K int8
 group 16, Q3_K int8 group 16 (-4..3), Q2_K int8 group 16 with a min (0..3), IQ4_XS
-int8 group 32; their scales (a block's f16 scale times each sub-block's 4- to
+iq4 group 32; their scales (a block's f16 scale times each sub-block's 4- to
 8-bit one) are rounded to f16, a relative 2^-12 at most, some hundred times below
 the 2- to 6-bit steps themselves.
 """
@@ -54,12 +59,15 @@ DEFAULT_INT4_GROUP = 32  # SmolLM2 perplexity: +0.07% at 32, +33% at 64 (BENCHMA
 FP8_GROUP = 32
 FP8_SCALE_STEPS = 16  # candidate fp8 scales tried per group, spaced evenly over one octave
 _FP8 = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
+NIBBLE_FORMATS = ("int4", "iq4")  # two values a byte, in int4's layout
+# IQ4's 16 levels (ggml's kvalues_iq4nl): an iq4 code indexes them, so its values are these integers.
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 # GGUF block types that map onto a format: (format, group, has min, values a block, bytes a block).
 GGUF_TYPES = {
     "Q8_0": ("int8", 32, False, 32, 34),
     "Q5_0": ("int8", 32, False, 32, 22),
     "Q5_1": ("int8", 32, True, 32, 24),
-    "IQ4_NL": ("int8", 32, False, 32, 18),
+    "IQ4_NL": ("iq4", 32, False, 32, 18),
     "Q4_0": ("int4", 32, False, 32, 18),
     "Q4_1": ("int4", 32, True, 32, 20),
     "Q2_K": ("int8", 16, True, 256, 84),
@@ -67,7 +75,7 @@ GGUF_TYPES = {
     "Q4_K": ("int4", 32, True, 256, 144),
     "Q5_K": ("int8", 32, True, 256, 176),
     "Q6_K": ("int8", 16, False, 256, 210),
-    "IQ4_XS": ("int8", 32, False, 256, 136),
+    "IQ4_XS": ("iq4", 32, False, 256, 136),
 }
 
 
@@ -83,7 +91,7 @@ class QuantizedMatrix:
     of ACT_BLOCK first, so the GPU kernel multiplies integers, four products an instruction; q then holds
     its bytes as int32 words, four a word, the form that kernel reads (`q_bytes` gives the bytes back)."""
 
-    q: jax.Array  # int8 / uint8 / float8 (N, row bytes), or with int8_activations int32 (N, row bytes / 4)
+    q: jax.Array  # int8 / uint8 / float8 (N, row bytes), or int32 words (N, row bytes / 4): iq4, int8_activations
     scale: jax.Array  # (N, K // group)
     min: jax.Array | None  # (N, K // group), int4, or int8 in groups (GGUF's Q5_K); None: symmetric
     fmt: str
@@ -94,13 +102,13 @@ class QuantizedMatrix:
     @property
     def shape(self) -> tuple[int, int]:
         n, kq = self.q.shape[0], self.q.shape[1] * jnp.dtype(self.q.dtype).itemsize
-        return (n, kq * 2 if self.fmt == "int4" else kq)
+        return (n, kq * 2 if self.fmt in NIBBLE_FORMATS else kq)
 
     def q_bytes(self) -> jax.Array:
         """q as stored bytes (N, row bytes), also where it holds int32 words."""
-        if not self.int8_activations:
+        if self.q.dtype != np.int32:
             return self.q
-        byte = jnp.uint8 if self.fmt == "int4" else jnp.int8
+        byte = jnp.uint8 if self.fmt in NIBBLE_FORMATS else jnp.int8
         return lax.bitcast_convert_type(self.q, byte).reshape(self.q.shape[0], -1)
 
     @property
@@ -209,9 +217,9 @@ def to_int8_vector(x: jax.Array, norm: tuple[jax.Array, float] | None = None) ->
 
 
 def takes_int8_activations(w) -> bool:
-    """Whether `w` can multiply int8 activations: int8 per channel or in groups of ACT_BLOCK, int4 in groups
-    of ACT_BLOCK (GGUF's Q8_0, Q5_0, Q4_0, Q4_1, Q4_K and Q5_K included)."""
-    if not is_quantized(w) or w.fmt not in ("int8", "int4"):
+    """Whether `w` can multiply int8 activations: int8 per channel or in groups of ACT_BLOCK, int4 and iq4 in
+    groups of ACT_BLOCK (GGUF's Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K, IQ4_NL and IQ4_XS included)."""
+    if not is_quantized(w) or w.fmt not in ("int8", *NIBBLE_FORMATS):
         return False
     return w.group == ACT_BLOCK or (w.fmt == "int8" and w.group == w.shape[1])
 
@@ -223,13 +231,19 @@ def with_int8_activations(weights):
     def mark(w):
         if not takes_int8_activations(w) or w.int8_activations:
             return w
-        if isinstance(w.q, np.ndarray):  # a host matrix (build_weights): its words as a view of its bytes
-            words = np.ascontiguousarray(w.q).reshape(w.q.shape[0], -1, 4).view(np.int32)[..., 0]
-        else:
-            words = lax.bitcast_convert_type(w.q.reshape(w.q.shape[0], -1, 4), jnp.int32)
-        return dataclasses.replace(w, q=words, int8_activations=True)
+        return dataclasses.replace(w, q=as_words(w.q), int8_activations=True)
 
     return jax.tree.map(mark, weights, is_leaf=is_quantized)
+
+
+def as_words(q):
+    """Stored bytes (N, row bytes) as int32 words (N, row bytes / 4), the lowest byte first; words as they are.
+    A host (numpy) array gives a view of its bytes."""
+    if q.dtype == np.int32:
+        return q
+    if isinstance(q, np.ndarray):
+        return np.ascontiguousarray(q).reshape(q.shape[0], -1, 4).view(np.int32)[..., 0]
+    return lax.bitcast_convert_type(q.reshape(q.shape[0], -1, 4), jnp.int32)
 
 
 def is_quantized(w) -> bool:
@@ -370,7 +384,8 @@ def from_gguf_blocks(data: np.ndarray, qtype: str, shape: tuple[int, int], dtype
     if not all(a is None or np.isfinite(a).all() for a in (scale, mn)):
         return None
     q = q.reshape(n, -1)
-    return QuantizedMatrix(q.view(np.int8) if fmt == "int8" else q, scale, mn, fmt, group, dtype)
+    q = {"int8": lambda: q.view(np.int8), "iq4": lambda: as_words(q)}.get(fmt, lambda: q)()
+    return QuantizedMatrix(q, scale, mn, fmt, group, dtype)
 
 
 class StoredForm(NamedTuple):
@@ -389,11 +404,25 @@ def _one_form(forms: list[StoredForm]) -> bool:
     return len({(f.fmt, f.group, f.has_min) for f in forms}) == 1
 
 
+def _placed_as_stored(fmt: str, int8_activations: bool) -> bool:
+    """Whether a matrix stored in `fmt` is placed so: iq4 only where it multiplies int8 activations, whose
+    kernel looks its levels up. For float products it goes as int8 holding its levels (`iq4_as_int8`): a float
+    kernel looking them up ran slower than bf16 (Mistral-7B on an H100, 5.83 ms a token against 3.38 as Q8_0's
+    form; BENCHMARKS.md runs 17, 23). Loading and the size estimate both decide by this."""
+    return int8_activations or fmt != "iq4"
+
+
+def iq4_as_int8(w: QuantizedMatrix) -> QuantizedMatrix:
+    """An iq4 matrix as int8 in its groups: its levels as the integers, the same scales (the same values)."""
+    levels = np.asarray(IQ4_LEVELS, np.int8)[np.asarray(unpack_int4(np.asarray(w.q_bytes()), w.group))]
+    return QuantizedMatrix(levels, w.scale, None, "int8", w.group, w.dtype)
+
+
 def gguf_form(qtype: str, shape: tuple[int, int]) -> StoredForm:
     """What `from_gguf_blocks` makes of a `qtype` matrix of `shape` (the file's own bytes for Q8_0, Q4_0, Q4_1)."""
     fmt, group, has_min, _, _ = GGUF_TYPES[qtype]
     n, k = shape
-    nbytes = n * k // (2 if fmt == "int4" else 1) + n * (k // group) * 2 * (2 if has_min else 1)
+    nbytes = n * k // (2 if fmt in NIBBLE_FORMATS else 1) + n * (k // group) * 2 * (2 if has_min else 1)
     return StoredForm(fmt, group, has_min, nbytes)
 
 
@@ -426,28 +455,18 @@ def _q5_1(b: np.ndarray):
     return _five_bits(b, 4), _f16_field(b, 0), _f16_field(b, 2)
 
 
-# IQ4's 16 levels (ggml's kvalues_iq4nl): a code indexes them, so its values are these integers.
-IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
-
-
-def _iq4_values(codes: np.ndarray) -> np.ndarray:
-    """Runs of 16 bytes of 4-bit codes (low nibbles values j, high ones j + 16 of a run's 32) as int8 values."""
-    runs = codes.reshape(codes.shape[0], -1, 1, 16)
-    return IQ4_LEVELS[np.concatenate([runs & 15, runs >> 4], axis=2)].reshape(codes.shape[0], -1)
-
-
 def _iq4_nl(b: np.ndarray):
-    """d, then one run of codes; x = d level."""
-    return _iq4_values(b[:, 2:]), _f16_field(b, 0), None
+    """d, then 16 bytes of codes (low nibbles values j, high ones j + 16), as iq4 stores them; x = d level."""
+    return b[:, 2:], _f16_field(b, 0), None
 
 
 def _iq4_xs(b: np.ndarray):
     """256 values as 8 sub-blocks of 32: d, the 6-bit scales' high 2 bits (a u16), their low 4 bits (4 bytes),
-    then 8 runs of codes; x = d (scale - 32) level."""
+    then 8 sub-blocks of codes laid out as IQ4_NL's; x = d (scale - 32) level."""
     high = (b[:, 2:4].copy().view("<u2") >> np.arange(0, 16, 2, dtype=np.uint16)) & 3
     low = (b[:, 4:8, None] >> np.array([0, 4], np.uint8)).reshape(-1, 8) & 15
     scale = (low | (high.astype(np.uint8) << 4)).astype(np.float32) - 32
-    return _iq4_values(b[:, 8:]), _f16_field(b, 0) * scale, None
+    return b[:, 8:], _f16_field(b, 0) * scale, None
 
 
 def _crumbs(runs: np.ndarray) -> np.ndarray:
@@ -554,7 +573,10 @@ def map_rows(w: QuantizedMatrix, fn) -> QuantizedMatrix:
 
 
 def _values(w: QuantizedMatrix) -> jax.Array:
-    """q as f32 values before the scale: (N, K) for int8/fp8, (N, K) with the -8 offset applied for int4."""
+    """q as f32 values before the scale: (N, K) for int8/fp8, (N, K) with the -8 offset applied for int4
+    without a min, iq4's levels."""
+    if w.fmt == "iq4":
+        return jnp.asarray(IQ4_LEVELS, jnp.float32)[unpack_int4(w.q_bytes(), w.group).astype(jnp.int32)]
     if w.fmt == "int4":
         v = unpack_int4(w.q_bytes(), w.group).astype(jnp.float32)
         return v if w.min is not None else v - 8.0
@@ -634,11 +656,13 @@ def _field_form(choice: str, field: str, is_moe: bool) -> tuple[str, int | None]
 MIXED_FORM = ("int8", ACT_BLOCK)
 
 
-def load_field(choice: str, field: str, names: list[str], source, read, dtype: str, *, is_moe: bool = False):
+def load_field(choice: str, field: str, names: list[str], source, read, dtype: str, *, is_moe: bool = False,
+               int8_activations: bool = False):  # fmt: skip
     """Field `field` (its transformers tensors `names`, stacked by rows) as a host QuantizedMatrix, or None
     to load it dense: with choice "native", when every part is stored quantized in a mappable form
     (GGUF blocks of GGUF_TYPES, a quantized checkpoint), fused as stored (or in MIXED_FORM where the parts'
-    forms differ); else quantized from floats."""
+    forms differ; iq4 as int8 unless it will multiply int8 activations: _placed_as_stored); else quantized
+    from floats."""
     form = _field_form(choice, field, is_moe)
     if form is None:
         return None
@@ -650,7 +674,7 @@ def load_field(choice: str, field: str, names: list[str], source, read, dtype: s
             return None
         fused = concat_rows(parts)
         if fused is not None:
-            return fused
+            return fused if _placed_as_stored(fused.fmt, int8_activations) else iq4_as_int8(fused)
         w = np.concatenate([np.asarray(dequantize(p, jnp.float32)) for p in parts], axis=0)
         fmt, group = MIXED_FORM
     else:
@@ -659,7 +683,7 @@ def load_field(choice: str, field: str, names: list[str], source, read, dtype: s
 
 
 def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, source, dtype: str, *,
-                  is_moe: bool = False) -> int:  # fmt: skip
+                  is_moe: bool = False, int8_activations: bool = False) -> int:  # fmt: skip
     """The bytes field `field` (its tensors `names`, of `shapes`) takes on the device once loaded as
     `load_field` and build_weights load it, found without reading any weights (for parallel.check_fits)."""
     n_rows = sum(shapes[n][0] for n in names)
@@ -673,9 +697,12 @@ def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, sourc
         parts = [stored(n) for n in names]
         if None in parts:
             return dense
-        if _one_form(parts):
+        if not _one_form(parts):
+            fmt, group = MIXED_FORM
+        elif _placed_as_stored(parts[0].fmt, int8_activations):
             return sum(p.nbytes for p in parts)
-        fmt, group = MIXED_FORM
+        else:  # iq4 placed as int8 (iq4_as_int8)
+            fmt, group = "int8", parts[0].group
     one_row = quantize(np.ones((1, shapes[names[0]][1]), np.float32), fmt, group, with_min=True, dtype=dtype)
     return n_rows * one_row.nbytes
 

@@ -142,16 +142,19 @@ def check_complete(cfg: ModelConfig, source: TensorSource | None) -> None:
         raise UserError(f"missing tensor {missing[0]}{more}")
 
 
-def field_nbytes(cfg: ModelConfig, source: TensorSource | None = None, quant: str = "none") -> list[tuple[str, int]]:
-    """(field, bytes on the device) for every tensor `build_weights` would place, the whole of it (before any
-    split across devices), found from shapes and the source's metadata without reading a weight."""
+def field_nbytes(
+    cfg: ModelConfig, source: TensorSource | None = None, quant: str = "none", int8_activations: bool = False
+) -> list[tuple[str, int]]:
+    """(field, bytes on the device) for every tensor `build_weights` would place (with these `quant` and
+    `int8_activations`), the whole of it (before any split across devices), found from shapes and the source's
+    metadata without reading a weight."""
     check_complete(cfg, source)
     shapes = expected_shapes(cfg)
     fields = list(_model_names(cfg).items())
     fields += [(f, n) for i in range(cfg.n_layers) for f, n in _layer_names(cfg, i).items() if n is not None]
     return [
         (field, _quant.loaded_nbytes(quant, field, [names] if isinstance(names, str) else names, shapes, source,
-                                    cfg.dtype, is_moe=cfg.is_moe))
+                                    cfg.dtype, is_moe=cfg.is_moe, int8_activations=int8_activations))
         for field, names in fields
     ]  # fmt: skip
 
@@ -203,7 +206,8 @@ def build_weights(
             return None
         if quant not in (None, "none"):  # a quant.QuantizedMatrix in place of the dense matrix (quant.py)
             parts = [names] if isinstance(names, str) else names
-            qm = _quant.load_field(quant, field, parts, source, read, cfg.dtype, is_moe=cfg.is_moe)
+            qm = _quant.load_field(quant, field, parts, source, read, cfg.dtype, is_moe=cfg.is_moe,
+                                   int8_activations=int8_activations)  # fmt: skip
             if qm is not None:
                 qm = _quant.with_int8_activations(qm) if int8_activations else qm
                 return place(field, _quant.for_device(qm))
