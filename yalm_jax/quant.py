@@ -28,12 +28,12 @@ them), float32 per channel. The GGUF block types map onto these without a
 round trip through float (`from_gguf_blocks`): Q8_0 is int8 group 32, Q4_0 int4
 group 32, Q4_1 int4 group 32 with a min, Q5_0 int8 group 32 (its 5-bit values,
 -16..15), Q5_1 the same with a min (values 0..31), IQ4_NL iq4 group 32, bit for
-bit. The K-quants keep their integers too: Q4_K is
-int4 group 32 with a min, Q5_K int8 group 32 with a min (values 0..31), Q6_K int8
-group 16, Q3_K int8 group 16 (-4..3), Q2_K int8 group 16 with a min (0..3), IQ4_XS
-iq4 group 32; their scales (a block's f16 scale times each sub-block's 4- to
-8-bit one) are rounded to f16, a relative 2^-12 at most, some hundred times below
-the 2- to 6-bit steps themselves.
+bit. The K-quants keep their integers too: Q4_K is int4 group 32 with a min, Q5_K
+int8 group 32 with a min (values 0..31), Q6_K int8 group 16, Q3_K int8 group 16
+(-4..3), Q2_K int8 group 16 with a min (0..3), IQ4_XS iq4 group 32; their scales
+(a block's f16 scale times each sub-block's 4- to 8-bit one) are rounded to f16,
+a relative 2^-12 at most, some hundred times below the 2- to 6-bit steps
+themselves.
 """
 
 from __future__ import annotations
@@ -87,13 +87,14 @@ GGUF_TYPES = {
 @dataclasses.dataclass
 class QuantizedMatrix:
     """A quantized (N, K) matrix; `dtype` is the compute dtype it dequantizes to. With `int8_activations`
-    (int8 and int4 only: `with_int8_activations`), the vectors it multiplies are rounded to int8 in blocks
+    (int8, int4 and iq4: `with_int8_activations`), the vectors it multiplies are rounded to int8 in blocks
     of ACT_BLOCK first, so the GPU kernel multiplies integers, four products an instruction; q then holds
-    its bytes as int32 words, four a word, the form that kernel reads (`q_bytes` gives the bytes back)."""
+    its bytes as int32 words, four a word, the form that kernel reads (as iq4's always does; `q_bytes` gives
+    the bytes back)."""
 
     q: jax.Array  # int8 / uint8 / float8 (N, row bytes), or int32 words (N, row bytes / 4): iq4, int8_activations
     scale: jax.Array  # (N, K // group)
-    min: jax.Array | None  # (N, K // group), int4, or int8 in groups (GGUF's Q5_K); None: symmetric
+    min: jax.Array | None  # (N, K // group), int4, or int8 in groups (GGUF's Q5_1, Q5_K, Q2_K); None: symmetric
     fmt: str
     group: int
     dtype: str = "float32"
@@ -384,7 +385,10 @@ def from_gguf_blocks(data: np.ndarray, qtype: str, shape: tuple[int, int], dtype
     if not all(a is None or np.isfinite(a).all() for a in (scale, mn)):
         return None
     q = q.reshape(n, -1)
-    q = {"int8": lambda: q.view(np.int8), "iq4": lambda: as_words(q)}.get(fmt, lambda: q)()
+    if fmt == "int8":
+        q = q.view(np.int8)
+    elif fmt == "iq4":
+        q = as_words(q)
     return QuantizedMatrix(q, scale, mn, fmt, group, dtype)
 
 
