@@ -291,7 +291,7 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
         n_int8 = 4 if norm_out else 3
         int8_refs, refs = refs[-n_int8:], refs[:-n_int8]
     f32 = jnp.float32
-    int4 = fmt in NIBBLE_FORMATS
+    two_a_byte = fmt in NIBBLE_FORMATS  # int4's layout: each byte's two nibbles meet x's two halves of a group
     n_groups = x_ref.shape[0]
     n_chunks = pl.cdiv(n_groups, ng)
     fma = (lambda a, b, c: a * b + c) if interpret else _fma_ptx
@@ -308,7 +308,7 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
         return ref[...] if mask is None else plt.load(ref, mask=mask, other=0)
 
     def tiles(ref, g0):  # groups g0 .. g0 + ng of x (or of the norm's g) in the kernel's view; int4's two halves
-        if int4:
+        if two_a_byte:
             return [load(ref.at[pl.ds(g0, ng), jnp.int32(h)], g0) for h in (0, 1)]
         return [load(ref.at[pl.ds(g0, ng)], g0)]
 
@@ -358,7 +358,7 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
                     nibbles = _iq4_levels(q, interpret)
                 else:
                     nibbles = [q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F]
-                pairs = zip(nibbles, x_words) if int4 else [(q, x_words[0])]
+                pairs = zip(nibbles, x_words) if two_a_byte else [(q, x_words[0])]
                 dot = jnp.zeros(q.shape, jnp.int32)
                 for a, b in pairs:
                     dot = dp4a(a, b[None], dot, signed_a=fmt != "int4")
@@ -438,8 +438,8 @@ def gemv_quant(
     if w.fmt == "iq4" and not w.int8_activations:
         raise ValueError("iq4 multiplies int8 activations (quant.with_int8_activations); for float products "
                          "it is int8 holding its levels (quant.iq4_as_int8)")  # fmt: skip
-    int4 = w.fmt in NIBBLE_FORMATS
-    per_channel = w.group == k and not int4
+    two_a_byte = w.fmt in NIBBLE_FORMATS
+    per_channel = w.group == k and not two_a_byte
     act8 = w.int8_activations
     n_out = n // 2 if gated else n
     bn, bk, num_warps, num_stages = config or CONFIGS.get((config_kind(w), n_out, k, gated), DEFAULT_CONFIG)
@@ -451,20 +451,21 @@ def gemv_quant(
     # is ng groups, bk stored bytes or the whole row if less; where ng does not divide the groups, the last
     # chunk is masked (SmolLM2's 576 columns: one chunk of 32 groups of 32, 18 of them real).
     group = ACT_BLOCK if act8 else _pow2_divisor(k, bk) if per_channel else w.group
-    stored = group // 2 if int4 else group
+    stored = group // 2 if two_a_byte else group
     ng = min(max(1, bk // stored), pl.next_power_of_2(k // group))
 
     if act8:  # with_int8_activations' int32 words; x as (blocks, [halves,] words, 4), a word's values side by side
         q = w.q.reshape(n, k // group, stored // 4)
-        view = (lambda v: v.reshape(-1, 2, ACT_BLOCK // 8, 4)) if int4 else (lambda v: v.reshape(-1, ACT_BLOCK // 4, 4))
+        words = (2, ACT_BLOCK // 8) if two_a_byte else (ACT_BLOCK // 4,)
+        view = lambda v: v.reshape(-1, *words, 4)  # noqa: E731
     else:
         q = w.q_bytes().reshape(n, k // group, stored)
-        view = (lambda v: v.reshape(-1, 2, group // 2)) if int4 else (lambda v: v.reshape(-1, group))
+        view = (lambda v: v.reshape(-1, 2, group // 2)) if two_a_byte else (lambda v: v.reshape(-1, group))
     # A normed Int8Vector: its integers hold the norm's weight already; the kernel takes 1 / rms(x) from its sums.
     normed_vector = x_rounded and x.sumsq is not None
     eps = x.eps if normed_vector else float(norm[1]) if norm is not None else 0.0
     if x_rounded:  # its words as (blocks, [halves,] words), as _int8_blocks would make them
-        xs = [x.words.reshape(-1, 2, ACT_BLOCK // 8) if int4 else x.words.reshape(-1, ACT_BLOCK // 4), x.scale, x.qsum]
+        xs = [x.words.reshape(-1, *words), x.scale, x.qsum]
         xs += [x.sumsq] if normed_vector else []
     else:
         xs = [view(x)] + ([view(norm[0].astype(x.dtype))] if norm is not None else [])

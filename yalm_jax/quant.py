@@ -109,7 +109,9 @@ class QuantizedMatrix:
         """q as stored bytes (N, row bytes), also where it holds int32 words."""
         if self.q.dtype != np.int32:
             return self.q
-        byte = jnp.uint8 if self.fmt in NIBBLE_FORMATS else jnp.int8
+        byte = np.uint8 if self.fmt in NIBBLE_FORMATS else np.int8
+        if isinstance(self.q, np.ndarray):  # a host matrix: a view, as as_words made its words
+            return np.ascontiguousarray(self.q).view(byte)
         return lax.bitcast_convert_type(self.q, byte).reshape(self.q.shape[0], -1)
 
     @property
@@ -418,8 +420,14 @@ def _placed_as_stored(fmt: str, int8_activations: bool) -> bool:
 
 def iq4_as_int8(w: QuantizedMatrix) -> QuantizedMatrix:
     """An iq4 matrix as int8 in its groups: its levels as the integers, the same scales (the same values)."""
-    levels = np.asarray(IQ4_LEVELS, np.int8)[np.asarray(unpack_int4(np.asarray(w.q_bytes()), w.group))]
-    return QuantizedMatrix(levels, w.scale, None, "int8", w.group, w.dtype)
+    return QuantizedMatrix(_iq4_levels(w), w.scale, None, "int8", w.group, w.dtype)
+
+
+def _iq4_levels(w: QuantizedMatrix):
+    """An iq4 matrix's levels (N, K) as int8, in numpy for a host matrix, else jnp."""
+    codes = unpack_int4(w.q_bytes(), w.group)
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    return xp.asarray(IQ4_LEVELS, np.int8)[codes.astype(np.int32)]
 
 
 def gguf_form(qtype: str, shape: tuple[int, int]) -> StoredForm:
@@ -580,7 +588,7 @@ def _values(w: QuantizedMatrix) -> jax.Array:
     """q as f32 values before the scale: (N, K) for int8/fp8, (N, K) with the -8 offset applied for int4
     without a min, iq4's levels."""
     if w.fmt == "iq4":
-        return jnp.asarray(IQ4_LEVELS, jnp.float32)[unpack_int4(w.q_bytes(), w.group).astype(jnp.int32)]
+        return _iq4_levels(w).astype(jnp.float32)
     if w.fmt == "int4":
         v = unpack_int4(w.q_bytes(), w.group).astype(jnp.float32)
         return v if w.min is not None else v - 8.0
