@@ -62,8 +62,8 @@ from pallas_kernels.gemv import (
 )
 from yalm_jax.quant import ACT_BLOCK, IQ4_LEVELS, NIBBLE_FORMATS, Int8Vector, is_quantized, round_activations
 
-# (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind from
-# `config_kind`. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4, sweep:fp8_e4m3,
+# (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind the first of
+# `config_kinds` that has the shape. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4, sweep:fp8_e4m3,
 # sweep:int8_g32, sweep:int8_a8, sweep:int4_a8, sweep:int8_g32_a8) on one H100 80GB HBM3, ranked by the GPU's
 # own kernel times: int8 per channel and int4 2026-11-25 (run 5), the int8 activations' 2026-11-26 (run 8), 8-bit
 # weights in groups 2026-11-26 (run 15: fp8 and Q8_0's form had run on the per-channel tiles; decodes fp8 3.418
@@ -120,6 +120,12 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("4bit_a8", 1536, 576, True): (4, 2048, 8, 2),
     ("4bit_a8", 576, 1536, False): (8, 2048, 8, 2),
     ("4bit_a8", 49152, 576, False): (16, 512, 4, 2),
+    # iq4's lookups (more instructions a word than int4's) want shorter chunks on w13 (which rounds h for w2),
+    # w2 (reading it) and the output: sweep:iq4_a8 and sweep:iq4_a8:mistral_int8_h 2026-11-27, decodes 2.389 ->
+    # 2.187 ms a token (H100; KERNEL_NOTES.md run 25). Elsewhere it takes int4's.
+    ("iq4_a8", 14336, 4096, True): (32, 512, 4, 2),
+    ("iq4_a8", 4096, 14336, False): (4, 2048, 4, 2),
+    ("iq4_a8", 32000, 4096, False): (16, 512, 4, 2),
 }
 
 
@@ -144,15 +150,23 @@ def rounds_output_for(w, next_w, gated: bool = False) -> bool:
     return w.shape[0] // (2 if gated else 1) // ACT_BLOCK >= MIN_INT8_OUT_PROGRAMS
 
 
-def config_kind(w) -> str:
-    """CONFIGS' first key for a QuantizedMatrix w: its kernel path. int4; 8-bit weights (int8 or fp8) with a
-    scale a row, or in groups (each group's sum scaled apart); and whether the products are integer (int8
-    activations)."""
+def config_kinds(w) -> tuple[str, ...]:
+    """CONFIGS' first keys for a QuantizedMatrix w, the most particular first: its kernel path (int4's layout;
+    8-bit weights (int8 or fp8) with a scale a row, or in groups, each group's sum scaled apart; and whether
+    the products are integer: int8 activations), and for iq4 first its own (int4's path with lookups)."""
     if w.fmt in NIBBLE_FORMATS:
         kind = "4bit"
     else:
         kind = "8bit" if w.group == w.shape[1] else "8bit_groups"
-    return kind + ("_a8" if w.int8_activations else "")
+    kind += "_a8" if w.int8_activations else ""
+    return ("iq4_a8", kind) if w.fmt == "iq4" else (kind,)
+
+
+def config_for(w, n_out: int, k: int, gated: bool) -> tuple[int, int, int, int]:
+    """The tile of w's kernel for `n_out` outputs of `k` columns: CONFIGS' for the first of w's kinds that
+    has it, else DEFAULT_CONFIG."""
+    keys = [(kind, n_out, k, gated) for kind in config_kinds(w)]
+    return next((CONFIGS[key] for key in keys if key in CONFIGS), DEFAULT_CONFIG)
 
 
 def _values(q, fmt: str, symmetric: bool) -> list:
@@ -186,19 +200,19 @@ def _prmt_jnp(a, b, c):
 
 
 def _iq4_levels(q, interpret: bool) -> list:
-    """iq4's words of codes (byte j: codes 2j and 2j + 1 in its low and high nibbles) to [the low nibbles'
-    levels, the high nibbles'], int8 four to a word, as int4's nibbles (q & 0x0F0F0F0F, q >> 4 & ...) are laid
-    out. prmt picks each code's level from IQ4_LEVELS' first and second eight by its low three bits, a third
-    picks between the two by its fourth, and two more sort the bytes (llama.cpp's get_int_from_table_16)."""
+    """iq4's words of codes (quant.iq4_words: the low half-word's four nibbles meet x's first half of a block,
+    the high half-word's its second) to [the first four codes' levels, the last four's], int8 four to a word,
+    as int4's nibbles (q & 0x0F0F0F0F, q >> 4 & ...) are laid out. prmt picks each code's level from
+    IQ4_LEVELS' first and second eight by its low three bits, and a third picks between the two by its fourth
+    (llama.cpp's get_int_from_table_16, less its two sorting prmts: iq4's words come sorted)."""
     prmt = _prmt_jnp if interpret else _prmt_ptx
     table = [jnp.full((), w, jnp.int32) for w in _table_words(IQ4_LEVELS)]
     low3 = q & 0x77777777
     pick = ((q >> 1) & 0x44444444) | 0x32103210  # a code's fourth bit selects the second eight's byte
-    codes4 = [
+    return [
         prmt(prmt(table[0], table[1], sel), prmt(table[2], table[3], sel), which)
         for sel, which in ((low3, pick), (low3 >> 16, pick >> 16))
-    ]  # the levels of codes 0-3 and 4-7, in code order
-    return [prmt(codes4[0], codes4[1], 0x6420), prmt(codes4[0], codes4[1], 0x7531)]
+    ]
 
 
 def _ptx(instruction: str, dtype, *args):
@@ -442,7 +456,7 @@ def gemv_quant(
     per_channel = w.group == k and not two_a_byte
     act8 = w.int8_activations
     n_out = n // 2 if gated else n
-    bn, bk, num_warps, num_stages = config or CONFIGS.get((config_kind(w), n_out, k, gated), DEFAULT_CONFIG)
+    bn, bk, num_warps, num_stages = config or config_for(w, n_out, k, gated)
     bn = _pow2_divisor(n_out, max(bn, ACT_BLOCK) if int8_out else bn)
     if int8_out and bn % ACT_BLOCK:
         raise ValueError(f"int8_out needs a row count divisible by {ACT_BLOCK}, got {n_out}")

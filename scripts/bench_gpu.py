@@ -748,7 +748,7 @@ def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
     """A random QuantizedMatrix of `shape` in `fmt`, in the form --quant makes (values don't set the speed;
     the bytes do): int4 and fp8 in groups of 32 with f16 scales, int8 with an f32 scale a row; "int4_min" is
     int4 with an f16 min a group too (GGUF's Q4_1, the form SmolLM2 ships in), "int8_g32" int8 in groups of 32
-    with f16 scales (GGUF's Q8_0), "iq4" GGUF's IQ4_NL / IQ4_XS form (int4's bytes as words, codes for levels,
+    with f16 scales (GGUF's Q8_0), "iq4" GGUF's IQ4_NL / IQ4_XS form (random words of codes for levels,
     f16 scales in groups of 32)."""
     from yalm_jax.quant import DEFAULT_INT4_GROUP, FP8_GROUP, GGUF_TYPES, QuantizedMatrix, as_words
 
@@ -859,8 +859,8 @@ LLAMA_QUANTIZE = os.environ.get("LLAMA_QUANTIZE")
 # no min: Q4_0's own bytes), both with int8 activations, as llama.cpp multiplies them; Q4_1 beside SmolLM2's
 # int4 with mins, as the default chat runs its shipped Q4_1 file (float products; the part's int4_min_a8 row
 # multiplies int8 activations, as llama.cpp does).
-# Q4_K_M and Q3_K_M (llama-quantize's own mixes, not --pure) are timed on our side from the same file (part
-# "same_file": part_same_file), with their blocks kept (--quant=native) and int8 activations.
+# Q4_K_M, Q3_K_M and IQ4_XS (llama-quantize's own mixes, not --pure) are timed on our side from the same file
+# (part "same_file": part_same_file), with their blocks kept (--quant=native) and int8 activations.
 PEER_RUNS = [
     ("mistral7b", "f16", "mistral", "ctx128_pallas", "ctx4096_pallas", 64),
     ("smollm2", "f32", "smollm2", "float32_pallas_steps256", None, 256),
@@ -870,6 +870,7 @@ PEER_RUNS = [
     ("smollm2", "q4_1", "quant_smollm2", "int4_min", None, 128),
     ("mistral7b", "q4_k_m", "same_file", "q4_k_m_native_a8", None, 64),
     ("mistral7b", "q3_k_m", "same_file", "q3_k_m_native_a8", None, 64),
+    ("mistral7b", "iq4_xs", "same_file", "iq4_xs_native_a8", None, 64),
 ]
 # PEER_RUNS_ONLY=smollm2_q4_1,... runs just those (shape_gtype), to fit the build and the runs in one call.
 PEER_RUNS_ONLY = [r for r in os.environ.get("PEER_RUNS_ONLY", "").split(",") if r]
@@ -929,7 +930,7 @@ def part_llama_cpp(res, roof, smoke, gguf_dir):
     os.makedirs(gguf_dir, exist_ok=True)
     runs = PEER_RUNS[1:2] if smoke else [r for r in PEER_RUNS if not PEER_RUNS_ONLY or f"{r[0]}_{r[1]}" in PEER_RUNS_ONLY]
     for shape, gtype, part, key0, key4096, n_gen in runs:
-        if not gtype.startswith("q"):
+        if gtype in ("f16", "f32"):
             path = _random_gguf(gguf_dir, shape, gtype)
         elif not (LLAMA_QUANTIZE and os.path.exists(LLAMA_QUANTIZE)):
             add_row(f"{shape} {gtype.upper()}", "llama.cpp", note="not run: set LLAMA_QUANTIZE to llama-quantize")

@@ -223,7 +223,7 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         elif dense:
             grid = GRIDS["dense" if k > 1024 else "dense_small_k"]
         else:
-            grid = GRIDS["int4" if fmt.startswith("int4") else "int8"]
+            grid = GRIDS["int4" if fmt.startswith(("int4", "iq4")) else "int8"]
         probe, *_ = _gemv_inputs(n, k, form, 1, fmt)
         nbytes = probe[0].nbytes if not dense else n * k * jnp.dtype(probe[0].dtype).itemsize
         copies = 2 if smoke else max(4, min(64, int(1.5e9 // nbytes)))
@@ -266,7 +266,7 @@ def phase_sweep(smoke, roof, fmt="bfloat16", shapes="mistral"):
         if dense:
             gemv_mod.CONFIGS[(n_out, k, gated)] = b
         else:
-            kind = gemv_quant.config_kind(probe[0])
+            kind = gemv_quant.config_kinds(probe[0])[0]
             gemv_quant.CONFIGS[(kind, n_out, k, gated)] = b
         xla_note = ""
         if dense:  # XLA's dot on the same stream of weights.

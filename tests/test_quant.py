@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention_reference, decode_attention_update
-from pallas_kernels.gemv_quant import gemv_quant, gemv_quant_reference
+from pallas_kernels.gemv_quant import (
+    CONFIGS,
+    DEFAULT_CONFIG,
+    config_for,
+    config_kinds,
+    gemv_quant,
+    gemv_quant_reference,
+)
 from yalm_jax import model, ops, quant
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -444,10 +452,11 @@ def test_only_a_kernel_on_the_integer_path_rounds_its_output(rng):
     assert not rounds_output_for(int4_a8, quant.quantize(_weights(rng, 64, 64), "int4", 32), gated=True)
 
 
-def test_config_kind_names_the_kernel_path(rng):
+def test_config_kinds_name_the_kernel_path(rng):
     # Tiles are looked up by the kernel's path, not the format: fp8 and GGUF's Q8_0 form share the grouped 8-bit
-    # path, int8 and fp8 with one scale a row the per-channel one; every kind in CONFIGS is one of them.
-    from pallas_kernels.gemv_quant import CONFIGS, config_kind
+    # path, int8 and fp8 with one scale a row the per-channel one; iq4 has tiles of its own before int4's; every
+    # kind in CONFIGS is one of them.
+    from test_gguf import random_blocks
 
     w = _weights(rng, 64, 256)
     cases = {("int8", None): "8bit", ("fp8_e4m3", None): "8bit", ("int8", 32): "8bit_groups",
@@ -456,10 +465,21 @@ def test_config_kind_names_the_kernel_path(rng):
     for (fmt, group), kind in cases.items():
         qm = quant.quantize(w, fmt, group)
         a8 = quant.with_int8_activations(qm)
-        got = (config_kind(qm), config_kind(a8))
-        assert got == (kind, kind + "_a8" if a8.int8_activations else kind), (fmt, group, got)
-        kinds.update(got)
+        got = (config_kinds(qm), config_kinds(a8))
+        assert got == ((kind,), (kind + "_a8" if a8.int8_activations else kind,)), (fmt, group, got)
+        kinds.update(got[0] + got[1])
+    iq4 = quant.from_gguf_blocks(random_blocks("IQ4_NL", (64, 256), rng), "IQ4_NL", (64, 256))
+    assert config_kinds(quant.with_int8_activations(iq4)) == ("iq4_a8", "4bit_a8")
+    kinds.add("iq4_a8")
     assert {key[0] for key in CONFIGS} <= kinds
+    # Where iq4 has no tile of its own for a shape it takes int4's; with neither, DEFAULT_CONFIG.
+    shape = (64, 256, False)
+    monkey = {("4bit_a8", *shape): (8, 128, 4, 2)}
+    with mock.patch.dict(CONFIGS, monkey):
+        assert config_for(quant.with_int8_activations(iq4), *shape) == (8, 128, 4, 2)
+        with mock.patch.dict(CONFIGS, {("iq4_a8", *shape): (16, 64, 4, 2)}):
+            assert config_for(quant.with_int8_activations(iq4), *shape) == (16, 64, 4, 2)
+    assert config_for(quant.with_int8_activations(iq4), *shape) == DEFAULT_CONFIG
 
 
 @pytest.mark.parametrize("fmt,group", [("fp8_e4m3", 32), ("int4", 64), ("int8", 64)])

@@ -14,11 +14,15 @@ Formats, for a matrix W (N, K) split along K into groups of `group` columns
 * ``int4``: q uint8 (N, K/2), two values per byte. Within each group, byte j
   holds column j in its low nibble and column j + group/2 in its high nibble
   (GGUF's Q4 block layout). W = scale * (q - 8), or scale * q + min with a min.
-* ``iq4``: int4's layout, each nibble a code for one of 16 levels (IQ4_LEVELS, GGUF's
-  IQ4_NL and IQ4_XS); W = scale * level. Only GGUF's blocks make it. q is held as
-  int32 words, four bytes a word, the form the GPU kernel for int8 activations
-  reads (it looks the levels up four at a time, as llama.cpp does); float
-  products take it as int8 holding its levels (`iq4_as_int8`).
+* ``iq4``: q int32 (N, K/8), each nibble a code for one of 16 levels (IQ4_LEVELS,
+  GGUF's IQ4_NL and IQ4_XS); W = scale * level. Only GGUF's blocks make it. Within
+  each group, word w holds int4's bytes 4w .. 4w + 3 with their nibbles sorted:
+  columns 4w .. 4w + 3 in its low half-word, group/2 + 4w .. group/2 + 4w + 3 in
+  its high one, a nibble each, the lowest first (`iq4_words`). The GPU kernel
+  for int8 activations looks four levels up at a time (as llama.cpp does), and
+  in this order each lookup gives the four levels that meet one word of x with
+  no sorting after it; float products take iq4 as int8 holding its levels
+  (`iq4_as_int8`).
 * ``fp8_e4m3`` / ``fp8_e5m2``: q float8 (N, K); W = scale * q. Each scale is the one, of a few
   candidates above absmax / the format's max, that rounds its group with the least squared error
   (`_fp8_quantize`); --quant=fp8 takes groups of 32.
@@ -390,7 +394,7 @@ def from_gguf_blocks(data: np.ndarray, qtype: str, shape: tuple[int, int], dtype
     if fmt == "int8":
         q = q.view(np.int8)
     elif fmt == "iq4":
-        q = as_words(q)
+        q = iq4_words(q)
     return QuantizedMatrix(q, scale, mn, fmt, group, dtype)
 
 
@@ -423,11 +427,26 @@ def iq4_as_int8(w: QuantizedMatrix) -> QuantizedMatrix:
     return QuantizedMatrix(_iq4_levels(w), w.scale, None, "int8", w.group, w.dtype)
 
 
+def iq4_words(packed: np.ndarray) -> np.ndarray:
+    """Codes in int4's layout (N, K/2 bytes, as GGUF's IQ4 blocks hold them) as iq4's words: each word's
+    nibbles sorted, its bytes' low nibbles into its low half-word, their high ones into its high half-word."""
+    b = np.ascontiguousarray(packed).reshape(packed.shape[0], -1, 2)  # byte pairs: codes (j, j + G/2), (j + 1, ...)
+    low, high = b & 15, b >> 4
+    out = np.stack([low[..., 0] | low[..., 1] << 4, high[..., 0] | high[..., 1] << 4], axis=-1)  # (N, K/4, 2)
+    return as_words(out.reshape(packed.shape[0], -1, 2, 2).transpose(0, 1, 3, 2).reshape(packed.shape))
+
+
+# Each byte of iq4's words (two codes) to their two levels, the lower nibble's first.
+_IQ4_PAIRS = np.array([[IQ4_LEVELS[b & 15], IQ4_LEVELS[b >> 4]] for b in range(256)], np.int8)
+
+
 def _iq4_levels(w: QuantizedMatrix):
     """An iq4 matrix's levels (N, K) as int8, in numpy for a host matrix, else jnp."""
-    codes = unpack_int4(w.q_bytes(), w.group)
-    xp = np if isinstance(codes, np.ndarray) else jnp
-    return xp.asarray(IQ4_LEVELS, np.int8)[codes.astype(np.int32)]
+    xp = np if isinstance(w.q, np.ndarray) else jnp
+    n, k = w.shape
+    levels = xp.asarray(_IQ4_PAIRS)[w.q_bytes()]  # (N, K/2, 2): each word's eight codes' levels in nibble order
+    # (N, groups, words, [low half-word, high], 4) to columns: the halves of a group, each its words' in turn
+    return levels.reshape(n, k // w.group, w.group // 8, 2, 4).transpose(0, 1, 3, 2, 4).reshape(n, k)
 
 
 def gguf_form(qtype: str, shape: tuple[int, int]) -> StoredForm:
