@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as QT
 
 from yalm_jax.errors import UserError
 from yalm_jax.loading import load_model
-from yalm_jax.loading.gguf import SUPPORTED_QUANTS, is_gguf, open_gguf
+from yalm_jax.loading.gguf import SUPPORTED_QUANTS, is_gguf, open_gguf, read_gguf
 from yalm_jax.model import forward, init_cache
 
 # ---- writing small GGUF files ------------------------------------------------------------------
@@ -548,9 +548,46 @@ def test_corrupt_magic_is_a_user_error(tmp_path):
 
 
 def test_garbage_after_magic_is_a_user_error(tmp_path):
-    bad = tmp_path / "garbage.gguf"
-    bad.write_bytes(b"GGUF" + np.random.default_rng().integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    _one_line_user_error(lambda: load_model(str(bad)), str(bad))
+    rng = np.random.default_rng()
+    for version in (b"", (3).to_bytes(4, "little")):  # a random version, and garbage after a valid one
+        bad = tmp_path / "garbage.gguf"
+        bad.write_bytes(b"GGUF" + version + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        _one_line_user_error(lambda: load_model(str(bad)), str(bad))
+
+
+def test_read_gguf_matches_gguf_reader(tmp_path):
+    # read_gguf parses the header itself (gguf.GGUFReader took most of a load's time): every value type GGUF
+    # has, arrays of numbers, strings and bools, and tensors of several types, against gguf's own reader.
+    rng = np.random.default_rng()
+    w = gguf.GGUFWriter(str(tmp_path / "all.gguf"), "llama")
+    ints = {"uint8": (0, 256), "int8": (-128, 128), "uint16": (0, 1 << 16), "int16": (-(1 << 15), 1 << 15),
+            "uint32": (0, 1 << 32), "int32": (-(1 << 31), 1 << 31), "uint64": (0, 1 << 62), "int64": (-(1 << 62), 1 << 62)}  # fmt: skip
+    for kind, (lo, hi) in ints.items():
+        getattr(w, f"add_{kind}")(f"t.{kind}", int(rng.integers(lo, hi)))
+    w.add_float32("t.float32", float(rng.standard_normal()))
+    w.add_float64("t.float64", float(rng.standard_normal()))
+    w.add_bool("t.bool", bool(rng.integers(2)))
+    w.add_string("t.string", "".join(rng.choice(list("aé字 \n<>"), 20)))
+    w.add_array("t.ints", rng.integers(-1000, 1000, 50).tolist())
+    w.add_array("t.floats", rng.standard_normal(50).astype(np.float32).tolist())
+    w.add_array("t.strings", [f"tok{i}é" * int(rng.integers(0, 4)) for i in range(300)])
+    w.add_array("t.bools", rng.integers(0, 2, 9).astype(bool).tolist())
+    w.add_tensor("f32", rng.standard_normal((3, 64)).astype(np.float32))
+    w.add_tensor("f16", rng.standard_normal((5, 32)).astype(np.float16))
+    blocks = random_blocks("Q8_0", (4, 64), rng)
+    w.add_tensor("q8_0", blocks, raw_shape=blocks.shape, raw_dtype=QT.Q8_0)
+    w.add_tensor("vector", rng.standard_normal(7).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got, want = read_gguf(str(tmp_path / "all.gguf")), gguf.GGUFReader(str(tmp_path / "all.gguf"))
+    assert got.metadata == {k: f.contents() for k, f in want.fields.items() if not k.startswith("GGUF.")}
+    assert [t.name for t in got.tensors] == [t.name for t in want.tensors] == ["f32", "f16", "q8_0", "vector"]
+    for t, ref in zip(got.tensors, want.tensors):
+        assert t.tensor_type == ref.tensor_type and t.shape == tuple(reversed(ref.shape.tolist()))
+        np.testing.assert_array_equal(t.data.reshape(-1), np.asarray(ref.data).view(np.uint8).reshape(-1))
+    np.testing.assert_array_equal(got.tensors[2].data, blocks)
 
 
 def test_unsupported_architecture_is_a_user_error(tmp_path):

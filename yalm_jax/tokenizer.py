@@ -294,11 +294,11 @@ def sentencepiece_bpe(
 
 
 def tokenizer_from_gguf(meta: dict | str | os.PathLike) -> Tokenizer:
-    """A tokenizer from a GGUF file's path, or from its metadata as `loading.gguf.read_metadata` returns it."""
+    """A tokenizer from a GGUF file's path, or from its metadata (`loading.gguf.read_gguf(path).metadata`)."""
     if not isinstance(meta, dict):
-        from yalm_jax.loading.gguf import _open_reader, read_metadata
+        from yalm_jax.loading.gguf import read_gguf
 
-        meta = read_metadata(_open_reader(os.fspath(meta)))
+        meta = read_gguf(os.fspath(meta)).metadata
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:

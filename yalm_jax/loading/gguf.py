@@ -1,6 +1,7 @@
 """GGUF files (llama.cpp's format): metadata to a config, tensors dequantized on demand.
 
-`open_gguf` reads the file memory-mapped with `gguf.GGUFReader`, builds the
+`open_gguf` reads the file's header (`read_gguf`: its metadata and tensor
+table, the tensors' bytes memory-mapped), builds the
 `ModelConfig` from the metadata and the tokenizer from the vocabulary, and
 returns a `GGUFSource` that serves each tensor under its transformers name, in
 transformers' (out, in) layout, as float32: dequantized with
@@ -12,8 +13,12 @@ A stacked expert tensor (blk.N.ffn_*_exps) is served one expert at a time.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import math
+import mmap
 import re
+import struct
+from typing import Any
 
 import numpy as np
 
@@ -116,13 +121,14 @@ class GGUFSource:
     """Tensors of a GGUF file under transformers' names, dequantized lazily to float32."""
 
     def __init__(
-        self, path: str, reader, n_heads: int, n_kv_heads: int, arch: str = "llama", norm_offset: float = 0.0
-    ):
+        self, path: str, tensors: list[GGUFTensor], n_heads: int, n_kv_heads: int, arch: str = "llama",
+        norm_offset: float = 0.0,
+    ):  # fmt: skip
         self._path = path
         self._tensors = {}  # transformers name -> (GGUF tensor, expert index or None)
         self._heads = {}
         self._norm_offset = norm_offset
-        for t in reader.tensors:
+        for t in tensors:
             name = hf_name(t.name, arch)
             pattern = hf_expert_pattern(t.name)
             if name is None and pattern is None:
@@ -132,9 +138,8 @@ class GGUFSource:
                     f"{path}: tensor {t.name} has quantization type {t.tensor_type.name}, which is not supported; "
                     f"supported: {', '.join(SUPPORTED_QUANTS)}"
                 )
-            if pattern is not None:
-                # GGUF dims run fastest-first, so the expert axis is the last one; t.data has it first.
-                for e in range(int(t.shape[-1])):
+            if pattern is not None:  # the expert axis first
+                for e in range(t.shape[0]):
                     self._tensors[pattern.format(e=e)] = (t, e)
                 continue
             self._tensors[name] = (t, None)
@@ -160,8 +165,7 @@ class GGUFSource:
         t, expert = self._tensors[name]
         if t.tensor_type.name not in quant.GGUF_TYPES or len(t.shape) != 2 or expert is not None:
             return None
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w = quant.from_gguf_blocks(np.asarray(t.data), t.tensor_type.name, shape, dtype)
+        w = quant.from_gguf_blocks(t.data, t.tensor_type.name, t.shape, dtype)
         if w is not None and name in self._heads:  # the same row order as `get`: permute whole rows of blocks
             w = quant.map_rows(w, lambda a: unpermute_rows(a, self._heads[name]))
         return w
@@ -173,16 +177,14 @@ class GGUFSource:
         t, expert = self._tensors[name]
         if t.tensor_type.name not in quant.GGUF_TYPES or len(t.shape) != 2 or expert is not None:
             return None
-        return quant.gguf_form(t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())))
+        return quant.gguf_form(t.tensor_type.name, t.shape)
 
     def get(self, name: str) -> np.ndarray:
         from gguf import quants
 
         t, expert = self._tensors[name]
         qtype = t.tensor_type.name
-        # GGUF lists dimensions fastest-first: (in, out) for a matrix, i.e. numpy's (out, in) reversed.
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        data = np.asarray(t.data)
+        shape, data = t.shape, t.data
         if expert is not None:  # one expert's rows of a stacked tensor: only its bytes are read
             shape, data = shape[1:], data.reshape(shape[0], -1)[expert]
         try:
@@ -201,27 +203,17 @@ class GGUFSource:
         return w
 
 
-def read_metadata(reader) -> dict:
-    """Every key-value field as a Python value (arrays as lists)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
-    return meta
-
-
-def _rope_scaling(meta: dict, arch: str, reader, head_dim: int, rope_theta: float) -> RopeScaling | None:
+def _rope_scaling(meta: dict, arch: str, tensors: list[GGUFTensor], head_dim: int, rope_theta: float) -> RopeScaling | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
         raise UserError(f"unsupported GGUF rope scaling type {kind!r}; supported: llama3 (rope_freqs)")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    freqs = next((t for t in tensors if t.name == "rope_freqs.weight"), None)
     if freqs is None:
         return None
     # llama.cpp stores Llama 3.x frequency scaling as per-frequency divisors; find the llama3 parameters behind them.
     from gguf import quants
 
-    factors = np.asarray(quants.dequantize(np.asarray(freqs.data), freqs.tensor_type), np.float64).reshape(-1)
+    factors = np.asarray(quants.dequantize(freqs.data, freqs.tensor_type), np.float64).reshape(-1)
     factor = float(factors.max())
     ctx = int(meta.get(f"{arch}.context_length", 8192))
     for original in dict.fromkeys((8192, 4096, 2048, 16384, 32768, ctx)):
@@ -240,7 +232,7 @@ def _rope_scaling(meta: dict, arch: str, reader, head_dim: int, rope_theta: floa
     raise UserError("the GGUF file's rope_freqs do not match Llama 3 rope scaling; not supported")
 
 
-def _config(meta: dict, reader, dtype: str, tensor_names: set[str]) -> ModelConfig:
+def _config(meta: dict, tensors: list[GGUFTensor], dtype: str) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(
@@ -260,8 +252,9 @@ def _config(meta: dict, reader, dtype: str, tensor_names: set[str]) -> ModelConf
         meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or dim // n_heads
     )
     rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab = meta.get(f"{arch}.vocab_size") or (int(embd.shape[1]) if embd is not None else None)
+    tensor_names = {t.name for t in tensors}
+    embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
+    vocab = meta.get(f"{arch}.vocab_size") or (embd.shape[0] if embd is not None else None)
     vocab = vocab or len(meta.get("tokenizer.ggml.tokens") or ())
     n_layers = int(need("block_count"))
     return ModelConfig(
@@ -278,7 +271,7 @@ def _config(meta: dict, reader, dtype: str, tensor_names: set[str]) -> ModelConf
         max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
         tie_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
-        rope_scaling=_rope_scaling(meta, arch, reader, head_dim, rope_theta),
+        rope_scaling=_rope_scaling(meta, arch, tensors, head_dim, rope_theta),
         dtype=dtype,
         n_experts=int(meta.get(f"{arch}.expert_count") or 0),
         n_experts_per_tok=int(meta.get(f"{arch}.expert_used_count") or 0),
@@ -310,33 +303,106 @@ def _gemma3(meta: dict, n_layers: int, dim: int, n_heads: int, head_dim: int) ->
     )
 
 
-def _open_reader(path: str):
-    from gguf import GGUFReader
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy's order: GGUF lists dimensions fastest-first, (in, out) for a matrix
+    data: np.ndarray  # its bytes, memory-mapped, (*shape[:-1], bytes a row)
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+    metadata: dict  # every key-value field as a Python value, arrays as lists
+    tensors: list[GGUFTensor]
+
+
+class _Cursor:
+    """Little-endian reads through a GGUF header (GGUF v2 / v3: 64-bit counts and lengths)."""
+
+    # GGUF's value types: the scalars by struct format, numeric arrays by numpy dtype; 8 string, 9 array.
+    SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    STRING, ARRAY = 8, 9
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str):
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("a string runs past the end of the file")
+        self.pos += n
+        return str(self.buf[self.pos - n : self.pos], "utf-8")
+
+    def value(self, vtype: int):
+        if vtype == self.STRING:
+            return self.string()
+        if vtype != self.ARRAY:
+            return self.scalar(self.SCALARS[vtype])
+        itype, count = self.scalar("<I"), self.scalar("<Q")
+        if itype in self.SCALARS and itype != 7:  # numbers in one read (a vocabulary's scores and types)
+            a = np.frombuffer(self.buf, np.dtype(self.SCALARS[itype]), count, self.pos)
+            self.pos += a.nbytes
+            return a.tolist()
+        return [self.value(itype) for _ in range(count)]
+
+
+def read_gguf(path: str) -> GGUFFile:
+    """A GGUF file's metadata and tensor table, its tensors' bytes mapped, not read. Parsed here rather than by
+    gguf.GGUFReader, which makes numpy views of every vocabulary entry: SmolLM2's header took it 1.8 s and Gemma
+    3's (262,144 tokens) 8.6 s on the 2-core CPU, most of their whole load."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if not is_gguf(path):
         raise UserError(f"{path}: not a GGUF file (bad magic bytes)")
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    cur = _Cursor(buf)
+    cur.pos = len(GGUF_MAGIC)
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        raise UserError(f"{path}: GGUF version {version} is not supported (2 and 3 are; the file may be corrupt)")
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # GGUFReader raises ValueError, IndexError, struct errors... on damaged files
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable GGUF file; it may be truncated or corrupt ({detail})") from None
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise UserError(f"{path}: tensor {t.name} extends past the end of the file; the file is truncated")
-    return reader
+        n_tensors, n_fields = cur.scalar("<Q"), cur.scalar("<Q")
+        metadata = {}
+        for _ in range(n_fields):
+            key = cur.string()
+            metadata[key] = cur.value(cur.scalar("<I"))
+        table = []
+        for _ in range(n_tensors):
+            name, n_dims = cur.string(), cur.scalar("<I")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
+            table.append((name, dims, GGMLQuantizationType(cur.scalar("<I")), cur.scalar("<Q")))
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise UserError(f"{path}: not a readable GGUF file; it may be truncated or corrupt ({e})") from None
+    alignment = int(metadata.get("general.alignment", 32))
+    start = -(-cur.pos // alignment) * alignment
+    tensors = []
+    for name, dims, qtype, offset in table:
+        if qtype not in GGML_QUANT_SIZES:
+            raise UserError(f"{path}: tensor {name} has quantization type {qtype.name}, which is not supported")
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        if not dims or dims[0] % block:
+            raise UserError(f"{path}: tensor {name} has rows of {dims[:1]} values, not whole {qtype.name} blocks")
+        row_bytes, shape = dims[0] // block * block_bytes, tuple(reversed(dims))
+        n_bytes = row_bytes * math.prod(dims[1:])
+        if start + offset + n_bytes > len(buf):
+            raise UserError(f"{path}: tensor {name} extends past the end of the file; the file is truncated")
+        data = np.frombuffer(buf, np.uint8, n_bytes, start + offset).reshape(*shape[:-1], row_bytes)
+        tensors.append(GGUFTensor(name, qtype, shape, data))
+    return GGUFFile(metadata, tensors)
 
 
 def open_gguf(path: str, dtype: str = "float32") -> tuple[ModelConfig, GGUFSource, Tokenizer]:
-    reader = _open_reader(path)
+    file = read_gguf(path)
     try:
-        meta = read_metadata(reader)
-    except Exception as e:
-        raise UserError(f"{path}: GGUF metadata cannot be read; the file may be corrupt ({e})") from None
-    names = {t.name for t in reader.tensors}
-    try:
-        cfg = _config(meta, reader, dtype, names)
+        cfg = _config(file.metadata, file.tensors, dtype)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    source = GGUFSource(path, reader, cfg.n_heads, cfg.n_kv_heads, cfg.arch, cfg.norm_weight_offset)
-    return cfg, source, tokenizer_from_gguf(meta)
+    source = GGUFSource(path, file.tensors, cfg.n_heads, cfg.n_kv_heads, cfg.arch, cfg.norm_weight_offset)
+    return cfg, source, tokenizer_from_gguf(file.metadata)
