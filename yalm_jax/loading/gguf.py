@@ -203,7 +203,9 @@ class GGUFSource:
         return w
 
 
-def _rope_scaling(meta: dict, arch: str, tensors: list[GGUFTensor], head_dim: int, rope_theta: float) -> RopeScaling | None:
+def _rope_scaling(
+    meta: dict, arch: str, tensors: list[GGUFTensor], head_dim: int, rope_theta: float
+) -> RopeScaling | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
         raise UserError(f"unsupported GGUF rope scaling type {kind!r}; supported: llama3 (rope_freqs)")
