@@ -711,9 +711,9 @@ def test_a_gguf_too_large_dense_is_pointed_at_its_blocks(smollm2_gguf, monkeypat
     need = sum(n for _, n in native)
     assert need < sum(n for _, n in dense) / 2
     with pytest.raises(UserError, match=rf"--quant=native loads it in {need / 1e9:.1f} GB per device, or"):
-        parallel.check_fits(cfg, dense, limit=need + 1, alternatives=[("--quant=native", native)])
+        parallel.check_fits(cfg, dense, limit=need + 1, alternatives=[("--quant=native", lambda: native)])
     with pytest.raises(UserError) as e:
-        parallel.check_fits(cfg, dense, limit=need - 1, alternatives=[("--quant=native", native)])
+        parallel.check_fits(cfg, dense, limit=need - 1, alternatives=[("--quant=native", lambda: native)])
     assert "--quant=native" not in str(e.value) and "--tp" in str(e.value)
     # load_model offers the blocks where it loads the file dense, and nothing else where it keeps them.
     seen = []

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -214,11 +215,12 @@ def weight_bytes_per_device(cfg: ModelConfig, field_nbytes: list[tuple[str, int]
 
 
 def check_fits(cfg: ModelConfig, field_nbytes: list[tuple[str, int]], limit: int | None = None,
-               alternatives: list[tuple[str, list[tuple[str, int]]]] = ()) -> None:  # fmt: skip
+               alternatives: list[tuple[str, Callable[[], list[tuple[str, int]]]]] = ()) -> None:  # fmt: skip
     """A UserError, suggesting --tp, when the weights (weights.field_nbytes: in the form they load in, quantized
     or not) exceed what the device lets XLA allocate (`limit`, by default the device's
-    memory_stats()["bytes_limit"]; jax reports none on the CPU). `alternatives`: (flag, field_nbytes) of other
-    ways to load the same model (a GGUF file's blocks kept: --quant=native), named first where they fit."""
+    memory_stats()["bytes_limit"]; jax reports none on the CPU). `alternatives`: (flag, a function giving its
+    field_nbytes) of other ways to load the same model (a GGUF file's blocks kept: --quant=native), named first
+    where they fit; sized only when the weights do not fit."""
     device = mesh(cfg.tp).devices.flat[0]
     if limit is None:
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -231,7 +233,7 @@ def check_fits(cfg: ModelConfig, field_nbytes: list[tuple[str, int]], limit: int
     fit = next((t for t in fits if not _check_quiet(cfg, t)), None)
     hint = f"try --tp={fit}" if fit else f"--tp=N spreads it over N devices (this host has {n})"
     for flag, alt in alternatives:
-        if (alt_need := weight_bytes_per_device(cfg, alt)) <= limit:
+        if (alt_need := weight_bytes_per_device(cfg, alt())) <= limit:
             hint = f"{flag} loads it in {alt_need / 1e9:.1f} GB per device, or {hint}"
             break
     raise UserError(

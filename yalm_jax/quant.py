@@ -487,7 +487,8 @@ def _q5_1(b: np.ndarray):
 
 
 def _iq4_nl(b: np.ndarray):
-    """d, then 16 bytes of codes (low nibbles values j, high ones j + 16), as iq4 stores them; x = d level."""
+    """d, then 16 bytes of codes (low nibbles values j, high ones j + 16: int4's layout, which iq4_words sorts);
+    x = d level."""
     return b[:, 2:], _f16_field(b, 0), None
 
 

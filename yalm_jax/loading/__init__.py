@@ -69,7 +69,8 @@ def load_model(
     except ValueError as e:
         raise UserError(str(e)) from None
     # A GGUF file loads dense unless asked (quant.auto_choice); where its blocks kept would fit, say so.
-    native = [("--quant=native", field_nbytes(cfg, source, "native", int8_activations))] if quant == "none" else []
+    native = [("--quant=native", lambda: field_nbytes(cfg, source, "native", int8_activations))]
+    native = native if quant == "none" else []
     parallel.check_fits(cfg, field_nbytes(cfg, source, quant, int8_activations), alternatives=native)
     weights = build_weights(cfg, source, progress=progress, quant=quant, int8_activations=int8_activations)
     if int8_activations:

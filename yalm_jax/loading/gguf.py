@@ -347,7 +347,7 @@ class _Cursor:
         if vtype != self.ARRAY:
             return self.scalar(self.SCALARS[vtype])
         itype, count = self.scalar("<I"), self.scalar("<Q")
-        if itype in self.SCALARS and itype != 7:  # numbers in one read (a vocabulary's scores and types)
+        if itype in self.SCALARS:  # numbers (and bools) in one read: a vocabulary's scores and types
             a = np.frombuffer(self.buf, np.dtype(self.SCALARS[itype]), count, self.pos)
             self.pos += a.nbytes
             return a.tolist()
