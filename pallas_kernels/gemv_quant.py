@@ -120,6 +120,11 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("4bit_a8", 1536, 576, True): (4, 2048, 8, 2),
     ("4bit_a8", 576, 1536, False): (8, 2048, 8, 2),
     ("4bit_a8", 49152, 576, False): (16, 512, 4, 2),
+    # int4 with mins (--quant=int4's form, GGUF's Q4_1): wqkv 8.73 us against 9.28 on int4's tile, w2 reading h
+    # rounded 15.34 against ~16 (sweep:int4_min_a8 and sweep:int4_min_a8:mistral_int8_h 2026-11-27, H100;
+    # KERNEL_NOTES.md run 26). Elsewhere it takes int4's.
+    ("4bit_min_a8", 6144, 4096, False): (16, 1024, 8, 2),
+    ("4bit_min_a8", 4096, 14336, False): (8, 2048, 8, 2),
     # iq4's lookups (more instructions a word than int4's) want shorter chunks on w13 (which rounds h for w2),
     # w2 (reading it) and the output: sweep:iq4_a8 and sweep:iq4_a8:mistral_int8_h 2026-11-27, decodes 2.389 ->
     # 2.187 ms a token (H100; KERNEL_NOTES.md run 25). Elsewhere it takes int4's.
@@ -153,13 +158,14 @@ def rounds_output_for(w, next_w, gated: bool = False) -> bool:
 def config_kinds(w) -> tuple[str, ...]:
     """CONFIGS' first keys for a QuantizedMatrix w, the most particular first: its kernel path (int4's layout;
     8-bit weights (int8 or fp8) with a scale a row, or in groups, each group's sum scaled apart; and whether
-    the products are integer: int8 activations), and for iq4 first its own (int4's path with lookups)."""
+    the products are integer: int8 activations), and before it the path with iq4's lookups or with mins."""
     if w.fmt in NIBBLE_FORMATS:
         kind = "4bit"
     else:
         kind = "8bit" if w.group == w.shape[1] else "8bit_groups"
-    kind += "_a8" if w.int8_activations else ""
-    return ("iq4_a8", kind) if w.fmt == "iq4" else (kind,)
+    a8 = "_a8" if w.int8_activations else ""
+    particular = "iq4" if w.fmt == "iq4" else f"{kind}_min" if w.min is not None else None
+    return (kind + a8,) if particular is None else (particular + a8, kind + a8)
 
 
 def config_for(w, n_out: int, k: int, gated: bool) -> tuple[int, int, int, int]:

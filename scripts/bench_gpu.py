@@ -52,6 +52,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from yalm_jax import generate as gen  # noqa: E402
@@ -744,22 +745,27 @@ def part_profile(res, roof, smoke, out_dir):
         add_row("profile prefill", "", note=f"FAILED {type(e).__name__}: {str(e)[:150]}")
 
 
-def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
-    """A random QuantizedMatrix of `shape` in `fmt`, in the form --quant makes (values don't set the speed;
-    the bytes do): int4 and fp8 in groups of 32 with f16 scales, int8 with an f32 scale a row; "int4_min" is
-    int4 with an f16 min a group too (GGUF's Q4_1, the form SmolLM2 ships in), "int8_g32" int8 in groups of 32
-    with f16 scales (GGUF's Q8_0), "iq4" GGUF's IQ4_NL / IQ4_XS form (random words of codes for levels,
-    f16 scales in groups of 32)."""
-    from yalm_jax.quant import DEFAULT_INT4_GROUP, FP8_GROUP, GGUF_TYPES, QuantizedMatrix, as_words
+# Kernel forms by name (gpu_check's sweeps, bench_tp's --quant): (format, group (None: one f32 scale a row), a
+# min a group).
+FORMS = {
+    "int8": ("int8", None, False),
+    "int8_g32": ("int8", 32, False),  # GGUF's Q8_0
+    "int4": ("int4", 32, False),  # GGUF's Q4_0
+    "int4_min": ("int4", 32, True),  # GGUF's Q4_1, and --quant=int4's
+    "fp8_e4m3": ("fp8_e4m3", 32, False),  # --quant=fp8's
+    "iq4": ("iq4", 32, False),  # GGUF's IQ4_NL / IQ4_XS: random words of codes for IQ4's levels
+}
 
-    if fmt == "int4_min":
-        w = random_quantized(shape, "int4", seed)
-        return dataclasses.replace(w, min=(-8 * w.scale).astype(w.scale.dtype))
+
+def random_quantized(shape: tuple[int, int], form: str | tuple, seed: int):
+    """A random QuantizedMatrix of `shape` in `form`, a FORMS name or its (format, group, has a min) (values
+    don't set the speed; the bytes do): f16 scales (and mins) for groups."""
+    fmt, group, has_min = FORMS[form] if isinstance(form, str) else form
+    from yalm_jax.quant import QuantizedMatrix, as_words
+
     n, k = shape
+    group = group or k
     k1, k2 = jax.random.split(jax.random.key(seed))
-    groups = {"int4": DEFAULT_INT4_GROUP, "int8": k, "int8_g32": GGUF_TYPES["Q8_0"][1], "iq4": GGUF_TYPES["IQ4_NL"][1]}
-    group = groups.get(fmt, FP8_GROUP)
-    fmt = fmt.removesuffix("_g32")
     scale = (0.01 * (1 + jax.random.uniform(k2, (n, k // group)))).astype(jnp.float16 if group < k else jnp.float32)
     if fmt == "int8":
         q = jax.random.randint(k1, (n, k), -127, 128, jnp.int8)
@@ -768,62 +774,78 @@ def random_quantized(shape: tuple[int, int], fmt: str, seed: int):
         q = as_words(q) if fmt == "iq4" else q
     else:
         q = jax.random.normal(k1, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
-    return QuantizedMatrix(q=q, scale=scale, min=None, fmt=fmt, group=group, dtype="bfloat16")
+    mn = (-8 * scale).astype(scale.dtype) if has_min else None
+    return QuantizedMatrix(q=q, scale=scale, min=mn, fmt=fmt, group=group, dtype="bfloat16")
+
+
+def row_form(row: str, field: str, k: int) -> tuple[str, int | None, bool]:
+    """The form of field's (., k) matrix in a row of the quant part: a GGUF type's form on every matrix, as
+    `llama-quantize --pure` writes it, or what `--quant=row` makes of it (quant.load_field: int4 with a min a
+    group, the embedding and output matrix int8 under int4 and fp8)."""
+    if row in quant.GGUF_TYPES:
+        fmt, group, has_min, _, _ = quant.GGUF_TYPES[row]
+        return fmt, group, has_min
+    fmt, group = quant.field_form(row, field, is_moe=False)
+    one_row = quant.quantize(np.ones((1, k), np.float32), fmt, group, with_min=True)  # as load_field quantizes
+    return one_row.fmt, None if one_row.group == k else one_row.group, one_row.min is not None
 
 
 def part_quant(res, roof, smoke):
-    """Mistral-7B-shaped decode with int8 / int4 (group 32) / fp8 e4m3 (group 32) weights, beside bf16, at
-    context 128, and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations), then int8 in
-    GGUF's Q8_0 form (groups of 32) and GGUF's IQ4_NL / IQ4_XS form (iq4) without and with them; and bf16
-    against fp8 KV at context 4096. Then SmolLM2's shape in its shipped Q4_1 form (int4_min) and the others,
-    128 steps from context 128 (a tied model: its embedding, the output matrix, in the format too, as
-    llama-quantize --pure writes it)."""
+    """Mistral-7B-shaped decode with weights as --quant=int8 / int4 / fp8 make them, beside bf16, at context 128,
+    and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations); then GGUF's Q4_0, Q8_0 and
+    IQ4_NL forms on every matrix (iq4 only with int8 activations); and bf16 against fp8 KV at context 4096.
+    Then SmolLM2's shape in its shipped Q4_1 form and the others, 128 steps from context 128."""
     dense = _quant_decodes(res.setdefault("quant", {}), roof, "toy" if smoke else "mistral7b", smoke, 32,
-                           ("bf16", "int8", "int4", "fp8_e4m3", "int8_a8", "int4_a8", "int8_g32",
-                            "int8_g32_a8", "iq4_a8"))  # fmt: skip
+                           ("bf16", "int8", "int4", "fp8", "int8_a8", "int4_a8", "Q4_0", "Q4_0_a8", "Q8_0",
+                            "Q8_0_a8", "IQ4_NL_a8"))  # fmt: skip
     _kv_decodes(res["quant"], dense, "toy" if smoke else "mistral7b", smoke)
     del dense
     _quant_decodes(res.setdefault("quant_smollm2", {}), roof, "toy" if smoke else "smollm2", smoke, 128,
-                   ("bf16", "int4_min", "int8", "fp8_e4m3", "int4_min_a8", "int8_a8"))  # fmt: skip
+                   ("bf16", "Q4_1", "int8", "fp8", "Q4_1_a8", "int8_a8"))  # fmt: skip
 
 
-def _quant_decodes(out, roof, shape, smoke, n_steps, fmts):
-    """Decode of `shape` with random weights in each of `fmts` (random_quantized's; `_a8`: with int8
-    activations), each against the first (bf16), at context 128; returns the bf16 weights."""
+def _quant_decodes(out, roof, shape, smoke, n_steps, rows):
+    """Decode of `shape` with random weights in each of `rows` (row_form's; `_a8`: with int8 activations),
+    each against the first (bf16), at context 128; returns the bf16 weights."""
     cfg = make_cfg(shape, "bfloat16")
     dense = random_weights(cfg, seed=5)
     max_context = 512 if smoke else MAX_CONTEXT
     n_steps, reps = (4, 2) if smoke else (n_steps, 3)
     ctx = 16 if smoke else 128
     cache = random_cache(cfg, max_context)
-    for fmt in fmts:
+    for row in rows:
         try:
-            if fmt == "bf16":
+            if row == "bf16":
                 weights = dense
             else:
                 seeds = iter(range(10_000))
-                q = lambda w: random_quantized(w.shape, fmt.removesuffix("_a8"), next(seeds))  # noqa: E731
+
+                def q(w, field):
+                    return random_quantized(w.shape, row_form(row.removesuffix("_a8"), field, w.shape[1]), next(seeds))
+
                 weights = Weights(
-                    embed=q(dense.embed) if dense.lm_head is None else dense.embed, final_norm=dense.final_norm,
-                    lm_head=None if dense.lm_head is None else q(dense.lm_head),
-                    layers=[dataclasses.replace(l, wqkv=q(l.wqkv), wo=q(l.wo), w13=q(l.w13), w2=q(l.w2)) for l in dense.layers],
+                    embed=q(dense.embed, "embed") if dense.lm_head is None else dense.embed,
+                    final_norm=dense.final_norm,
+                    lm_head=None if dense.lm_head is None else q(dense.lm_head, "lm_head"),
+                    layers=[dataclasses.replace(l, **{f: q(getattr(l, f), f) for f in ("wqkv", "wo", "w13", "w2")})
+                            for l in dense.layers],
                 )  # fmt: skip
-                weights = quant.with_int8_activations(weights) if fmt.endswith("_a8") else weights
+                weights = quant.with_int8_activations(weights) if row.endswith("_a8") else weights
             wb = weight_bytes_per_token(weights, cfg)
             nbytes = wb + kv_bytes_per_token(cfg, ctx + (n_steps - 1) / 2)
             r, cache = time_decode(weights, cfg, cache, backend="pallas", ctx=ctx, n_steps=n_steps, reps=reps)
             t = r["s_per_tok"]
-            out[fmt] = r | {"tok_s": 1 / t, "bytes_per_token": nbytes, "gb_s": nbytes / t / 1e9}
+            out[row] = r | {"tok_s": 1 / t, "bytes_per_token": nbytes, "gb_s": nbytes / t / 1e9}
             base = out.get("bf16", {})
             ratio, ratio_per_call = (
                 (base[key] / r[key] if key in base else float("nan")) for key in ("s_per_tok", "s_per_tok_per_call")
             )
-            add_row(f"{shape} {fmt} weights decode, ctx {ctx}", "pallas", 1 / t, t * 1e3, nbytes / t / 1e9, roof,
+            add_row(f"{shape} {row} weights decode, ctx {ctx}", "pallas", 1 / t, t * 1e3, nbytes / t / 1e9, roof,
                     f"{ratio:.2f}x bf16; {nbytes / 1e9:.2f} GB/token; {per_call_note(r)}, {ratio_per_call:.2f}x")  # fmt: skip
             del weights
         except Exception as e:  # noqa: BLE001
-            out[fmt] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-            add_row(f"{shape} {fmt} weights decode", "pallas", note=f"FAILED {type(e).__name__}: {str(e)[:120]}")
+            out[row] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            add_row(f"{shape} {row} weights decode", "pallas", note=f"FAILED {type(e).__name__}: {str(e)[:120]}")
     return dense
 
 
@@ -855,10 +877,9 @@ MAKE_GGUF = os.environ.get("MAKE_GGUF", os.path.join(ROOT, "..", "shared", "tool
 LLAMA_QUANTIZE = os.environ.get("LLAMA_QUANTIZE")
 # (make_gguf shape, GGUF type, our results' part, our key at depth 0, our key at depth 4096 or None, tokens
 # generated), with our dtype matching the GGUF's bytes: F16 beside bf16, F32 beside f32; Q8_0 and Q4_0
-# (llama-quantize --pure of the F16 file) beside the quant part's int8 (per channel) and int4 (group 32,
-# no min: Q4_0's own bytes), both with int8 activations, as llama.cpp multiplies them; Q4_1 beside SmolLM2's
-# int4 with mins, as the default chat runs its shipped Q4_1 file (float products; the part's int4_min_a8 row
-# multiplies int8 activations, as llama.cpp does).
+# (llama-quantize --pure of the F16 file) beside the quant part's int8 (per channel) and Q4_0 rows, both with
+# int8 activations, as llama.cpp multiplies them; Q4_1 beside SmolLM2's Q4_1 row, as the default chat runs its
+# shipped Q4_1 file (float products; the part's Q4_1_a8 row multiplies int8 activations, as llama.cpp does).
 # Q4_K_M, Q3_K_M and IQ4_XS (llama-quantize's own mixes, not --pure) are timed on our side from the same file
 # (part "same_file": part_same_file), with their blocks kept (--quant=native) and int8 activations.
 PEER_RUNS = [
@@ -866,8 +887,8 @@ PEER_RUNS = [
     ("smollm2", "f32", "smollm2", "float32_pallas_steps256", None, 256),
     ("smollm2", "f16", "smollm2", "bfloat16_pallas_steps256", None, 256),
     ("mistral7b", "q8_0", "quant", "int8_a8", None, 64),
-    ("mistral7b", "q4_0", "quant", "int4_a8", None, 64),
-    ("smollm2", "q4_1", "quant_smollm2", "int4_min", None, 128),
+    ("mistral7b", "q4_0", "quant", "Q4_0_a8", None, 64),
+    ("smollm2", "q4_1", "quant_smollm2", "Q4_1", None, 128),
     ("mistral7b", "q4_k_m", "same_file", "q4_k_m_native_a8", None, 64),
     ("mistral7b", "q3_k_m", "same_file", "q3_k_m_native_a8", None, 64),
     ("mistral7b", "iq4_xs", "same_file", "iq4_xs_native_a8", None, 64),

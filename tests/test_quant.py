@@ -454,8 +454,8 @@ def test_only_a_kernel_on_the_integer_path_rounds_its_output(rng):
 
 def test_config_kinds_name_the_kernel_path(rng):
     # Tiles are looked up by the kernel's path, not the format: fp8 and GGUF's Q8_0 form share the grouped 8-bit
-    # path, int8 and fp8 with one scale a row the per-channel one; iq4 has tiles of its own before int4's; every
-    # kind in CONFIGS is one of them.
+    # path, int8 and fp8 with one scale a row the per-channel one; iq4 and int4 with mins have tiles of their own
+    # before int4's; every kind in CONFIGS is one of them.
     from test_gguf import random_blocks
 
     w = _weights(rng, 64, 256)
@@ -470,7 +470,10 @@ def test_config_kinds_name_the_kernel_path(rng):
         kinds.update(got[0] + got[1])
     iq4 = quant.from_gguf_blocks(random_blocks("IQ4_NL", (64, 256), rng), "IQ4_NL", (64, 256))
     assert config_kinds(quant.with_int8_activations(iq4)) == ("iq4_a8", "4bit_a8")
-    kinds.add("iq4_a8")
+    int4_min = quant.quantize(w, "int4", 32, with_min=True)  # --quant=int4's form, GGUF's Q4_1
+    assert config_kinds(int4_min) == ("4bit_min", "4bit")
+    assert config_kinds(quant.with_int8_activations(int4_min)) == ("4bit_min_a8", "4bit_a8")
+    kinds.update(["iq4_a8", "4bit_min", "4bit_min_a8"])
     assert {key[0] for key in CONFIGS} <= kinds
     # Where iq4 has no tile of its own for a shape it takes int4's; with neither, DEFAULT_CONFIG.
     shape = (64, 256, False)
@@ -772,3 +775,20 @@ def test_generator_keeps_its_cache_in_kv_dtype(tiny_dir):
     g = Generator(lm.weights, lm.cfg, lm.tokenizer, max_context=64, kv_dtype="float8_e4m3fn")
     out = g.generate(lm.tokenizer.encode("Once upon a time"), max_new_tokens=4)
     assert len(out.token_ids) >= 1 and g.cache.k[0].dtype == jnp.float8_e4m3fn
+
+
+@pytest.mark.parametrize("choice", ["int8", "int4", "fp8"])
+def test_bench_rows_time_the_loaders_forms(rng, monkeypatch, choice):
+    # bench_gpu's quant part times random weights in each --quant choice's form; it must be the form load_field
+    # makes of each field (int4 with mins, the embedding and output matrix int8), or its figures time another.
+    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
+    from bench_gpu import random_quantized, row_form
+
+    w = _weights(rng, 64, 256)
+    for field in ("wqkv", "w2", "lm_head", "embed"):
+        loaded = quant.load_field(choice, field, ["w"], None, lambda name: w, "bfloat16")
+        form = row_form(choice, field, 256)
+        assert form == (loaded.fmt, None if loaded.group == 256 else loaded.group, loaded.min is not None), field
+        drawn = random_quantized((64, 256), form, seed=0)
+        arrays = lambda m: [(a.shape, a.dtype) for a in (m.q, m.scale, m.min) if a is not None]  # noqa: E731
+        assert arrays(drawn) == arrays(loaded), field

@@ -671,7 +671,7 @@ FIELDS = ("embed", "lm_head", "wqkv", "wo", "w13", "w2")
 _EDGE = ("embed", "lm_head")
 
 
-def _field_form(choice: str, field: str, is_moe: bool) -> tuple[str, int | None] | None:
+def field_form(choice: str, field: str, is_moe: bool) -> tuple[str, int | None] | None:
     """(format, group) that `choice` gives field `field`, ("native", None) to keep its stored blocks, or None
     for a dense matrix. The embedding / output matrix is int8 under int4 and fp8 (_EDGE)."""
     fmt, group = parse_choice(choice)
@@ -695,7 +695,7 @@ def load_field(choice: str, field: str, names: list[str], source, read, dtype: s
     (GGUF blocks of GGUF_TYPES, a quantized checkpoint), fused as stored (or in MIXED_FORM where the parts'
     forms differ; iq4 as int8 unless it will multiply int8 activations: _placed_as_stored); else quantized
     from floats."""
-    form = _field_form(choice, field, is_moe)
+    form = field_form(choice, field, is_moe)
     if form is None:
         return None
     fmt, group = form
@@ -720,7 +720,7 @@ def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, sourc
     `load_field` and build_weights load it, found without reading any weights (for parallel.check_fits)."""
     n_rows = sum(shapes[n][0] for n in names)
     dense = n_rows * int(np.prod(shapes[names[0]][1:])) * np.dtype(dtype).itemsize
-    form = _field_form(choice, field, is_moe)
+    form = field_form(choice, field, is_moe)
     if form is None or dequantizes_at_load():
         return dense
     fmt, group = form
