@@ -8,7 +8,8 @@ applied once per group, after the group's products are summed:
 
   y_n = sum_g scale[n, g] * sum_{j in g} v[n, j] x[j]  (+ min[n, g] * sum_{j in g} x[j])
 
-with v = q (int8, fp8) or q - 8 (int4 without a min). The kernel sees every
+with v = q (int8, fp8) or q - 8 (int4 without a min); a zero point z (min = -scale z / 16) comes off the
+group's sum as z / 16 * sum x, before its product by the scale. The kernel sees every
 operand as groups, through free reshapes outside it: q as (N, K/G, bytes of a group), x as (K/G, G), and for int4,
 whose byte j of a group holds column j in its low nibble and column j + G/2 in
 its high one, x as (K/G, 2, G/2), so each chunk of bytes meets the two matching
@@ -60,7 +61,15 @@ from pallas_kernels.gemv import (
     kernel_name,
     write_epilogue,
 )
-from yalm_jax.quant import ACT_BLOCK, IQ4_LEVELS, NIBBLE_FORMATS, Int8Vector, is_quantized, round_activations
+from yalm_jax.quant import (
+    ACT_BLOCK,
+    IQ4_LEVELS,
+    NIBBLE_FORMATS,
+    ZERO_POINT_STEPS,
+    Int8Vector,
+    is_quantized,
+    round_activations,
+)
 
 # (block_n, block_k in stored bytes, num_warps, num_stages), per (kind, n_out, k, gated), kind the first of
 # `config_kinds` that has the shape. Mistral-7B's shapes, from scripts/gpu_check.py (sweep:int8, sweep:int4, sweep:fp8_e4m3,
@@ -295,7 +304,7 @@ def _round_rows(y, g, interpret: bool) -> list:
 
 
 def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmetric, per_channel, gated, activation,
-            has_norm, has_min, has_bias, has_res, eps, norm_out, interpret):  # fmt: skip
+            has_norm, has_min, zero_point, has_bias, has_res, eps, norm_out, interpret):  # fmt: skip
     refs = list(refs)
     x_ref = refs.pop(0)  # x, or with x_rounded an Int8Vector's words, then its scales and sums (and sums of x^2)
     xr_refs = [refs.pop(0), refs.pop(0)] if x_rounded else None
@@ -391,10 +400,13 @@ def _kernel(*refs, k, bn, ng, fmt, int8_activations, x_rounded, int8_out, symmet
                     continue
                 dot = jnp.sum(vals[0] * xb[0] if len(vals) == 1 else fma(vals[1], xb[1], vals[0] * xb[0]), axis=2)
                 xsum = sum(_group_sums(t) for t in xs)[None] if has_min else None
+            mins = load(m_refs[w].at[:, pl.ds(g0, ng)], g0, 1).astype(f32) if has_min else None
+            if zero_point:  # min = -scale * z / ZERO_POINT_STEPS: subtracted before the one product by the scale
+                dot = dot - mins * (1 / ZERO_POINT_STEPS) * xsum
             if not per_channel:
                 dot = dot * load(s_refs[w].at[:, pl.ds(g0, ng)], g0, 1).astype(f32)
-            if has_min:
-                dot = dot + load(m_refs[w].at[:, pl.ds(g0, ng)], g0, 1).astype(f32) * xsum
+            if has_min and not zero_point:
+                dot = dot + mins * xsum
             new.append(acc + dot)
         return tuple(new), x_sq
 
@@ -515,7 +527,8 @@ def gemv_quant(
         out_specs = (vec_n, *(pl.BlockSpec((block,), lambda i: (i,)) for _, block, _ in sizes))
 
     common = dict(bn=bn, ng=ng, symmetric=w.fmt == "int4" and w.min is None, per_channel=per_channel, gated=gated,
-                  activation=activation, has_min=w.min is not None, has_bias=bias is not None,
+                  activation=activation, has_min=w.min is not None,
+                  zero_point=w.min is not None and w.min.dtype == jnp.uint8, has_bias=bias is not None,
                   has_res=residual is not None, interpret=interpret)  # fmt: skip
     kernel = functools.partial(_kernel, k=k, fmt=w.fmt, int8_activations=act8, x_rounded=x_rounded,
                                int8_out=int8_out, has_norm=norm is not None or normed_vector,

@@ -745,22 +745,23 @@ def part_profile(res, roof, smoke, out_dir):
         add_row("profile prefill", "", note=f"FAILED {type(e).__name__}: {str(e)[:150]}")
 
 
-# Kernel forms by name (gpu_check's sweeps, bench_tp's --quant): (format, group (None: one f32 scale a row), a
-# min a group).
+# Kernel forms by name (gpu_check's sweeps, bench_tp's --quant): (format, group (None: one f32 scale a row), the
+# dtype of a min a group: f16 mins, uint8 zero points (quant.mins_of), None).
 FORMS = {
-    "int8": ("int8", None, False),
-    "int8_g32": ("int8", 32, False),  # GGUF's Q8_0
-    "int4": ("int4", 32, False),  # GGUF's Q4_0
-    "int4_min": ("int4", 32, True),  # GGUF's Q4_1, and --quant=int4's
-    "fp8_e4m3": ("fp8_e4m3", 32, False),  # --quant=fp8's
-    "iq4": ("iq4", 32, False),  # GGUF's IQ4_NL / IQ4_XS: random words of codes for IQ4's levels
+    "int8": ("int8", None, None),
+    "int8_g32": ("int8", 32, None),  # GGUF's Q8_0
+    "int4": ("int4", 32, None),  # GGUF's Q4_0
+    "int4_min": ("int4", 32, "float16"),  # GGUF's Q4_1
+    "int4_zp": ("int4", 32, "uint8"),  # --quant=int4's
+    "fp8_e4m3": ("fp8_e4m3", 32, None),  # --quant=fp8's
+    "iq4": ("iq4", 32, None),  # GGUF's IQ4_NL / IQ4_XS: random words of codes for IQ4's levels
 }
 
 
 def random_quantized(shape: tuple[int, int], form: str | tuple, seed: int):
-    """A random QuantizedMatrix of `shape` in `form`, a FORMS name or its (format, group, has a min) (values
-    don't set the speed; the bytes do): f16 scales (and mins) for groups."""
-    fmt, group, has_min = FORMS[form] if isinstance(form, str) else form
+    """A random QuantizedMatrix of `shape` in `form`, a FORMS name or its (format, group, min dtype) (values
+    don't set the speed; the bytes do): f16 scales for groups, mins -8 scales."""
+    fmt, group, min_dtype = FORMS[form] if isinstance(form, str) else form
     from yalm_jax.quant import QuantizedMatrix, as_words
 
     n, k = shape
@@ -774,20 +775,20 @@ def random_quantized(shape: tuple[int, int], form: str | tuple, seed: int):
         q = as_words(q) if fmt == "iq4" else q
     else:
         q = jax.random.normal(k1, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
-    mn = (-8 * scale).astype(scale.dtype) if has_min else None
+    mn = {None: None, "float16": (-8 * scale).astype(jnp.float16), "uint8": jnp.full(scale.shape, 128, jnp.uint8)}[min_dtype]
     return QuantizedMatrix(q=q, scale=scale, min=mn, fmt=fmt, group=group, dtype="bfloat16")
 
 
-def row_form(row: str, field: str, k: int) -> tuple[str, int | None, bool]:
+def row_form(row: str, field: str, k: int) -> tuple[str, int | None, str | None]:
     """The form of field's (., k) matrix in a row of the quant part: a GGUF type's form on every matrix, as
     `llama-quantize --pure` writes it, or what `--quant=row` makes of it (quant.load_field: int4 with a min a
-    group, the embedding and output matrix int8 under int4 and fp8)."""
+    group, the embedding and output matrix int8 under int4 and fp8): FORMS' triples."""
     if row in quant.GGUF_TYPES:
         fmt, group, has_min, _, _ = quant.GGUF_TYPES[row]
-        return fmt, group, has_min
+        return fmt, group, "float16" if has_min else None
     fmt, group = quant.field_form(row, field, is_moe=False)
     one_row = quant.quantize(np.ones((1, k), np.float32), fmt, group, with_min=True)  # as load_field quantizes
-    return one_row.fmt, None if one_row.group == k else one_row.group, one_row.min is not None
+    return one_row.fmt, None if one_row.group == k else one_row.group, None if one_row.min is None else one_row.min.dtype.name
 
 
 def part_quant(res, roof, smoke):

@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None,
                     help="fewer layers than the shape has, to time a model larger than one device on one (tok/s scales ~1/layers)")
     ap.add_argument("--quant", default=None, help="random quantized projections: int8, int4, fp8_e4m3, int8_g32, "
-                    "int4_min, iq4 (bench_gpu.FORMS), each with an optional _a8 (int8 activations)")
+                    "int4_min, int4_zp, iq4 (bench_gpu.FORMS), each with an optional _a8 (int8 activations)")
     ap.add_argument("--profile_dir", default=None, help="GPU: profile one more chunk, traces here (see the docstring)")
     ap.add_argument("--json_out", default=None)
     args = ap.parse_args()

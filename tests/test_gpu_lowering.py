@@ -47,8 +47,9 @@ def compiled_kernels(monkeypatch):
     monkeypatch.setattr(ops, "_interpret", lambda: False)
 
 
-def quantized(n: int, k: int, fmt: str, dtype: str, with_min: bool = False) -> quant.QuantizedMatrix:
-    """An abstract (n, k) QuantizedMatrix in `fmt`, its parts' dtypes and widths taken from a real one.
+def quantized(n: int, k: int, fmt: str, dtype: str, with_min: bool | str = False) -> quant.QuantizedMatrix:
+    """An abstract (n, k) QuantizedMatrix in `fmt`, its parts' dtypes and widths taken from a real one; with_min
+    True: quantize's mins (int4's zero points), "f16": f16 mins (GGUF's Q4_1 form).
     "int8_g32" with a min is GGUF's Q5_K form (int8 in groups of 32 with an f16 min a group), "iq4" its IQ4_NL
     and IQ4_XS form (int4's layout held as int32 words, levels for codes, f16 scales in groups of 32): only
     GGUF blocks make them."""
@@ -56,9 +57,9 @@ def quantized(n: int, k: int, fmt: str, dtype: str, with_min: bool = False) -> q
         return quant.QuantizedMatrix(SDS((n, k // 8), jnp.int32), SDS((n, k // 32), jnp.float16), None, "iq4", 32, dtype)
     name, group = ("int8", 32) if fmt == "int8_g32" else quant.parse_choice(fmt)
     fmt = {"fp8": "fp8_e4m3"}.get(name, name)
-    probe = quant.quantize(np.random.default_rng().standard_normal((2, k)), fmt, group, with_min=with_min)
+    probe = quant.quantize(np.random.default_rng().standard_normal((2, k)), fmt, group, with_min=bool(with_min))
     part = lambda a: None if a is None else SDS((n, a.shape[1]), a.dtype)  # noqa: E731
-    mn = probe.scale if with_min and probe.min is None else probe.min
+    mn = probe.scale if with_min == "f16" or (with_min and probe.min is None) else probe.min
     return quant.QuantizedMatrix(part(probe.q), part(probe.scale), part(mn), probe.fmt, probe.group, dtype)
 
 
@@ -171,15 +172,14 @@ def test_int8_activation_decode_step(compiled_kernels, fmt):
     assert all(n.split("_")[-1].startswith("32x") for n in rounding) == (fmt == "int4")
 
 
-@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True)])
+@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int4", "f16")])
 def test_int8_vector_gemv_forms_lower(fmt, with_min):
     # wo writing its result and that result normed and rounded (int8_out, norm_out); w13 reading it, gated,
     # writing h rounded; w2 reading h.
     def a8(w):
         return dataclasses.replace(w, q=SDS((w.q.shape[0], w.q.shape[1] // 4), jnp.int32), int8_activations=True)
 
-    wo, w13 = a8(quantized(4096, 4096, fmt, "bfloat16", with_min)), a8(quantized(28672, 4096, fmt, "bfloat16"))
-    w2 = a8(quantized(4096, 14336, fmt, "bfloat16"))
+    wo, w13, w2 = (a8(quantized(n, k, fmt, "bfloat16", with_min)) for n, k in ((4096, 4096), (28672, 4096), (4096, 14336)))
 
     def run(wo, w13, w2, a, g, r):
         x, xv = gemv_quant.gemv_quant(wo, a, residual=r, int8_out=True, norm_out=(g, 1e-5))
@@ -213,8 +213,9 @@ def test_gemv_forms_lower(dtype, n, k, form):
     assert len(names) == 1 and names[0].startswith(f"gemv{'_gated' if form.get('gated') else ''}_{n_out}x{k}_")
 
 
-@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int4:128", False),
-                                          ("int8_g32", True), ("fp8", False), ("fp8_e5m2", False)])  # fmt: skip
+@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int4", "f16"),
+                                          ("int4:128", False), ("int8_g32", True), ("fp8", False),
+                                          ("fp8_e5m2", False)])  # fmt: skip
 @pytest.mark.parametrize("n,k,form", [(6144, 4096, dict(norm=True)), (28672, 4096, dict(gated=True, norm=True)),
                                       (4096, 14336, dict(residual=True)), (3072, 576, dict(gated=True, norm=True)),
                                       (576, 1536, dict(residual=True))])  # fmt: skip
@@ -236,8 +237,8 @@ def test_quantized_gemv_forms_lower(fmt, with_min, n, k, form):
         assert "fma.rn.f32" in gpu_lowering(run, *args)
 
 
-@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int8_g32", True),
-                                          ("iq4", False)])  # fmt: skip
+@pytest.mark.parametrize("fmt,with_min", [("int8", False), ("int4", False), ("int4", True), ("int4", "f16"),
+                                          ("int8_g32", True), ("iq4", False)])  # fmt: skip
 @pytest.mark.parametrize("n,k,form", [(6144, 4096, {}), (28672, 4096, dict(gated=True)),
                                       (4096, 14336, dict(residual=True))])  # fmt: skip
 def test_int8_activation_gemv_forms_lower(fmt, with_min, n, k, form):

@@ -37,13 +37,14 @@ ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (format, group, with_min)
+# (format, group, mins: False, True (quantize's zero points, --quant=int4's) or "f16" (GGUF's Q4_1 form))
 FORMATS = [
     ("int8", None, False),  # per output channel
     ("int8", 32, False),  # GGUF Q8_0's form (and Q5_0's)
     ("int8", 16, False),  # Q6_K's
     ("int4", 32, False),  # Q4_0's
-    ("int4", 32, True),  # Q4_1's
+    ("int4", 32, True),  # --quant=int4's
+    ("int4", 32, "f16"),  # Q4_1's
     ("int4", 64, True),
     ("int4", 128, False),
     ("fp8_e4m3", None, False),
@@ -51,7 +52,7 @@ FORMATS = [
     ("fp8_e4m3", 32, False),  # --quant=fp8's form
     ("fp8_e5m2", 32, False),
 ]
-FMT_IDS = [f"{f}-g{g}-{'min' if m else 'sym'}" for f, g, m in FORMATS]
+FMT_IDS = [f"{f}-g{g}-{ {True: 'zp', 'f16': 'min'}.get(m, 'sym') }" for f, g, m in FORMATS]
 
 
 @pytest.fixture
@@ -66,6 +67,14 @@ def _quantized_in_the_pytree(monkeypatch):
     monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", False)
 
 
+def _quantize(w, fmt, group, with_min, **kw):
+    """quant.quantize's matrix; with_min "f16": its zero points as f16 mins (GGUF's Q4_1 form)."""
+    qm = quant.quantize(w, fmt, group, with_min=bool(with_min), **kw)
+    if with_min == "f16":
+        qm = dataclasses.replace(qm, min=quant.mins_of(qm.scale, qm.min).astype(np.float16))
+    return qm
+
+
 def _weights(rng, n, k):
     # Rows of different magnitudes, a few outliers: per-row and per-group scales must both matter.
     w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.01, 2.0, (n, 1)).astype(np.float32)
@@ -76,7 +85,7 @@ def _weights(rng, n, k):
 @pytest.mark.parametrize("fmt,group,with_min", FORMATS, ids=FMT_IDS)
 def test_quantize_dequantize_within_the_format_bound(rng, fmt, group, with_min):
     w = _weights(rng, 48, 512)
-    qm = quant.quantize(w, fmt, group, with_min=with_min)
+    qm = _quantize(w, fmt, group, with_min)
     assert qm.shape == w.shape and qm.group == (group or 512)
     err = np.abs(np.asarray(quant.dequantize(qm, jnp.float32)) - w)
     bound = quant.error_bound(w, qm)
@@ -156,7 +165,7 @@ SMALL = (8, 64, 4, 2)  # block_n, block_k (stored columns), warps, stages: grids
 
 
 def _check_gemv(rng, fmt, group, with_min, dtype, n=64, k=256, config=SMALL, **form):
-    qm = jax.device_put(dataclasses.replace(quant.quantize(_weights(rng, n, k), fmt, group, with_min=with_min), dtype=dtype))
+    qm = jax.device_put(dataclasses.replace(_quantize(_weights(rng, n, k), fmt, group, with_min), dtype=dtype))
     x = jnp.asarray(rng.standard_normal(k), dtype)
     gated = form.pop("gated", False)
     n_out = n // 2 if gated else n
@@ -188,7 +197,7 @@ def test_gemv_quant_matches_reference(rng, fmt, group, with_min, form):
 
 
 @pytest.mark.parametrize(
-    "fmt,group,with_min", [FORMATS[i] for i in (1, 4, 7, 9)], ids=[FMT_IDS[i] for i in (1, 4, 7, 9)]
+    "fmt,group,with_min", [FORMATS[i] for i in (1, 4, 5, 8, 10)], ids=[FMT_IDS[i] for i in (1, 4, 5, 8, 10)]
 )
 def test_gemv_quant_bf16_with_norm(rng, fmt, group, with_min):
     _check_gemv(rng, fmt, group, with_min, jnp.bfloat16, norm=True)
@@ -197,7 +206,7 @@ def test_gemv_quant_bf16_with_norm(rng, fmt, group, with_min):
 @pytest.mark.parametrize("fmt,group,with_min", [("int4", 32, True), ("int8", None, False)])
 def test_gemv_quant_writes_f32_for_a_16_bit_x(rng, fmt, group, with_min):
     # Tensor parallelism sums the devices' partial products in f32 (ops.linear): the kernel writes them unrounded.
-    qm = quant.quantize(_weights(rng, 64, 256), fmt, group, with_min=with_min, dtype="bfloat16")
+    qm = _quantize(_weights(rng, 64, 256), fmt, group, with_min, dtype="bfloat16")
     qm, x = jax.device_put(qm), jnp.asarray(rng.standard_normal(256), jnp.bfloat16)
     out = gemv_quant(qm, x, config=SMALL, out_dtype=jnp.float32, interpret=INTERPRET)
     ref = np.asarray(gemv_quant_reference(qm, x, out_dtype=jnp.float32))
@@ -217,8 +226,8 @@ def test_gemv_quant_smollm2_row_length(rng, fmt, group, with_min, k):
 
 # -- int8 activations -----------------------------------------------------------------------
 
-ACT8_FORMATS = [("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("int4", 32, True)]
-ACT8_IDS = [f"{f}-g{g}-{'min' if m else 'sym'}" for f, g, m in ACT8_FORMATS]
+ACT8_FORMATS = [("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("int4", 32, True), ("int4", 32, "f16")]
+ACT8_IDS = [f"{f}-g{g}-{ {True: 'zp', 'f16': 'min'}.get(m, 'sym') }" for f, g, m in ACT8_FORMATS]
 
 
 def test_int8_activation_rounds_each_block_within_half_a_step(rng):
@@ -266,7 +275,7 @@ def _a8_case(rng, fmt, group, with_min, form, dtype):
     """A (n, 256) matrix of `fmt` as quantize leaves it and marked for int8 activations, and gemv_quant's
     keyword arguments for `form` (gated, norm, bias, residual), all drawn fresh."""
     n = 128 if form.get("gated") else 64
-    plain = jax.device_put(dataclasses.replace(quant.quantize(_weights(rng, n, 256), fmt, group, with_min=with_min),
+    plain = jax.device_put(dataclasses.replace(_quantize(_weights(rng, n, 256), fmt, group, with_min),
                                                dtype=dtype))  # fmt: skip
     n_out = n // 2 if form.get("gated") else n
     args = {"gated": form.get("gated", False)}
@@ -358,7 +367,7 @@ def test_iq4_multiplies_int8_activations_only(rng):
 @pytest.mark.parametrize("fmt,group,with_min", [("int4", 32, True), ("int8", 32, False), ("int8", None, False)])
 def test_gemv_quant_with_int8_activations_smollm2_row_length(rng, fmt, group, with_min):
     # 576 columns (SmolLM2's dim, its shipped Q4_1 / Q8_0 blocks): 18 blocks of 32, chunks of two.
-    qm = quant.quantize(_weights(rng, 64, 576), fmt, group, with_min=with_min)
+    qm = _quantize(_weights(rng, 64, 576), fmt, group, with_min)
     qm = quant.with_int8_activations(jax.device_put(qm))
     x = jnp.asarray(rng.standard_normal(576), jnp.float32)
     norm = (jnp.asarray(1 + 0.1 * rng.standard_normal(576), jnp.float32), 1e-5)
@@ -544,7 +553,7 @@ def test_int8_activations_need_integer_weights(tiny_dir):
 @pytest.mark.parametrize("fmt,group,with_min", FORMATS, ids=FMT_IDS)
 def test_xla_decode_product_matches_reference(rng, fmt, group, with_min):
     # quant.matmul's one-token form (multiply-then-sum, scales per group) and its chunk form.
-    qm = jax.device_put(quant.quantize(_weights(rng, 64, 256), fmt, group, with_min=with_min))
+    qm = jax.device_put(_quantize(_weights(rng, 64, 256), fmt, group, with_min))
     x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
     dense = np.asarray(quant.dequantize(qm, jnp.float32))
     want = np.asarray(x) @ dense.T
@@ -788,7 +797,8 @@ def test_bench_rows_time_the_loaders_forms(rng, monkeypatch, choice):
     for field in ("wqkv", "w2", "lm_head", "embed"):
         loaded = quant.load_field(choice, field, ["w"], None, lambda name: w, "bfloat16")
         form = row_form(choice, field, 256)
-        assert form == (loaded.fmt, None if loaded.group == 256 else loaded.group, loaded.min is not None), field
+        mins = None if loaded.min is None else loaded.min.dtype.name
+        assert form == (loaded.fmt, None if loaded.group == 256 else loaded.group, mins), field
         drawn = random_quantized((64, 256), form, seed=0)
         arrays = lambda m: [(a.shape, a.dtype) for a in (m.q, m.scale, m.min) if a is not None]  # noqa: E731
         assert arrays(drawn) == arrays(loaded), field

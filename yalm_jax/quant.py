@@ -14,6 +14,8 @@ Formats, for a matrix W (N, K) split along K into groups of `group` columns
 * ``int4``: q uint8 (N, K/2), two values per byte. Within each group, byte j
   holds column j in its low nibble and column j + group/2 in its high nibble
   (GGUF's Q4 block layout). W = scale * (q - 8), or scale * q + min with a min.
+  `quantize`'s mins are zero points: min uint8 z, the min -scale * z / 16
+  (`mins`; a third of f16 mins' bytes, within 1/32 of a step of the best min).
 * ``iq4``: q int32 (N, K/8), each nibble a code for one of 16 levels (IQ4_LEVELS,
   GGUF's IQ4_NL and IQ4_XS); W = scale * level. Only GGUF's blocks make it. Within
   each group, word w holds int4's bytes 4w .. 4w + 3 with their nibbles sorted:
@@ -59,6 +61,9 @@ FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
 CHOICES = ("none", "native", "int8", "int4", "fp8", "fp8_e5m2")
 INT4_GROUPS = (32, 64, 128)
 DEFAULT_INT4_GROUP = 32  # SmolLM2 perplexity: +0.07% at 32, +33% at 64 (BENCHMARKS.md)
+# quantize's int4 mins are zero points in steps of scale / ZERO_POINT_STEPS: SmolLM2's perplexity +0.51% against
+# bf16 where f16 mins read +0.10% (BENCHMARKS.md run 26), for 4.75 bits a weight against 5.
+ZERO_POINT_STEPS = 16
 # SmolLM2 perplexity against bf16 weights (BENCHMARKS.md): +0.44% in groups of 32, +1.20% with one scale a row.
 FP8_GROUP = 32
 FP8_SCALE_STEPS = 16  # candidate fp8 scales tried per group, spaced evenly over one octave
@@ -98,7 +103,9 @@ class QuantizedMatrix:
 
     q: jax.Array  # int8 / uint8 / float8 (N, row bytes), or int32 words (N, row bytes / 4): iq4, int8_activations
     scale: jax.Array  # (N, K // group)
-    min: jax.Array | None  # (N, K // group), int4, or int8 in groups (GGUF's Q5_1, Q5_K, Q2_K); None: symmetric
+    # (N, K // group), int4, or int8 in groups (GGUF's Q5_1, Q5_K, Q2_K): f16 mins, or uint8 zero points (`mins`);
+    # None: symmetric
+    min: jax.Array | None
     fmt: str
     group: int
     dtype: str = "float32"
@@ -294,11 +301,12 @@ def quantize(w: np.ndarray, fmt: str, group: int | None = None, *, with_min: boo
     if fmt == "int4":
         g = pick_group(k, group or DEFAULT_INT4_GROUP)
         wg = w.reshape(n, k // g, g)
-        if with_min:
-            lo, hi = wg.min(-1), wg.max(-1)
+        if with_min:  # a zero point: the range holds 0, so z = -16 lo / scale is 0..240
+            lo, hi = np.minimum(wg.min(-1), 0), np.maximum(wg.max(-1), 0)
             scale = _scale((hi - lo) / 15.0, g, k)
-            mn = lo.astype(np.float16)
-            q = np.clip(np.rint((wg - mn[..., None].astype(np.float32)) / _safe(scale)[..., None]), 0, 15)
+            s = _safe(scale).astype(np.float32)
+            mn = np.rint(-ZERO_POINT_STEPS * lo / s).astype(np.uint8)
+            q = np.clip(np.rint((wg - mins_of(scale, mn)[..., None]) / s[..., None]), 0, 15)
         else:
             scale = _scale(np.abs(wg).max(-1) / 7.0, g, k)
             mn = None
@@ -615,13 +623,21 @@ def _values(w: QuantizedMatrix) -> jax.Array:
     return w.q_bytes().astype(jnp.float32)
 
 
+def mins_of(scale, mn):
+    """The f32 mins of a matrix whose scales are `scale` and mins `mn` (f16 mins, or uint8 zero points z: the
+    min -scale * z / ZERO_POINT_STEPS); numpy in, numpy out."""
+    if mn.dtype == np.uint8:
+        return -scale.astype(np.float32) * mn.astype(np.float32) * (1 / ZERO_POINT_STEPS)
+    return mn.astype(np.float32)
+
+
 def dequantize(w: QuantizedMatrix, dtype=None) -> jax.Array:
     """The dense (N, K) matrix, in `dtype` (default: the compute dtype), computed in f32."""
     n, k = w.shape
     g = w.group
     v = _values(w).reshape(n, k // g, g) * w.scale.astype(jnp.float32)[..., None]
     if w.min is not None:
-        v = v + w.min.astype(jnp.float32)[..., None]
+        v = v + mins_of(w.scale, w.min)[..., None]
     return v.reshape(n, k).astype(dtype or w.dtype)
 
 
@@ -640,7 +656,7 @@ def matmul(x: jax.Array, w: QuantizedMatrix) -> jax.Array:
     part = jnp.sum(_values(w).reshape(view) * xg.reshape(view[1:])[None], axis=-1).reshape(n, k // g)
     y = jnp.sum(part * w.scale.astype(jnp.float32), axis=-1)
     if w.min is not None:
-        y = y + jnp.sum(w.min.astype(jnp.float32) * jnp.sum(xg, axis=-1)[None], axis=-1)
+        y = y + jnp.sum(mins_of(w.scale, w.min) * jnp.sum(xg, axis=-1)[None], axis=-1)
     return y[None]
 
 
@@ -656,7 +672,7 @@ def error_bound(w: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
         tiny = float(info.smallest_subnormal) / 2
         return s * np.maximum(rel * np.abs(w) / s, tiny) * (1 + 1e-6)
     bound = 0.5 * s
-    if qm.min is not None:  # the f16 min is rounded too: values at the group's low end may sit below it
+    if qm.min is not None and qm.min.dtype != np.uint8:  # an f16 min is rounded: the group's low end may sit below it
         m = np.repeat(np.asarray(qm.min, np.float32), g, axis=1)
         bound = bound + 2.0**-11 * np.abs(m)
     return bound * (1 + 1e-5) + 1e-7
