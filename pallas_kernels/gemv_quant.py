@@ -129,9 +129,9 @@ CONFIGS: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {
     ("4bit_a8", 1536, 576, True): (4, 2048, 8, 2),
     ("4bit_a8", 576, 1536, False): (8, 2048, 8, 2),
     ("4bit_a8", 49152, 576, False): (16, 512, 4, 2),
-    # int4 with mins (--quant=int4's form, GGUF's Q4_1): wqkv 8.73 us against 9.28 on int4's tile, w2 reading h
-    # rounded 15.34 against ~16 (sweep:int4_min_a8 and sweep:int4_min_a8:mistral_int8_h 2026-11-27, H100;
-    # KERNEL_NOTES.md run 26). Elsewhere it takes int4's.
+    # int4 with mins (GGUF's Q4_1 f16 ones; --quant=int4's zero points): wqkv 8.73 us against 9.28 on int4's
+    # tile, w2 reading h rounded 15.34 against ~16 (sweep:int4_min_a8 and sweep:int4_min_a8:mistral_int8_h
+    # 2026-11-27, H100, f16 mins; KERNEL_NOTES.md run 26). Elsewhere it takes int4's.
     ("4bit_min_a8", 6144, 4096, False): (16, 1024, 8, 2),
     ("4bit_min_a8", 4096, 14336, False): (8, 2048, 8, 2),
     # iq4's lookups (more instructions a word than int4's) want shorter chunks on w13 (which rounds h for w2),

@@ -775,7 +775,8 @@ def random_quantized(shape: tuple[int, int], form: str | tuple, seed: int):
         q = as_words(q) if fmt == "iq4" else q
     else:
         q = jax.random.normal(k1, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
-    mn = {None: None, "float16": (-8 * scale).astype(jnp.float16), "uint8": jnp.full(scale.shape, 128, jnp.uint8)}[min_dtype]
+    mins = {"float16": lambda: (-8 * scale).astype(jnp.float16), "uint8": lambda: jnp.full(scale.shape, 128, jnp.uint8)}
+    mn = mins[min_dtype]() if min_dtype else None
     return QuantizedMatrix(q=q, scale=scale, min=mn, fmt=fmt, group=group, dtype="bfloat16")
 
 
@@ -788,7 +789,8 @@ def row_form(row: str, field: str, k: int) -> tuple[str, int | None, str | None]
         return fmt, group, "float16" if has_min else None
     fmt, group = quant.field_form(row, field, is_moe=False)
     one_row = quant.quantize(np.ones((1, k), np.float32), fmt, group, with_min=True)  # as load_field quantizes
-    return one_row.fmt, None if one_row.group == k else one_row.group, None if one_row.min is None else one_row.min.dtype.name
+    min_dtype = None if one_row.min is None else one_row.min.dtype.name
+    return one_row.fmt, None if one_row.group == k else one_row.group, min_dtype
 
 
 def part_quant(res, roof, smoke):

@@ -48,8 +48,8 @@ def compiled_kernels(monkeypatch):
 
 
 def quantized(n: int, k: int, fmt: str, dtype: str, with_min: bool | str = False) -> quant.QuantizedMatrix:
-    """An abstract (n, k) QuantizedMatrix in `fmt`, its parts' dtypes and widths taken from a real one; with_min
-    True: quantize's mins (int4's zero points), "f16": f16 mins (GGUF's Q4_1 form).
+    """An abstract (n, k) QuantizedMatrix in `fmt`, its parts' dtypes and widths taken from a real one;
+    with_min True: quantize's mins (int4's zero points), "f16": f16 mins (GGUF's Q4_1 form).
     "int8_g32" with a min is GGUF's Q5_K form (int8 in groups of 32 with an f16 min a group), "iq4" its IQ4_NL
     and IQ4_XS form (int4's layout held as int32 words, levels for codes, f16 scales in groups of 32): only
     GGUF blocks make them."""
@@ -179,7 +179,8 @@ def test_int8_vector_gemv_forms_lower(fmt, with_min):
     def a8(w):
         return dataclasses.replace(w, q=SDS((w.q.shape[0], w.q.shape[1] // 4), jnp.int32), int8_activations=True)
 
-    wo, w13, w2 = (a8(quantized(n, k, fmt, "bfloat16", with_min)) for n, k in ((4096, 4096), (28672, 4096), (4096, 14336)))
+    shapes = ((4096, 4096), (28672, 4096), (4096, 14336))
+    wo, w13, w2 = (a8(quantized(n, k, fmt, "bfloat16", with_min)) for n, k in shapes)
 
     def run(wo, w13, w2, a, g, r):
         x, xv = gemv_quant.gemv_quant(wo, a, residual=r, int8_out=True, norm_out=(g, 1e-5))

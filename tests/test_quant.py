@@ -226,7 +226,8 @@ def test_gemv_quant_smollm2_row_length(rng, fmt, group, with_min, k):
 
 # -- int8 activations -----------------------------------------------------------------------
 
-ACT8_FORMATS = [("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("int4", 32, True), ("int4", 32, "f16")]
+ACT8_FORMATS = [("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("int4", 32, True),
+                ("int4", 32, "f16")]
 ACT8_IDS = [f"{f}-g{g}-{ {True: 'zp', 'f16': 'min'}.get(m, 'sym') }" for f, g, m in ACT8_FORMATS]
 
 
