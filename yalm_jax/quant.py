@@ -15,7 +15,7 @@ Formats, for a matrix W (N, K) split along K into groups of `group` columns
   holds column j in its low nibble and column j + group/2 in its high nibble
   (GGUF's Q4 block layout). W = scale * (q - 8), or scale * q + min with a min.
   `quantize`'s mins are zero points: min uint8 z, the min -scale * z / 16
-  (`mins`; a third of f16 mins' bytes, within 1/32 of a step of the best min).
+  (`mins_of`; half an f16 min's bytes, within 1/32 of a step of the best min).
 * ``iq4``: q int32 (N, K/8), each nibble a code for one of 16 levels (IQ4_LEVELS,
   GGUF's IQ4_NL and IQ4_XS); W = scale * level. Only GGUF's blocks make it. Within
   each group, word w holds int4's bytes 4w .. 4w + 3 with their nibbles sorted:
@@ -103,7 +103,7 @@ class QuantizedMatrix:
 
     q: jax.Array  # int8 / uint8 / float8 (N, row bytes), or int32 words (N, row bytes / 4): iq4, int8_activations
     scale: jax.Array  # (N, K // group)
-    # (N, K // group), int4, or int8 in groups (GGUF's Q5_1, Q5_K, Q2_K): f16 mins, or uint8 zero points (`mins`);
+    # (N, K // group), int4, or int8 in groups (GGUF's Q5_1, Q5_K, Q2_K): f16 mins, or uint8 zero points (`mins_of`);
     # None: symmetric
     min: jax.Array | None
     fmt: str
