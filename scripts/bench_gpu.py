@@ -761,9 +761,9 @@ FORMS = {
 def random_quantized(shape: tuple[int, int], form: str | tuple, seed: int):
     """A random QuantizedMatrix of `shape` in `form`, a FORMS name or its (format, group, min dtype) (values
     don't set the speed; the bytes do): f16 scales for groups, mins -8 scales."""
-    fmt, group, min_dtype = FORMS[form] if isinstance(form, str) else form
-    from yalm_jax.quant import QuantizedMatrix, as_words
+    from yalm_jax.quant import ZERO_POINT_STEPS, QuantizedMatrix, as_words
 
+    fmt, group, min_dtype = FORMS[form] if isinstance(form, str) else form
     n, k = shape
     group = group or k
     k1, k2 = jax.random.split(jax.random.key(seed))
@@ -775,15 +775,18 @@ def random_quantized(shape: tuple[int, int], form: str | tuple, seed: int):
         q = as_words(q) if fmt == "iq4" else q
     else:
         q = jax.random.normal(k1, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
-    mins = {"float16": lambda: (-8 * scale).astype(jnp.float16), "uint8": lambda: jnp.full(scale.shape, 128, jnp.uint8)}
-    mn = mins[min_dtype]() if min_dtype else None
+    mn = None
+    if min_dtype == "float16":
+        mn = (-8 * scale).astype(jnp.float16)
+    elif min_dtype == "uint8":  # the same min as a zero point
+        mn = jnp.full(scale.shape, 8 * ZERO_POINT_STEPS, jnp.uint8)
     return QuantizedMatrix(q=q, scale=scale, min=mn, fmt=fmt, group=group, dtype="bfloat16")
 
 
 def row_form(row: str, field: str, k: int) -> tuple[str, int | None, str | None]:
     """The form of field's (., k) matrix in a row of the quant part: a GGUF type's form on every matrix, as
-    `llama-quantize --pure` writes it, or what `--quant=row` makes of it (quant.load_field: int4 with a min a
-    group, the embedding and output matrix int8 under int4 and fp8): FORMS' triples."""
+    `llama-quantize --pure` writes it, or what `--quant=row` makes of it (quant.load_field: int4 with a zero point
+    a group, the embedding and output matrix int8 under int4 and fp8): FORMS' triples."""
     if row in quant.GGUF_TYPES:
         fmt, group, has_min, _, _ = quant.GGUF_TYPES[row]
         return fmt, group, "float16" if has_min else None

@@ -53,6 +53,7 @@ FORMATS = [
     ("fp8_e5m2", 32, False),
 ]
 FMT_IDS = [f"{f}-g{g}-{ {True: 'zp', 'f16': 'min'}.get(m, 'sym') }" for f, g, m in FORMATS]
+FMT_ID = dict(zip(FORMATS, FMT_IDS))
 
 
 @pytest.fixture
@@ -73,6 +74,20 @@ def _quantize(w, fmt, group, with_min, **kw):
     if with_min == "f16":
         qm = dataclasses.replace(qm, min=quant.mins_of(qm.scale, qm.min).astype(np.float16))
     return qm
+
+
+def test_int4_zero_point_known_answer():
+    # One group from -1.5 to 3 (0 at the 9th step, then 1.5 at every 5th): scale 4.5 / 15 = 0.3, zero point
+    # z = 16 * 1.5 / 0.3 = 80 (min -1.5), every value on the grid; a group all above 0 widens its range to 0.
+    w = np.zeros((2, 32), np.float32)
+    w[0, :16] = np.linspace(-1.5, 3.0, 16)
+    w[1] = np.linspace(0.5, 2.0, 32)
+    qm = quant.quantize(w, "int4", 32, with_min=True)
+    assert qm.min.dtype == np.uint8 and qm.min[:, 0].tolist() == [80, 0]
+    np.testing.assert_allclose(np.asarray(qm.scale, np.float32)[:, 0], [0.3, 2.0 / 15], rtol=1e-3)
+    np.testing.assert_allclose(quant.mins_of(np.asarray(qm.scale), qm.min)[0, 0], -1.5, rtol=1e-3)
+    # On the grid but for the scale's rounding to f16 (0.2998...): at most 15 of its 2e-4.
+    np.testing.assert_allclose(np.asarray(quant.dequantize(qm, jnp.float32))[0], w[0], atol=4e-3)
 
 
 def _weights(rng, n, k):
@@ -228,7 +243,7 @@ def test_gemv_quant_smollm2_row_length(rng, fmt, group, with_min, k):
 
 ACT8_FORMATS = [("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("int4", 32, True),
                 ("int4", 32, "f16")]
-ACT8_IDS = [f"{f}-g{g}-{ {True: 'zp', 'f16': 'min'}.get(m, 'sym') }" for f, g, m in ACT8_FORMATS]
+ACT8_IDS = [FMT_ID[f] for f in ACT8_FORMATS]
 
 
 def test_int8_activation_rounds_each_block_within_half_a_step(rng):
