@@ -527,8 +527,8 @@ def gemv_quant(
         out_specs = (vec_n, *(pl.BlockSpec((block,), lambda i: (i,)) for _, block, _ in sizes))
 
     common = dict(bn=bn, ng=ng, symmetric=w.fmt == "int4" and w.min is None, per_channel=per_channel, gated=gated,
-                  activation=activation, has_min=w.min is not None,
-                  zero_point=w.min is not None and w.min.dtype == jnp.uint8, has_bias=bias is not None,
+                  activation=activation, has_min=w.min is not None, zero_point=w.zero_points,
+                  has_bias=bias is not None,
                   has_res=residual is not None, interpret=interpret)  # fmt: skip
     kernel = functools.partial(_kernel, k=k, fmt=w.fmt, int8_activations=act8, x_rounded=x_rounded,
                                int8_out=int8_out, has_norm=norm is not None or normed_vector,

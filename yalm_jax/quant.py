@@ -134,6 +134,11 @@ class QuantizedMatrix:
         return sum(x.nbytes for x in (self.q, self.scale, self.min) if x is not None)
 
     @property
+    def zero_points(self) -> bool:
+        """Whether its mins are uint8 zero points (`mins_of`) rather than f16 mins."""
+        return self.min is not None and self.min.dtype == np.uint8
+
+    @property
     def stored_form(self) -> StoredForm:
         return StoredForm(self.fmt, self.group, self.min is not None, self.nbytes)
 
@@ -672,7 +677,7 @@ def error_bound(w: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
         tiny = float(info.smallest_subnormal) / 2
         return s * np.maximum(rel * np.abs(w) / s, tiny) * (1 + 1e-6)
     bound = 0.5 * s
-    if qm.min is not None and qm.min.dtype != np.uint8:  # an f16 min is rounded: the group's low end may sit below it
+    if qm.min is not None and not qm.zero_points:  # an f16 min is rounded: the group's low end may sit below it
         m = np.repeat(np.asarray(qm.min, np.float32), g, axis=1)
         bound = bound + 2.0**-11 * np.abs(m)
     return bound * (1 + 1e-5) + 1e-7
