@@ -577,6 +577,31 @@ def test_xla_decode_product_matches_reference(rng, fmt, group, with_min):
     np.testing.assert_allclose(np.asarray(jax.jit(quant.matmul)(x, qm)), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="a GPU keeps weights quantized in the graph; the CPU dequantizes at load")
+def test_prefill_holds_one_dense_matrix_at_a_time(rng):
+    # At Mistral-7B's width XLA computed every layer's dequantize ahead of the first layer, a dense copy of all
+    # the layers' matrices in temporary memory (13.7 w13s' worth for these 8 layers), until quant.matmul tied
+    # each to its product's input. (Narrower models never showed it.) The products' values:
+    # test_xla_decode_product_matches_reference.
+    from bench_gpu import make_cfg, random_cache, random_quantized, random_weights, row_form
+
+    from yalm_jax import generate
+
+    cfg = dataclasses.replace(make_cfg("mistral7b", "bfloat16"), n_layers=8, vocab_size=1024)
+    dense = random_weights(cfg, seed=int(rng.integers(1 << 30)))
+    seeds = iter(rng.integers(1 << 30, size=4 * cfg.n_layers).tolist())
+    layers = [dataclasses.replace(layer, **{
+        f: random_quantized(getattr(layer, f).shape, row_form("int4", f, getattr(layer, f).shape[1]), next(seeds))
+        for f in ("wqkv", "wo", "w13", "w2")}) for layer in dense.layers]  # fmt: skip
+    weights = dataclasses.replace(dense, layers=layers)
+    progs = generate.Programs()
+    logits, _ = generate.prefill(weights, random_cache(cfg, 1024), list(range(64)), 0, cfg, chunk=64,
+                                 backend="pallas", programs=progs)  # fmt: skip
+    assert bool(jnp.isfinite(logits).all())
+    temp = sum(exe.memory_analysis().temp_size_in_bytes for exe in progs._exe.values())
+    assert temp < 2 * (2 * cfg.hidden_dim * cfg.dim * 2)  # two dense bf16 w13s
+
+
 # -- models ---------------------------------------------------------------------------------
 
 # ||logits - dense|| / ||dense|| of the random tiny model (64 wide, random weights amplify every error;

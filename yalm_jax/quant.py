@@ -385,7 +385,9 @@ def unpack_int4(packed, group: int):
     xp = jnp if isinstance(packed, jax.Array) else np
     n, kh = packed.shape
     b = packed.reshape(n, kh // (group // 2), 1, group // 2)
-    return xp.concatenate([b & 15, b >> 4], axis=2).reshape(n, 2 * kh)
+    # A broadcast shift, not a concatenation of the two nibbles: XLA GPU's concatenate fusion wrote the dense
+    # matrix at half the bandwidth (BENCHMARKS.md run 28).
+    return ((b >> xp.asarray([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15).reshape(n, 2 * kh)
 
 
 # -- GGUF blocks ----------------------------------------------------------------------------
@@ -652,6 +654,10 @@ def matmul(x: jax.Array, w: QuantizedMatrix) -> jax.Array:
     a chunk: dequantize, then one matrix product."""
     n, k = w.shape
     if x.shape[0] != 1:
+        # The dequantize made to wait for x, so one matrix's dense copy is live at a time: XLA GPU otherwise
+        # computed every layer's ahead of the first layer (int4 Mistral-7B, 512 tokens: 9.8 GB of temporaries).
+        scale, x = lax.optimization_barrier((w.scale, x))
+        w = dataclasses.replace(w, scale=scale)
         return jnp.einsum("si,oi->so", x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
     g = w.group
     xg = x[0].astype(jnp.float32).reshape(k // g, g)
