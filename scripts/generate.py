@@ -51,7 +51,7 @@ flags.DEFINE_string(
     "quant", None,
     "Weights: none (dense), native (keep a GGUF file's Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/IQ4_NL/Q2_K-Q6_K/IQ4_XS blocks "
     "quantized), or quantize at load: int8, int4[:32|64|128], fp8 (e4m3), fp8_e5m2. Default: a quantized "
-    "checkpoint as stored, else none.",
+    "checkpoint as stored, a GGUF file's blocks too on a GPU (on the CPU dense), else none.",
 )  # fmt: skip
 flags.DEFINE_bool(
     "int8_activations", False,

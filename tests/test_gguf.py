@@ -451,7 +451,7 @@ def test_every_mapped_type_keeps_its_blocks_in_the_model(tmp_path, monkeypatch):
                 "output_norm.weight": norm(), "blk.0.attn_norm.weight": norm(), "blk.0.ffn_norm.weight": norm()}
     hp = dict(n_layers=1, dim=dim, hidden=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=hd)
     path = write_gguf(tmp_path / "small_types.gguf", tensors, vocab=vocab, hp=hp)
-    dense = load_model(path, "float32")
+    dense = load_model(path, "float32", quant="none")
     cfg, source, _ = open_gguf(path, "float32")
     for int8_activations, iq4_form in ((False, ("int8", 32, False)), (True, ("iq4", 32, False))):
         native = load_model(path, "float32", quant="native", int8_activations=int8_activations)

@@ -661,7 +661,7 @@ def test_tiny_model_quantized_at_load_is_close_to_dense(tiny_dir, rng, choice):
 def test_smollm2_native_blocks_compute_the_dense_model(smollm2_gguf):
     from yalm_jax.loading import load_model
 
-    dense = load_model(smollm2_gguf)
+    dense = load_model(smollm2_gguf, quant="none")
     lm = load_model(smollm2_gguf, quant="native")
     w = lm.weights
     assert all(isinstance(x, quant.QuantizedMatrix) for x in (w.embed, w.layers[0].wqkv, w.layers[0].w13, w.layers[0].w2))
@@ -679,6 +679,22 @@ def test_cpu_default_dequantizes_at_load(tiny_dir, monkeypatch):
     lm = load_model(tiny_dir, quant="int8")
     on_cpu = jax.default_backend() == "cpu"
     assert isinstance(lm.weights.layers[0].wo, jax.Array) == on_cpu
+
+
+def test_a_gguf_keeps_its_blocks_by_default_where_weights_stay_quantized(smollm2_gguf, tiny_dir, monkeypatch):
+    # On the CPU, which computes with weights dequantized at load, a GGUF file loads through gguf's own
+    # dequantization; where weights stay quantized (a GPU; on the CPU DEQUANTIZE_ON_CPU off) its blocks stay as
+    # stored, the Q4_1 matrices as int4 with mins. A dense checkpoint loads dense either way.
+    from yalm_jax.loading import load_model
+
+    for keeps in (False, True):
+        monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", not keeps)
+        w13 = load_model(smollm2_gguf).weights.layers[0].w13
+        if keeps or ON_GPU:
+            assert quant.is_quantized(w13) and (w13.fmt, w13.group, w13.min is not None) == ("int4", 32, True)
+        else:
+            assert isinstance(w13, jax.Array) and w13.dtype == jnp.float32
+        assert isinstance(load_model(tiny_dir).weights.layers[0].w13, jax.Array)
 
 
 @pytest.mark.parametrize("choice", ["int4:32", "fp8"])
@@ -751,7 +767,7 @@ def test_a_quantized_model_fits_where_its_dense_form_does_not(tiny_dir):
 
 
 def test_a_gguf_too_large_dense_is_pointed_at_its_blocks(smollm2_gguf, monkeypatch):
-    # SmolLM2's Q4_1 file loads dense by default; on a device that holds its blocks but not its dense form the
+    # SmolLM2's Q4_1 file loaded dense (--quant=none); on a device that holds its blocks but not its dense form the
     # error names --quant=native (and its size) before --tp; where neither fits, only --tp.
     from yalm_jax import parallel
     from yalm_jax.errors import UserError

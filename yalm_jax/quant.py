@@ -781,9 +781,13 @@ def for_device(w: QuantizedMatrix):
 
 
 def auto_choice(source) -> str:
-    """What `load_model(quant=None)` does: a quantized checkpoint loads in its stored form ("native");
-    anything else dense ("none"), as before (see BENCHMARKS.md, Quantization, for the CPU figures)."""
-    return "native" if getattr(source, "quantized", False) else "none"
+    """What `load_model(quant=None)` does: matrices stored quantized (a checkpoint's, a GGUF file's blocks) stay
+    so ("native"), the bytes and values the file holds, except on the CPU where the source has a dense form of
+    its own (a GGUF file: gguf's dequantization, as transformers loads it): the CPU computes with weights
+    dequantized at load anyway (BENCHMARKS.md, Quantization). Anything else loads dense ("none")."""
+    if not getattr(source, "quantized", False):
+        return "none"
+    return "none" if getattr(source, "dense_form", False) and dequantizes_at_load() else "native"
 
 
 # -- checkpoints (scripts/quantize.py writes them, loading/hf.py reads them) -----------------

@@ -46,8 +46,9 @@ def load_model(
 
     `quant` (one of quant.CHOICES: none, native, int8, int4[:group], fp8, fp8_e5m2) quantizes the
     matrices at load, or with "native" keeps the blocks a GGUF file or a quantized checkpoint stores;
-    None picks quant.auto_choice (a quantized checkpoint loads as it is stored). `int8_activations`
-    rounds the vectors that int8 and int4 matrices multiply to int8 (quant.with_int8_activations).
+    None picks quant.auto_choice (a quantized checkpoint, and on a GPU a GGUF file's blocks, load as stored).
+    `int8_activations` rounds the vectors that int8 and int4 matrices multiply to int8
+    (quant.with_int8_activations).
     """
     from yalm_jax import parallel
     from yalm_jax import quant as quant_lib
@@ -68,7 +69,7 @@ def load_model(
         quant_lib.parse_choice(quant)
     except ValueError as e:
         raise UserError(str(e)) from None
-    # A GGUF file loads dense unless asked (quant.auto_choice); where its blocks kept would fit, say so.
+    # A GGUF file asked to load dense (on the CPU, by default): where its blocks kept would fit, say so.
     native = [("--quant=native", lambda: field_nbytes(cfg, source, "native", int8_activations))]
     native = native if quant == "none" else []
     parallel.check_fits(cfg, field_nbytes(cfg, source, quant, int8_activations), alternatives=native)

@@ -151,6 +151,17 @@ class GGUFSource:
             elif ".k_proj." in name:
                 self._heads[name] = n_kv_heads
 
+    # Its blocks have a dense form of their own, gguf's dequantization, which transformers loads too: what the
+    # CPU computes with (quant.auto_choice).
+    dense_form = True
+
+    @property
+    def quantized(self) -> bool:
+        """Whether a matrix is stored in blocks that --quant=native keeps."""
+        from yalm_jax import quant
+
+        return any(t.tensor_type.name in quant.GGUF_TYPES for t, _ in self._tensors.values())
+
     def has(self, name: str) -> bool:
         return name in self._tensors
 
