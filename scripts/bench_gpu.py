@@ -803,16 +803,17 @@ def part_quant(res, roof, smoke):
     Then SmolLM2's shape in its shipped Q4_1 form and the others, 128 steps from context 128."""
     dense = _quant_decodes(res.setdefault("quant", {}), roof, "toy" if smoke else "mistral7b", smoke, 32,
                            ("bf16", "int8", "int4", "fp8", "int8_a8", "int4_a8", "Q4_0", "Q4_0_a8", "Q8_0",
-                            "Q8_0_a8", "IQ4_NL_a8"))  # fmt: skip
+                            "Q8_0_a8", "IQ4_NL_a8"), prefill_rows=("bf16", "int8", "int4", "fp8", "Q4_0"))  # fmt: skip
     _kv_decodes(res["quant"], dense, "toy" if smoke else "mistral7b", smoke)
     del dense
     _quant_decodes(res.setdefault("quant_smollm2", {}), roof, "toy" if smoke else "smollm2", smoke, 128,
                    ("bf16", "Q4_1", "int8", "fp8", "Q4_1_a8", "int8_a8"))  # fmt: skip
 
 
-def _quant_decodes(out, roof, shape, smoke, n_steps, rows):
+def _quant_decodes(out, roof, shape, smoke, n_steps, rows, prefill_rows=()):
     """Decode of `shape` with random weights in each of `rows` (row_form's; `_a8`: with int8 activations),
-    each against the first (bf16), at context 128; returns the bf16 weights."""
+    each against the first (bf16), at context 128, and a prefill of 512 tokens in one chunk for `prefill_rows`;
+    returns the bf16 weights."""
     cfg = make_cfg(shape, "bfloat16")
     dense = random_weights(cfg, seed=5)
     max_context = 512 if smoke else MAX_CONTEXT
@@ -848,6 +849,14 @@ def _quant_decodes(out, roof, shape, smoke, n_steps, rows):
             )
             add_row(f"{shape} {row} weights decode, ctx {ctx}", "pallas", 1 / t, t * 1e3, nbytes / t / 1e9, roof,
                     f"{ratio:.2f}x bf16; {nbytes / 1e9:.2f} GB/token; {per_call_note(r)}, {ratio_per_call:.2f}x")  # fmt: skip
+            if row in prefill_rows:
+                n_tok = 64 if smoke else 512
+                r, cache = time_prefill(weights, cfg, cache, n_tokens=n_tok, chunk=n_tok, backend="pallas", reps=reps)
+                out[row]["prefill"] = r | {"n_tokens": n_tok}
+                base = out.get("bf16", {}).get("prefill", {})
+                add_row(f"{shape} {row} weights prefill {n_tok} tokens, one chunk", "pallas", r["tok_s"],
+                        r["s"] * 1e3 / n_tok, note=f"{r['s'] * 1e3:.1f} ms, {r['s'] / base.get('s', float('nan')):.2f}x "
+                        f"bf16's time, compile {r['compile_s']:.0f} s")  # fmt: skip
             del weights
         except Exception as e:  # noqa: BLE001
             out[row] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
