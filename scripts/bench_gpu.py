@@ -796,6 +796,24 @@ def row_form(row: str, field: str, k: int) -> tuple[str, int | None, str | None]
     return one_row.fmt, None if one_row.group == k else one_row.group, min_dtype
 
 
+def quantized_weights(dense: Weights, row: str, seed: int = 0) -> Weights:
+    """`dense` with its matrices drawn at random in `row`'s forms (row_form's; `_a8`: marked for int8
+    activations); a tied embedding, the output matrix, in the row's form too, an untied one left dense."""
+    seeds = iter(range(seed, seed + 10_000))
+
+    def q(w, field):
+        return random_quantized(w.shape, row_form(row.removesuffix("_a8"), field, w.shape[1]), next(seeds))
+
+    weights = Weights(
+        embed=q(dense.embed, "embed") if dense.lm_head is None else dense.embed,
+        final_norm=dense.final_norm,
+        lm_head=None if dense.lm_head is None else q(dense.lm_head, "lm_head"),
+        layers=[dataclasses.replace(l, **{f: q(getattr(l, f), f) for f in ("wqkv", "wo", "w13", "w2")})
+                for l in dense.layers],
+    )  # fmt: skip
+    return quant.with_int8_activations(weights) if row.endswith("_a8") else weights
+
+
 def part_quant(res, roof, smoke):
     """Mistral-7B-shaped decode with weights as --quant=int8 / int4 / fp8 make them, beside bf16, at context 128,
     and int8 / int4 again multiplying int8 activations (`_a8`: --int8_activations); then GGUF's Q4_0, Q8_0 and
@@ -822,22 +840,7 @@ def _quant_decodes(out, roof, shape, smoke, n_steps, rows, prefill_rows=()):
     cache = random_cache(cfg, max_context)
     for row in rows:
         try:
-            if row == "bf16":
-                weights = dense
-            else:
-                seeds = iter(range(10_000))
-
-                def q(w, field):
-                    return random_quantized(w.shape, row_form(row.removesuffix("_a8"), field, w.shape[1]), next(seeds))
-
-                weights = Weights(
-                    embed=q(dense.embed, "embed") if dense.lm_head is None else dense.embed,
-                    final_norm=dense.final_norm,
-                    lm_head=None if dense.lm_head is None else q(dense.lm_head, "lm_head"),
-                    layers=[dataclasses.replace(l, **{f: q(getattr(l, f), f) for f in ("wqkv", "wo", "w13", "w2")})
-                            for l in dense.layers],
-                )  # fmt: skip
-                weights = quant.with_int8_activations(weights) if row.endswith("_a8") else weights
+            weights = dense if row == "bf16" else quantized_weights(dense, row)
             wb = weight_bytes_per_token(weights, cfg)
             nbytes = wb + kv_bytes_per_token(cfg, ctx + (n_steps - 1) / 2)
             r, cache = time_decode(weights, cfg, cache, backend="pallas", ctx=ctx, n_steps=n_steps, reps=reps)

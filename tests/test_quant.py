@@ -583,17 +583,13 @@ def test_prefill_holds_one_dense_matrix_at_a_time(rng):
     # the layers' matrices in temporary memory (13.7 w13s' worth for these 8 layers), until quant.matmul tied
     # each to its product's input. (Narrower models never showed it.) The products' values:
     # test_xla_decode_product_matches_reference.
-    from bench_gpu import make_cfg, random_cache, random_quantized, random_weights, row_form
+    from bench_gpu import make_cfg, quantized_weights, random_cache, random_weights
 
     from yalm_jax import generate
 
     cfg = dataclasses.replace(make_cfg("mistral7b", "bfloat16"), n_layers=8, vocab_size=1024)
-    dense = random_weights(cfg, seed=int(rng.integers(1 << 30)))
-    seeds = iter(rng.integers(1 << 30, size=4 * cfg.n_layers).tolist())
-    layers = [dataclasses.replace(layer, **{
-        f: random_quantized(getattr(layer, f).shape, row_form("int4", f, getattr(layer, f).shape[1]), next(seeds))
-        for f in ("wqkv", "wo", "w13", "w2")}) for layer in dense.layers]  # fmt: skip
-    weights = dataclasses.replace(dense, layers=layers)
+    seed = int(rng.integers(1 << 30))
+    weights = quantized_weights(random_weights(cfg, seed=seed), "int4", seed=seed)  # --quant=int4's forms
     progs = generate.Programs()
     logits, _ = generate.prefill(weights, random_cache(cfg, 1024), list(range(64)), 0, cfg, chunk=64,
                                  backend="pallas", programs=progs)  # fmt: skip
