@@ -119,7 +119,6 @@ def run(argv: list[str]) -> int:
     else:
         os.environ.setdefault("YALM_JAX_COMPILE_CACHE", "off")
 
-    from yalm_jax import ops
     from yalm_jax.errors import UserError
     from yalm_jax.generate import ChatSession, Generator
     from yalm_jax.loading import default_model_path, load_model
@@ -139,7 +138,7 @@ def run(argv: list[str]) -> int:
         return _perplexity(lm, path, load_s, max_context, window)
     generator = Generator(
         lm.weights, lm.cfg, lm.tokenizer,
-        max_context=max_context, backend=FLAGS.backend or ops.default_backend(), seed=FLAGS.seed,
+        max_context=max_context, backend=FLAGS.backend, seed=FLAGS.seed,
         window=window, sinks=FLAGS.sinks,
         kv_dtype=FLAGS.kv_dtype,
     )  # fmt: skip

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from yalm_jax import model
+from yalm_jax import model, ops
 from yalm_jax.config import ModelConfig
 from yalm_jax.errors import UserError
 from yalm_jax.model import KVCache
@@ -359,6 +359,7 @@ class Generator:
     With `window` below `max_context`, the cache is a ring of `window` slots with
     `sinks` attention sinks (StreamingLLM, see model.KVCache): a sequence may run
     to max_context positions while attention sees the sinks and the last tokens.
+    `backend` defaults to the device's (ops.default_backend: the Pallas kernels on a GPU), as generate.py's.
     """
 
     def __init__(
@@ -368,7 +369,7 @@ class Generator:
         tokenizer,
         *,
         max_context: int,
-        backend: str = "xla",
+        backend: str | None = None,
         seed: int = 0,
         prefill_chunk: int | None = None,
         decode_chunk: int = DECODE_CHUNK,
@@ -381,7 +382,7 @@ class Generator:
         self.weights, self.cfg, self.tokenizer = weights, cfg, tokenizer
         self.max_context = max_context
         self.slots, self.ring_sinks = cache_slots(max_context, window, sinks)
-        self.backend = backend
+        self.backend = backend or ops.default_backend()
         self.kv_dtype = kv_dtype  # the KV cache's dtype (default: the compute dtype); attention upcasts
         self.prefill_chunk = prefill_chunk or default_prefill_chunk()
         self.decode_chunk = decode_chunk
