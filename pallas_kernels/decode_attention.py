@@ -84,7 +84,7 @@ def supported(t: int, hd: int) -> bool:
 
 def _attention_kernel(
     len_ref, rows_ref, *refs, n_heads, group, bt, split_t, n_merge, window, scale, has_new, rope, norm_eps,
-    dot_dtype, sync_threads,
+    dot_dtype, interpret,
 ):  # fmt: skip
     refs = list(refs)
     rope_ref = refs.pop(0) if rope else None
@@ -131,7 +131,7 @@ def _attention_kernel(
         )
         q1, q2 = prepare(q1, q2, q_norm_ref)
         q1, q2 = q1.astype(dot_dtype), q2.astype(dot_dtype)
-        precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+        precision = attention_dot_precision(dot_dtype, interpret)
 
         lo = s * split_t
         hi = jnp.minimum(lo + split_t, cached)
@@ -196,7 +196,7 @@ def _attention_kernel(
             acc_ref[s] = acc
             m_ref[s] = m
             l_ref[s] = l
-            if sync_threads:  # all threads' partials are stored before the count says so (the interpreter runs
+            if not interpret:  # all threads' partials are stored before the count says so (the interpreter runs
                 plt.debug_barrier()  # programs one at a time, and has no barrier)
             # acq_rel at GPU scope: the partials of the programs counted before are visible to the one that
             # sees the count.
@@ -233,11 +233,20 @@ def _attention_kernel(
 
 
 def attention_dot_dtype(q_dtype, cache_dtype) -> jnp.dtype:
-    """The dtype q and the cache blocks meet in for QK^T and PV (accumulating in f32): the wider of the two
-    (an f32 dot is exact, not tf32); with an fp8 cache (no implicit promotion) q's, each block upcast as loaded."""
+    """The dtype q and the cache blocks meet in for QK^T and PV (accumulating in f32): the wider of the two;
+    with an fp8 cache (no implicit promotion) q's, each block upcast as loaded."""
     if jnp.dtype(cache_dtype).itemsize == 1:
         return jnp.dtype(q_dtype)
     return jnp.dtype(jnp.promote_types(q_dtype, cache_dtype))
+
+
+def attention_dot_precision(dot_dtype, interpret: bool):
+    """How the attention kernels' dots multiply: 16-bit operands on the tensor cores as they are; f32 ones as
+    three TF32 products, errors as small as an f32 FMA dot's (an H100: decode 1.2-1.6x and a 512-token prefill
+    ~30x faster; KERNEL_NOTES.md run 29), or in the interpreter, where XLA CPU has no TF32 algorithm, exactly."""
+    if jnp.dtype(dot_dtype) != jnp.float32:
+        return None
+    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def new_split_counter(n_kv: int) -> jax.Array:
@@ -327,7 +336,7 @@ def _decode_attention_call(
     kernel = functools.partial(
         _attention_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, n_merge=n_merge, window=window,
         scale=hd**-0.5 if scale is None else scale, has_new=has_new, rope=rope_inv_freq is not None,
-        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, sync_threads=not interpret,
+        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, interpret=interpret,
     )  # fmt: skip
     o, split_counter, _, _, _, *caches = pl.pallas_call(
         kernel,

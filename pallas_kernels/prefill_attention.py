@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.decode_attention import attention_dot_dtype
+from pallas_kernels.decode_attention import attention_dot_dtype, attention_dot_precision
 from pallas_kernels.gemv import _pow2_divisor
 
 # (block_rows, block_k, num_warps, num_stages): the best of a first sweep on one H100 80GB HBM3 (2026-11-25,
@@ -53,7 +53,7 @@ def supported(t: int, hd: int) -> bool:
     return hd >= 16 and hd & (hd - 1) == 0 and t % 16 == 0
 
 
-def _prefill_kernel(start_ref, q_ref, k_ref, v_ref, *refs, s, bq, gp, bk, window, scale):
+def _prefill_kernel(start_ref, q_ref, k_ref, v_ref, *refs, s, bq, gp, bk, window, scale, precision):
     o_ref = refs[-1]  # a leading ref is a poison buffer aliased to it (tests)
     q_start = start_ref[0]
     block = pl.cdiv(s, bq) - 1 - pl.program_id(1)  # the last q blocks, with the most keys, start first
@@ -72,7 +72,6 @@ def _prefill_kernel(start_ref, q_ref, k_ref, v_ref, *refs, s, bq, gp, bk, window
     q = q_ref[...]
     rows, hd = q.shape
     f32 = jnp.float32
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     # Row r holds position p_lo + r // gp; padding rows past the chunk repeat its last position.
     pos_q = jnp.minimum(p_lo + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), gp), p_last)
 
@@ -113,14 +112,23 @@ def _group_rows(x, n_kv: int, gp: int, s_pad: int):
     return x.reshape(n_kv, s_pad * gp, hd)
 
 
-def tile_smem_bytes(block_k: int, rows: int, hd: int, num_stages: int, q_bytes: int, kv_bytes: int) -> int:
-    """Shared memory a program's tiles take: the q tile and num_stages buffers of the k and v tiles."""
-    return (rows * q_bytes + 2 * num_stages * block_k * kv_bytes) * hd
+def tile_smem_bytes(
+    block_k: int, rows: int, hd: int, num_stages: int, q_bytes: int, kv_bytes: int, precision=None
+) -> int:  # fmt: skip
+    """Shared memory a program's tiles take: the q tile and num_stages buffers of the k and v tiles; for dots as
+    three TF32 products (attention_dot_precision), also a cache tile's TF32 high and low parts, which the tensor
+    cores read from shared memory."""
+    split = 2 * block_k * 4 if precision == lax.DotAlgorithmPreset.TF32_TF32_F32_X3 else 0
+    return (rows * q_bytes + 2 * num_stages * block_k * kv_bytes + split) * hd
 
 
-def block_k_that_fits(block_k: int, rows: int, hd: int, num_stages: int, q_bytes: int, kv_bytes: int) -> int:
+def block_k_that_fits(
+    block_k: int, rows: int, hd: int, num_stages: int, q_bytes: int, kv_bytes: int, precision=None
+) -> int:  # fmt: skip
     """block_k halved until the tiles fit SMEM_LIMIT (or it reaches MIN_ROWS)."""
-    while block_k > MIN_ROWS and tile_smem_bytes(block_k, rows, hd, num_stages, q_bytes, kv_bytes) > SMEM_LIMIT:
+    tile = functools.partial(tile_smem_bytes, rows=rows, hd=hd, num_stages=num_stages, q_bytes=q_bytes,
+                             kv_bytes=kv_bytes, precision=precision)  # fmt: skip
+    while block_k > MIN_ROWS and tile(block_k) > SMEM_LIMIT:
         block_k //= 2
     return block_k
 
@@ -129,8 +137,8 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
     """softmax(q K^T * scale) V, causal (and windowed) over the cache; returns (S, n_heads, hd) in q's dtype.
 
     Scores are q.k * scale (default head_dim ** -0.5), the softmax in f32; 16-bit
-    operands multiply on tensor cores with f32 accumulation, f32 ones exactly
-    (HIGHEST). An fp8 cache is upcast to q's dtype as each block is loaded.
+    operands multiply on tensor cores with f32 accumulation, f32 ones as three TF32
+    products (attention_dot_precision). An fp8 cache is upcast to q's dtype as each block is loaded.
     `config` = (block_rows, block_k, num_warps, num_stages): block_q = block_rows
     // group (the group padded to a power of two), at least 16 rows, at most the
     chunk; block_k is cut down to a power of two that divides T, and halved until
@@ -149,7 +157,8 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
     rows = bq * gp
 
     dt = attention_dot_dtype(q.dtype, k_cache.dtype)
-    bk = block_k_that_fits(bk, rows, hd, num_stages, jnp.dtype(dt).itemsize, k_cache.dtype.itemsize)
+    precision = attention_dot_precision(dt, interpret)
+    bk = block_k_that_fits(bk, rows, hd, num_stages, jnp.dtype(dt).itemsize, k_cache.dtype.itemsize, precision)
     qg = _group_rows(q.astype(dt), n_kv, gp, n_blocks * bq)
     q_start = jnp.asarray(q_start, jnp.int32).reshape(1)
 
@@ -164,7 +173,8 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
         in_specs.append(row_spec)
 
     kernel = functools.partial(
-        _prefill_kernel, s=s, bq=bq, gp=gp, bk=bk, window=window, scale=hd**-0.5 if scale is None else scale
+        _prefill_kernel, s=s, bq=bq, gp=gp, bk=bk, window=window, scale=hd**-0.5 if scale is None else scale,
+        precision=precision,
     )
     o = pl.pallas_call(
         kernel,

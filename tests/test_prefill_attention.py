@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from test_pallas_kernels import INTERPRET, ON_GPU, TOL, _key, _rel_err
 
 from pallas_kernels import prefill_attention as pa
@@ -123,3 +124,14 @@ def test_f32_tiles_shrink_to_fit_shared_memory():
     assert fitted == 64 and pa.tile_smem_bytes(fitted, rows, 128, stages, 4, 4) <= 232448
     assert pa.block_k_that_fits(bk, rows, 128, stages, 2, 2) == bk
     assert pa.block_k_that_fits(bk, rows, 128, stages, 2, 1) == bk  # bf16 q, fp8 cache
+
+
+def test_f32_tiles_leave_room_for_the_tf32_parts():
+    # With f32 dots as three TF32 products, an H100 refused block_k 64 for that chunk: "requested 262144,
+    # available: 232448" (the tiles' 196,608 bytes and the cache tile's high and low parts).
+    rows, bk, _, stages = pa.DEFAULT_CONFIG
+    tf32x3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    assert pa.tile_smem_bytes(64, rows, 128, stages, 4, 4, tf32x3) == 262144
+    fitted = pa.block_k_that_fits(bk, rows, 128, stages, 4, 4, tf32x3)
+    assert fitted == 32 and pa.tile_smem_bytes(fitted, rows, 128, stages, 4, 4, tf32x3) <= 232448
+    assert pa.block_k_that_fits(bk, rows, 64, stages, 4, 4, tf32x3) == bk  # SmolLM2's f32 chunk, which ran
