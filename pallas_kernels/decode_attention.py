@@ -58,6 +58,10 @@ DEFAULT_CONFIG = (64, 256, 4, 3)
 SHORT_CONFIG = (64, 128, 4, 3)
 SHORT_ATTN_LEN = 2048
 MIN_GROUP = 16  # rows of a tensor-core dot
+# The largest cache tile (block_t x head_dim in the dots' dtype) seen to fit a block's shared memory on an H100:
+# f32 at head_dim 128, block_t 64, 3 stages, with 3xTF32's operand parts (KERNEL_NOTES.md run 29). A wider head
+# in f32 (Gemma 3's 256) walks shorter blocks of the same bytes; its own tile is not measured yet.
+MAX_TILE_BYTES = 64 * 128 * 4
 # The merge loads up to MERGE_SPLITS splits' f32 partial outputs at once, at most MERGE_FLOATS of them (64 kB over
 # 4 warps' registers): 8 of Mistral's (16, 128); against 4, int4_a8 at context 4096 2.497 -> 2.458 ms, level at
 # 128 and 1024 (run 14).
@@ -70,6 +74,13 @@ def config_for(attn_len: int) -> tuple[int, int, int, int]:
     own step): SHORT_CONFIG's splits where the bucket spans 2 to 8 of DEFAULT_CONFIG's (twice the programs,
     few to merge); DEFAULT_CONFIG's where one split holds it all (nothing to merge) or the merge would grow."""
     return SHORT_CONFIG if DEFAULT_CONFIG[1] < attn_len <= SHORT_ATTN_LEN else DEFAULT_CONFIG
+
+
+def block_t_that_fits(block_t: int, hd: int, itemsize: int) -> int:
+    """block_t halved until a (block_t, hd) tile of `itemsize` bytes takes at most MAX_TILE_BYTES."""
+    while block_t > MIN_GROUP and block_t * hd * itemsize > MAX_TILE_BYTES:
+        block_t //= 2
+    return block_t
 
 
 def merge_splits(group_rows: int, hd: int) -> int:
@@ -277,10 +288,10 @@ def _decode_attention_call(
     group = n_heads // n_kv
     gp = max(MIN_GROUP, pl.next_power_of_2(group))
     bt, split_t, num_warps, num_stages = config or DEFAULT_CONFIG
-    bt = _pow2_divisor(t, bt)
+    dot_dtype = attention_dot_dtype(rows.dtype, k_cache.dtype)
+    bt = _pow2_divisor(t, block_t_that_fits(bt, hd, max(dot_dtype.itemsize, k_cache.dtype.itemsize)))
     split_t = max(bt, min(split_t, t) // bt * bt)
     n_splits = pl.cdiv(t, split_t)
-    dot_dtype = attention_dot_dtype(rows.dtype, k_cache.dtype)
     length = jnp.asarray(length, jnp.int32).reshape(1)
 
     def whole(a):

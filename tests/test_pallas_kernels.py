@@ -21,7 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import decode_attention, decode_attention_reference, merge_splits
+from pallas_kernels.decode_attention import (
+    block_t_that_fits,
+    decode_attention,
+    decode_attention_reference,
+    merge_splits,
+)
 from pallas_kernels.gemv import gemv, gemv_reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -285,6 +290,21 @@ def test_decode_attention_merges_more_splits_than_a_load(length, window):
     # that is not the first of a load.
     assert -(-length // 16) > merge_splits(16, 16) > 1
     _check_attention(8, 2, 512, 16, length, window, jnp.float32, (16, 16, 4, 2))
+
+
+def test_decode_attention_tiles_keep_the_bytes_that_fit():
+    # f32 at head_dim 128 with block_t 64 ran on an H100 (3xTF32 dots); Gemma 3's f32 head of 256 walks half the
+    # slots a block; 16-bit tiles and narrower heads keep their block_t.
+    assert block_t_that_fits(64, 128, 4) == 64
+    assert block_t_that_fits(64, 256, 4) == 32
+    assert block_t_that_fits(64, 256, 2) == 64
+    assert block_t_that_fits(64, 64, 4) == 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_head_dim_256(dtype):
+    # Gemma 3's head, on the default tiles (in f32 the shorter blocks above): one kv head of four queries.
+    _check_attention(4, 1, 256, 256, 200, None, dtype, None)
 
 
 def test_decode_attention_length_is_traced():
