@@ -289,7 +289,7 @@ def _decode_attention_call(
     gp = max(MIN_GROUP, pl.next_power_of_2(group))
     bt, split_t, num_warps, num_stages = config or DEFAULT_CONFIG
     dot_dtype = attention_dot_dtype(rows.dtype, k_cache.dtype)
-    bt = _pow2_divisor(t, block_t_that_fits(bt, hd, max(dot_dtype.itemsize, k_cache.dtype.itemsize)))
+    bt = _pow2_divisor(t, block_t_that_fits(bt, hd, dot_dtype.itemsize))  # never narrower than the cache's
     split_t = max(bt, min(split_t, t) // bt * bt)
     n_splits = pl.cdiv(t, split_t)
     length = jnp.asarray(length, jnp.int32).reshape(1)

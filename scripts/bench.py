@@ -87,12 +87,12 @@ def worker(cache_dir: str) -> dict:
     }
 
 
-def run_worker(cache_dir: str, model: str | None = None, quant: str | None = None) -> dict:
-    """`worker` in a fresh process on `model` (default --model), its matrices loaded as `quant` (default --quant)."""
-    cmd = [sys.executable, os.path.abspath(__file__), f"--_worker={cache_dir}", f"--model={model or FLAGS.model}",
+def run_worker(cache_dir: str, model: str, quant: str | None) -> dict:
+    """`worker` in a fresh process on `model`, its matrices loaded as `quant` (None: the loader's choice)."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--_worker={cache_dir}", f"--model={model}",
            f"--decode_tokens={FLAGS.decode_tokens}", f"--prefill_tokens={FLAGS.prefill_tokens}"]  # fmt: skip
-    if quant or FLAGS.quant:
-        cmd.append(f"--quant={quant or FLAGS.quant}")
+    if quant:
+        cmd.append(f"--quant={quant}")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         sys.stderr.write(out.stderr[-6000:])
@@ -190,8 +190,8 @@ def cpu_suite() -> dict:
     res = {"model": os.path.basename(FLAGS.model), "machine": f"CPU, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
     res["matvec_gb_s"] = matvec_bandwidth()
     with tempfile.TemporaryDirectory() as cache_dir:
-        res["cold"] = run_worker(cache_dir)
-        res["cached"] = run_worker(cache_dir)
+        res["cold"] = run_worker(cache_dir, FLAGS.model, FLAGS.quant)
+        res["cached"] = run_worker(cache_dir, FLAGS.model, FLAGS.quant)
     res["roofline_tok_s"] = res["matvec_gb_s"] * 1e9 / res["cached"]["weight_bytes"]
     if FLAGS.llama_cpp:
         try:

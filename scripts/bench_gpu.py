@@ -899,7 +899,7 @@ def part_chat(res, roof, run_worker):
     out = res.setdefault("chat", {"model": os.path.basename(path)})
     for label, choice in (("as the chat loads it", None), ("dense f32 (--quant=none)", "none")):
         with tempfile.TemporaryDirectory() as cache_dir:
-            r = out[choice or "default"] = run_worker(cache_dir, model=path, quant=choice)
+            r = out[choice or "default"] = run_worker(cache_dir, path, choice)
         gbs = r["weight_bytes"] * r["decode_tok_s"] / 1e9  # a tied table is read whole as the output matrix
         add_row(f"{out['model']} {label}, decode", "pallas", r["decode_tok_s"], 1e3 / r["decode_tok_s"], gbs, roof,
                 f"{r['weight_bytes'] / 1e6:.0f} MB of weights; load {r['load_s']:.2f} s, first token (compile "
