@@ -58,10 +58,8 @@ DEFAULT_CONFIG = (64, 256, 4, 3)
 SHORT_CONFIG = (64, 128, 4, 3)
 SHORT_ATTN_LEN = 2048
 MIN_GROUP = 16  # rows of a tensor-core dot
-# The largest cache tile (block_t x head_dim in the dots' dtype) seen to fit a block's shared memory on an H100:
-# f32 at head_dim 128, block_t 64, 3 stages, with 3xTF32's operand parts (KERNEL_NOTES.md run 29). A wider head
-# in f32 (Gemma 3's 256) walks shorter blocks of the same bytes; its own tile is not measured yet.
-MAX_TILE_BYTES = 64 * 128 * 4
+# Shared memory one program may take on an H100 (the "available" of the card's refusals).
+SMEM_LIMIT = 227 * 1024
 # The merge loads up to MERGE_SPLITS splits' f32 partial outputs at once, at most MERGE_FLOATS of them (64 kB over
 # 4 warps' registers): 8 of Mistral's (16, 128); against 4, int4_a8 at context 4096 2.497 -> 2.458 ms, level at
 # 128 and 1024 (run 14).
@@ -76,11 +74,34 @@ def config_for(attn_len: int) -> tuple[int, int, int, int]:
     return SHORT_CONFIG if DEFAULT_CONFIG[1] < attn_len <= SHORT_ATTN_LEN else DEFAULT_CONFIG
 
 
-def block_t_that_fits(block_t: int, hd: int, itemsize: int) -> int:
-    """block_t halved until a (block_t, hd) tile of `itemsize` bytes takes at most MAX_TILE_BYTES."""
-    while block_t > MIN_GROUP and block_t * hd * itemsize > MAX_TILE_BYTES:
-        block_t //= 2
-    return block_t
+def tile_smem_bytes(rows: int, block_t: int, hd: int, num_stages: int, itemsize: int, precision=None) -> int:
+    """Shared memory Triton asks for an attention program whose dots take operands of `itemsize` bytes: the (rows,
+    hd) query tile and num_stages buffers of the (block_t, hd) k and v tiles (an fp8 cache's counted at the dots'
+    width: unmeasured, likely above). Dots as three TF32 products (attention_dot_precision) add the query's
+    second TF32 part, and below 64 rows (too few for Hopper's wgmma, whose A operand stays in registers) the
+    probabilities' two parts, (rows, block_t) each. Fitted to the refusals of decode and prefill tiles by an H100
+    (one by an H200), every one matched to the byte (KERNEL_NOTES.md run 30)."""
+    tile = (rows + 2 * num_stages * block_t) * hd * itemsize
+    if precision == lax.DotAlgorithmPreset.TF32_TF32_F32_X3:
+        tile += rows * hd * 4 + (2 * rows * block_t * 4 if rows < 64 else 0)
+    return tile
+
+
+def decode_tile_that_fits(
+    block_t: int, num_stages: int, rows: int, hd: int, itemsize: int, precision=None
+) -> tuple[int, int]:  # fmt: skip
+    """(block_t, num_stages) cut until the tiles fit SMEM_LIMIT: the stages down to two first, then block_t halved
+    (to MIN_GROUP). Gemma 3's f32 head of 256: blocks of 32 in two stages 24 us at context 128, of 16 in three 35
+    (H100, KERNEL_NOTES.md run 30)."""
+    def fits(bt, stages):
+        return tile_smem_bytes(rows, bt, hd, stages, itemsize, precision) <= SMEM_LIMIT
+
+    while not fits(block_t, num_stages) and (num_stages > 2 or block_t > MIN_GROUP):
+        if num_stages > 2:
+            num_stages -= 1
+        else:
+            block_t //= 2
+    return block_t, num_stages
 
 
 def merge_splits(group_rows: int, hd: int) -> int:
@@ -287,9 +308,14 @@ def _decode_attention_call(
     n_kv, t, hd = k_cache.shape
     group = n_heads // n_kv
     gp = max(MIN_GROUP, pl.next_power_of_2(group))
-    bt, split_t, num_warps, num_stages = config or DEFAULT_CONFIG
+    block_t, split_t, num_warps, num_stages = config or DEFAULT_CONFIG
     dot_dtype = attention_dot_dtype(rows.dtype, k_cache.dtype)
-    bt = _pow2_divisor(t, block_t_that_fits(bt, hd, dot_dtype.itemsize))  # never narrower than the cache's
+    precision = attention_dot_precision(dot_dtype, interpret)
+    bt, num_stages = decode_tile_that_fits(block_t, num_stages, gp, hd, dot_dtype.itemsize, precision)
+    # A split keeps its blocks where they shrink to fit: a program's walk is a chain of block_t-slot steps, and
+    # Gemma 3's f32 head (blocks of 32) ran 1.36-1.48x faster at contexts 512 to 4096 with half the split (run 30).
+    split_t = split_t * bt // block_t
+    bt = _pow2_divisor(t, bt)
     split_t = max(bt, min(split_t, t) // bt * bt)
     n_splits = pl.cdiv(t, split_t)
     length = jnp.asarray(length, jnp.int32).reshape(1)

@@ -33,16 +33,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.decode_attention import attention_dot_dtype, attention_dot_precision
+from pallas_kernels.decode_attention import SMEM_LIMIT, attention_dot_dtype, attention_dot_precision, tile_smem_bytes
 from pallas_kernels.gemv import _pow2_divisor
 
 # (block_rows, block_k, num_warps, num_stages): the best of a first sweep on one H100 80GB HBM3 (2026-11-25,
 # a 512-token Mistral-7B chunk at starts 0 and 1024, bf16), timed call by call (dispatch included).
 DEFAULT_CONFIG = (128, 128, 8, 2)
 MIN_ROWS = 16  # rows of a tensor-core dot
-# Shared memory one block may take on Hopper: the default config at head_dim 128 asks 160 KB in bf16, but
-# 320 KB in f32 (tile_smem_bytes), which the card refuses.
-SMEM_LIMIT = 227 * 1024
+# Tiles that do not fit keep blocks of 32 keys before they lose rows: of an f32 chunk's tiles on an H100, blocks
+# of 16 ran 1.4x (Mistral-7B, 128 rows) and 1.6x (Gemma 3, 32 rows) slower than 32 (KERNEL_NOTES.md run 30).
+MIN_BLOCK_K = 32
+# Hopper's tensor-core dot (wgmma) takes 64 rows a warpgroup of 4 warps: fewer rows a warpgroup ran slower (f32
+# tiles of 16-64 rows on 8 warps 1.1-1.3x, a bf16 tile of 64 rows 1.45x; run 30).
+ROWS_PER_WARPGROUP = 64
 # The running max starts finite, so a row whose keys in a block are all masked gets
 # exp(-inf - m) = 0 and alpha = 1 instead of exp(-inf - -inf) = NaN.
 M_INIT = float(jnp.finfo(jnp.float32).min)
@@ -112,25 +115,34 @@ def _group_rows(x, n_kv: int, gp: int, s_pad: int):
     return x.reshape(n_kv, s_pad * gp, hd)
 
 
-def tile_smem_bytes(
-    block_k: int, rows: int, hd: int, num_stages: int, q_bytes: int, kv_bytes: int, precision=None
-) -> int:  # fmt: skip
-    """Shared memory a program's tiles take: the q tile and num_stages buffers of the k and v tiles; for dots as
-    three TF32 products (attention_dot_precision), also a cache tile's TF32 high and low parts, which the tensor
-    cores read from shared memory."""
-    split = 2 * block_k * 4 if precision == lax.DotAlgorithmPreset.TF32_TF32_F32_X3 else 0
-    return (rows * q_bytes + 2 * num_stages * block_k * kv_bytes + split) * hd
+def tile_that_fits(bq: int, bk: int, gp: int, hd: int, num_stages: int, itemsize: int, precision=None):
+    """(block_q, block_k) cut until the tiles (bq * gp rows) fit SMEM_LIMIT: block_k halved down to
+    MIN_BLOCK_K, then the rows down to MIN_ROWS, then block_k to MIN_ROWS."""
+    def fits(bq, bk):
+        return tile_smem_bytes(bq * gp, bk, hd, num_stages, itemsize, precision) <= SMEM_LIMIT
+
+    while not fits(bq, bk):
+        if bk > MIN_BLOCK_K:
+            bk //= 2
+        elif bq * gp > MIN_ROWS and bq > 1:
+            bq //= 2
+        elif bk > MIN_ROWS:
+            bk //= 2
+        else:
+            break
+    return bq, bk
 
 
-def block_k_that_fits(
-    block_k: int, rows: int, hd: int, num_stages: int, q_bytes: int, kv_bytes: int, precision=None
-) -> int:  # fmt: skip
-    """block_k halved until the tiles fit SMEM_LIMIT (or it reaches MIN_ROWS)."""
-    tile = functools.partial(tile_smem_bytes, rows=rows, hd=hd, num_stages=num_stages, q_bytes=q_bytes,
-                             kv_bytes=kv_bytes, precision=precision)  # fmt: skip
-    while block_k > MIN_ROWS and tile(block_k) > SMEM_LIMIT:
-        block_k //= 2
-    return block_k
+def launch_config(config, s: int, t: int, gp: int, hd: int, itemsize: int, precision=None):
+    """(block_q, block_k, num_warps, num_stages) for a chunk of s queries over t slots: `config`'s (default
+    DEFAULT_CONFIG) block_rows as whole groups of gp query heads, at least MIN_ROWS rows and at most the chunk;
+    block_k a power of two that divides t; the tile cut until it fits (tile_that_fits); at most a warpgroup
+    for each ROWS_PER_WARPGROUP rows."""
+    block_rows, bk, num_warps, num_stages = config or DEFAULT_CONFIG
+    bq = min(max(block_rows // gp, 1), pl.next_power_of_2(s))
+    bq = max(bq, pl.cdiv(MIN_ROWS, gp))
+    bq, bk = tile_that_fits(bq, _pow2_divisor(t, bk), gp, hd, num_stages, itemsize, precision)
+    return bq, bk, min(num_warps, 4 * max(1, bq * gp // ROWS_PER_WARPGROUP)), num_stages
 
 
 def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, config=None, out=None, interpret=False):
@@ -139,26 +151,19 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
     Scores are q.k * scale (default head_dim ** -0.5), the softmax in f32; 16-bit
     operands multiply on tensor cores with f32 accumulation, f32 ones as three TF32
     products (attention_dot_precision). An fp8 cache is upcast to q's dtype as each block is loaded.
-    `config` = (block_rows, block_k, num_warps, num_stages): block_q = block_rows
-    // group (the group padded to a power of two), at least 16 rows, at most the
-    chunk; block_k is cut down to a power of two that divides T, and halved until
-    the tiles fit the shared memory of a block (SMEM_LIMIT). `out`, if given,
+    `config` = (block_rows, block_k, num_warps, num_stages), fitted to the shapes
+    and the shared memory by launch_config. `out`, if given,
     is an (S, n_heads, hd) buffer in q's dtype aliased to the result (tests fill it
     with NaN to catch unwritten rows).
     """
     s, n_heads, hd = q.shape
     n_kv, t, _ = k_cache.shape
     gp = pl.next_power_of_2(n_heads // n_kv)
-    block_rows, bk, num_warps, num_stages = config or DEFAULT_CONFIG
-    bq = min(max(block_rows // gp, 1), pl.next_power_of_2(s))
-    bq = max(bq, pl.cdiv(MIN_ROWS, gp))
-    bk = _pow2_divisor(t, bk)
-    n_blocks = pl.cdiv(s, bq)
-    rows = bq * gp
-
     dt = attention_dot_dtype(q.dtype, k_cache.dtype)
     precision = attention_dot_precision(dt, interpret)
-    bk = block_k_that_fits(bk, rows, hd, num_stages, jnp.dtype(dt).itemsize, k_cache.dtype.itemsize, precision)
+    bq, bk, num_warps, num_stages = launch_config(config, s, t, gp, hd, jnp.dtype(dt).itemsize, precision)
+    n_blocks = pl.cdiv(s, bq)
+    rows = bq * gp
     qg = _group_rows(q.astype(dt), n_kv, gp, n_blocks * bq)
     q_start = jnp.asarray(q_start, jnp.int32).reshape(1)
 

@@ -22,10 +22,15 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import (
-    block_t_that_fits,
+    DEFAULT_CONFIG as DEFAULT_ATTN,
+)
+from pallas_kernels.decode_attention import (
+    SMEM_LIMIT,
     decode_attention,
     decode_attention_reference,
+    decode_tile_that_fits,
     merge_splits,
+    tile_smem_bytes,
 )
 from pallas_kernels.gemv import gemv, gemv_reference
 
@@ -292,13 +297,53 @@ def test_decode_attention_merges_more_splits_than_a_load(length, window):
     _check_attention(8, 2, 512, 16, length, window, jnp.float32, (16, 16, 4, 2))
 
 
-def test_decode_attention_tiles_keep_the_bytes_that_fit():
-    # f32 at head_dim 128 with block_t 64 ran on an H100 (3xTF32 dots); Gemma 3's f32 head of 256 walks half the
-    # slots a block; 16-bit tiles and narrower heads keep their block_t.
-    assert block_t_that_fits(64, 128, 4) == 64
-    assert block_t_that_fits(64, 256, 4) == 32
-    assert block_t_that_fits(64, 256, 2) == 64
-    assert block_t_that_fits(64, 64, 4) == 64
+TF32X3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+# Attention tiles compiled on an H100 (an H200 for the first): (rows, block_t, head_dim, stages, dot bytes,
+# precision) and the shared memory Triton requested where it refused them (KERNEL_NOTES.md runs 29 and 30), or
+# None where they ran.
+MEASURED_TILES = [
+    ((128, 128, 128, 2, 4, None), 327680),  # prefill, Mistral-7B, f32 dots on the CUDA cores
+    ((128, 64, 128, 2, 4, TF32X3), 262144),  # the same as three TF32 products
+    ((128, 16, 256, 2, 4, TF32X3), 327680),  # prefill, Gemma 3's head
+    ((64, 32, 256, 2, 4, TF32X3), 262144),
+    ((32, 64, 256, 2, 4, TF32X3), 344064),
+    ((64, 64, 256, 1, 4, TF32X3), 262144),
+    ((128, 32, 256, 1, 4, TF32X3), 327680),
+    ((128, 128, 256, 2, 2, None), 327680),  # bf16
+    ((16, 64, 256, 3, 4, TF32X3), 434176),  # decode, Gemma 3's head
+    ((16, 32, 256, 3, 4, TF32X3), 233472),
+    ((128, 32, 128, 2, 4, TF32X3), None),
+    ((128, 128, 64, 2, 4, TF32X3), None),  # prefill, SmolLM2
+    ((64, 16, 256, 2, 4, TF32X3), None),
+    ((32, 32, 256, 2, 4, TF32X3), None),
+    ((64, 32, 256, 1, 4, TF32X3), None),
+    ((128, 64, 256, 2, 2, None), None),
+    ((128, 128, 128, 2, 2, None), None),
+    ((16, 32, 256, 2, 4, TF32X3), None),  # decode
+    ((16, 16, 256, 3, 4, TF32X3), None),
+    ((16, 64, 128, 3, 4, TF32X3), None),
+    ((16, 64, 256, 3, 2, None), None),
+]
+
+
+@pytest.mark.parametrize("tile,requested", MEASURED_TILES)
+def test_attention_tile_bytes_match_the_cards_refusals(tile, requested):
+    # The count matches each refusal to the byte and puts every tile that ran under the limit.
+    need = tile_smem_bytes(*tile)
+    if requested is None:
+        assert need <= SMEM_LIMIT
+    else:
+        assert need == requested and need > SMEM_LIMIT
+
+
+def test_decode_attention_tiles_shrink_to_fit():
+    # Gemma 3's f32 head drops to two stages, then to blocks of 32 (of the tiles that ran, the fastest); 16-bit
+    # heads of 256 and f32 heads of 128 and 64 keep the default tile.
+    bt, _, _, stages = DEFAULT_ATTN
+    assert decode_tile_that_fits(bt, stages, 16, 256, 4, TF32X3) == (32, 2)
+    assert decode_tile_that_fits(bt, stages, 16, 256, 2) == (bt, stages)
+    assert decode_tile_that_fits(bt, stages, 16, 128, 4, TF32X3) == (bt, stages)
+    assert decode_tile_that_fits(bt, stages, 16, 64, 4, TF32X3) == (bt, stages)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -114,24 +114,17 @@ def test_reference_ignores_unseen_slots():
     assert np.isfinite(np.asarray(prefill_attention_reference(q, kv, kv, 0))).all()
 
 
-def test_f32_tiles_shrink_to_fit_shared_memory():
-    # An H200 refused the default tiles for an f32 Mistral-7B chunk (block_rows 128, head_dim 128, 2 stages):
-    # "requested 327680, available: 232448". The model of the request matches it, and the block_k chosen
-    # fits; bf16's tiles, which ran there, are left as they are.
-    rows, bk, _, stages = pa.DEFAULT_CONFIG
-    assert pa.tile_smem_bytes(bk, rows, 128, stages, 4, 4) == 327680
-    fitted = pa.block_k_that_fits(bk, rows, 128, stages, 4, 4)
-    assert fitted == 64 and pa.tile_smem_bytes(fitted, rows, 128, stages, 4, 4) <= 232448
-    assert pa.block_k_that_fits(bk, rows, 128, stages, 2, 2) == bk
-    assert pa.block_k_that_fits(bk, rows, 128, stages, 2, 1) == bk  # bf16 q, fp8 cache
-
-
-def test_f32_tiles_leave_room_for_the_tf32_parts():
-    # With f32 dots as three TF32 products, an H100 refused block_k 64 for that chunk: "requested 262144,
-    # available: 232448" (the tiles' 196,608 bytes and the cache tile's high and low parts).
-    rows, bk, _, stages = pa.DEFAULT_CONFIG
+def test_tiles_shrink_to_fit_shared_memory():
+    # A 512-query chunk over 4,096 slots, groups of 4 query heads: what the default config becomes
+    # (pallas_kernels.decode_attention.tile_smem_bytes holds the count to the card's refusals). The f32 tiles
+    # are the fastest of those that ran on an H100 for Mistral-7B, and for Gemma 3 of those with 32 rows.
     tf32x3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-    assert pa.tile_smem_bytes(64, rows, 128, stages, 4, 4, tf32x3) == 262144
-    fitted = pa.block_k_that_fits(bk, rows, 128, stages, 4, 4, tf32x3)
-    assert fitted == 32 and pa.tile_smem_bytes(fitted, rows, 128, stages, 4, 4, tf32x3) <= 232448
-    assert pa.block_k_that_fits(bk, rows, 64, stages, 4, 4, tf32x3) == bk  # SmolLM2's f32 chunk, which ran
+
+    def fitted(hd, itemsize, precision=None):
+        return pa.launch_config(None, 512, 4096, 4, hd, itemsize, precision)
+
+    assert fitted(128, 2) == (32, 128, 8, 2)  # Mistral-7B, bf16: the default
+    assert fitted(64, 4, tf32x3) == (32, 128, 8, 2)  # SmolLM2, f32
+    assert fitted(256, 2) == (32, 64, 8, 2)  # Gemma 3, bf16
+    assert fitted(128, 4, tf32x3) == (32, 32, 8, 2)  # Mistral-7B, f32
+    assert fitted(256, 4, tf32x3) == (8, 32, 4, 2)  # Gemma 3, f32: 32 rows, one warpgroup
