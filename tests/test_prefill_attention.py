@@ -78,6 +78,13 @@ def test_prefill_attention_default_config():
     _check(4, 1, 16, 128, 40, 50, None, jnp.float32, None)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_prefill_attention_head_dim_256(dtype):
+    # Gemma 3's head (one kv head of four queries) on the default config, which its f32 tiles do not fit: they
+    # lose block_k, then rows (launch_config); compiled on a GPU, where the unfitted tile was refused.
+    _check(4, 1, 256, 256, 40, 100, 24, dtype, None)
+
+
 def test_prefill_attention_q_start_is_traced():
     # One compiled program serves every chunk start.
     k1, k2, k3 = jax.random.split(_key(), 3)
