@@ -22,9 +22,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import (
-    DEFAULT_CONFIG as DEFAULT_ATTN,
-)
-from pallas_kernels.decode_attention import (
+    DEFAULT_CONFIG,
     SMEM_LIMIT,
     decode_attention,
     decode_attention_reference,
@@ -339,7 +337,7 @@ def test_attention_tile_bytes_match_the_cards_refusals(tile, requested):
 def test_decode_attention_tiles_shrink_to_fit():
     # Gemma 3's f32 head drops to two stages, then to blocks of 32 (of the tiles that ran, the fastest); 16-bit
     # heads of 256 and f32 heads of 128 and 64 keep the default tile.
-    bt, _, _, stages = DEFAULT_ATTN
+    bt, _, _, stages = DEFAULT_CONFIG
     assert decode_tile_that_fits(bt, stages, 16, 256, 4, TF32X3) == (32, 2)
     assert decode_tile_that_fits(bt, stages, 16, 256, 2) == (bt, stages)
     assert decode_tile_that_fits(bt, stages, 16, 128, 4, TF32X3) == (bt, stages)
