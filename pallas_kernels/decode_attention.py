@@ -51,12 +51,20 @@ from pallas_kernels.gemv import _pow2_divisor
 
 # (block_t, split_t, num_warps, num_stages). Chosen on one H100 80GB HBM3 inside whole Mistral-7B decodes
 # (KERNEL_NOTES.md): (64, 256) against (128, 512) in run 8, within 1% at context 128 and 3-5% faster at 1024 and
-# 4096; in run 14 splits of 128 slots for steps that read at most SHORT_ATTN_LEN slots (int4_a8 at context 1024
-# 2.303 -> 2.250 ms; at 4096 they lose, 2.458 -> 2.552: twice the splits to merge), and 3 stages, so the walk has
-# two blocks in flight (at 1024 2.245 -> 2.224, at 4096 2.463 -> 2.391).
+# 4096; 3 stages in run 14, so the walk has two blocks in flight (int4_a8 at 1024 2.245 -> 2.224 ms, at 4096 2.463
+# -> 2.391).
 DEFAULT_CONFIG = (64, 256, 4, 3)
-SHORT_CONFIG = (64, 128, 4, 3)
-SHORT_ATTN_LEN = 2048
+# A split's slots by the longest step it serves, (bucket, split_t), the first bucket that holds the step's; longer
+# steps take DEFAULT_CONFIG's. A program's walk is a chain of block steps and the last split to arrive merges the
+# others, so shorter splits pay where a block step costs more than a merge. Timed kernel by kernel over splits of
+# 1-8 blocks at contexts 128-4,096 on Mistral-7B's, SmolLM2's and Gemma 3's heads (8, 3 and 1 kv heads; an H100,
+# KERNEL_NOTES.md run 31): 16-bit dots keep one split up to 256 slots (at 128, 1-block splits ran 1.13-1.25x
+# slower), splits of 1 block up to 512 (1.02-1.12x faster than 2) and of 2 up to 2,048 (run 14: int4_a8 at 1024
+# 2.303 -> 2.250 ms); f32 dots, three TF32 products a dot (attention_dot_precision), splits of 1 block up to
+# 1,024 slots (1.14-2.03x faster than run 14's splits at 128-1,024, but level for Gemma 3 at 1,024) and of 2 up
+# to 2,048.
+SPLITS_16BIT = ((256, 256), (512, 64), (2048, 128))
+SPLITS_F32 = ((1024, 64), (2048, 128))
 MIN_GROUP = 16  # rows of a tensor-core dot
 # Shared memory one program may take on an H100 (the "available" of the card's refusals).
 SMEM_LIMIT = 227 * 1024
@@ -67,11 +75,15 @@ MERGE_SPLITS = 8
 MERGE_FLOATS = 8 * 16 * 128
 
 
-def config_for(attn_len: int) -> tuple[int, int, int, int]:
+def config_for(attn_len: int, dot_dtype) -> tuple[int, int, int, int]:
     """The tile for a decode step that reads at most `attn_len` slots (static: each decode bucket compiles its
-    own step): SHORT_CONFIG's splits where the bucket spans 2 to 8 of DEFAULT_CONFIG's (twice the programs,
-    few to merge); DEFAULT_CONFIG's where one split holds it all (nothing to merge) or the merge would grow."""
-    return SHORT_CONFIG if DEFAULT_CONFIG[1] < attn_len <= SHORT_ATTN_LEN else DEFAULT_CONFIG
+    own step) with dots in `dot_dtype` (attention_dot_dtype): DEFAULT_CONFIG with the split of SPLITS_F32 or
+    SPLITS_16BIT. The split is in DEFAULT_CONFIG's blocks' slots: blocks cut to fit shared memory cut it
+    alike (decode_tile_that_fits)."""
+    splits = SPLITS_F32 if jnp.dtype(dot_dtype) == jnp.float32 else SPLITS_16BIT
+    split_t = next((split for bucket, split in splits if attn_len <= bucket), DEFAULT_CONFIG[1])
+    block_t, _, num_warps, num_stages = DEFAULT_CONFIG
+    return block_t, split_t, num_warps, num_stages
 
 
 def tile_smem_bytes(rows: int, block_t: int, hd: int, num_stages: int, itemsize: int, precision=None) -> int:
@@ -288,7 +300,7 @@ def new_split_counter(n_kv: int) -> jax.Array:
 
 def _decode_attention_call(
     rows, k_cache, v_cache, length, split_counter, *, n_heads, has_new, rope_inv_freq=None, qk_norm=None,
-    window=None, scale=None, config=None, out=None, interpret=False,
+    window=None, scale=None, attn_len=None, config=None, out=None, interpret=False,
 ):  # fmt: skip
     """(out (n_heads, hd) in rows' dtype, split_counter), then with `has_new` the two updated caches.
 
@@ -303,13 +315,14 @@ def _decode_attention_call(
     the token into slot length - 1 of the caches (aliased, in place).
     `qk_norm` = (q_weight, k_weight, eps) RMS-norms each query and key head
     first; `rope_inv_freq` (hd/2,) then rotates them at position length - 1
-    (rotate-half layout).
+    (rotate-half layout). `config` defaults to config_for(attn_len), where
+    `attn_len` (static, default the cache's slots) bounds the length.
     """
     n_kv, t, hd = k_cache.shape
     group = n_heads // n_kv
     gp = max(MIN_GROUP, pl.next_power_of_2(group))
-    block_t, split_t, num_warps, num_stages = config or DEFAULT_CONFIG
     dot_dtype = attention_dot_dtype(rows.dtype, k_cache.dtype)
+    block_t, split_t, num_warps, num_stages = config or config_for(attn_len or t, dot_dtype)
     precision = attention_dot_precision(dot_dtype, interpret)
     bt, num_stages = decode_tile_that_fits(block_t, num_stages, gp, hd, dot_dtype.itemsize, precision)
     # A split keeps its blocks where they shrink to fit: a program's walk is a chain of block_t-slot steps, and
@@ -402,7 +415,7 @@ def decode_attention(
 
 def decode_attention_update(
     qkv, k_cache, v_cache, pos, split_counter=None, *, n_heads, rope_inv_freq=None, qk_norm=None, window=None,
-    scale=None, config=None, interpret=False,
+    scale=None, attn_len=None, config=None, interpret=False,
 ):  # fmt: skip
     """Attention of the token at position `pos` over the cache, which it also enters.
 
@@ -418,7 +431,7 @@ def decode_attention_update(
         split_counter = new_split_counter(k_cache.shape[0])
     out, split_counter, k_cache, v_cache = _decode_attention_call(
         qkv, k_cache, v_cache, pos + 1, split_counter, n_heads=n_heads, has_new=True, rope_inv_freq=rope_inv_freq,
-        qk_norm=qk_norm, window=window, scale=scale, config=config, interpret=interpret,
+        qk_norm=qk_norm, window=window, scale=scale, attn_len=attn_len, config=config, interpret=interpret,
     )  # fmt: skip
     return out, k_cache, v_cache, split_counter
 

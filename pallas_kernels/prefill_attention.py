@@ -46,6 +46,13 @@ MIN_BLOCK_K = 32
 # Hopper's tensor-core dot (wgmma) takes 64 rows a warpgroup of 4 warps: fewer rows a warpgroup ran slower (f32
 # tiles of 16-64 rows on 8 warps 1.1-1.3x, a bf16 tile of 64 rows 1.45x; run 30).
 ROWS_PER_WARPGROUP = 64
+# Programs in one wave on an H100 or H200 (132 SMs). A chunk with few programs a wave (short chunks, or few kv
+# heads) takes fewer rows a program, halved while the programs still fit one wave: each program's walk over the
+# keys is a chain, and more of them shorten none of it but use idle SMs. Measured over 16-128 rows on Mistral-7B's,
+# SmolLM2's and Gemma 3's heads (8, 3 and 1 kv heads), chunks of 64 and 512 tokens, bf16 and f32 (an H100,
+# KERNEL_NOTES.md run 31): the rule picks the fastest of the five in all 12 cases, 1.29-2.19x faster than the
+# tile before it in the 10 it changes.
+WAVE_PROGRAMS = 132
 # The running max starts finite, so a row whose keys in a block are all masked gets
 # exp(-inf - m) = 0 and alpha = 1 instead of exp(-inf - -inf) = NaN.
 M_INIT = float(jnp.finfo(jnp.float32).min)
@@ -133,14 +140,16 @@ def tile_that_fits(bq: int, bk: int, gp: int, hd: int, num_stages: int, itemsize
     return bq, bk
 
 
-def launch_config(config, s: int, t: int, gp: int, hd: int, itemsize: int, precision=None):
-    """(block_q, block_k, num_warps, num_stages) for a chunk of s queries over t slots: `config`'s (default
-    DEFAULT_CONFIG) block_rows as whole groups of gp query heads, at least MIN_ROWS rows and at most the chunk;
-    block_k a power of two that divides t; the tile cut until it fits (tile_that_fits); at most a warpgroup
+def launch_config(config, s: int, t: int, n_kv: int, gp: int, hd: int, itemsize: int, precision=None):
+    """(block_q, block_k, num_warps, num_stages) for a chunk of s queries over t slots of n_kv heads: `config`'s
+    (default DEFAULT_CONFIG) block_rows as whole groups of gp query heads, at least MIN_ROWS rows and at most the
+    chunk, halved while the n_kv x cdiv(s, block_q) programs fit WAVE_PROGRAMS; block_k a power of two that divides t; the tile cut until it fits (tile_that_fits); at most a warpgroup
     for each ROWS_PER_WARPGROUP rows."""
     block_rows, bk, num_warps, num_stages = config or DEFAULT_CONFIG
     bq = min(max(block_rows // gp, 1), pl.next_power_of_2(s))
     bq = max(bq, pl.cdiv(MIN_ROWS, gp))
+    while bq // 2 * gp >= MIN_ROWS and n_kv * pl.cdiv(s, bq // 2) <= WAVE_PROGRAMS:
+        bq //= 2
     bq, bk = tile_that_fits(bq, _pow2_divisor(t, bk), gp, hd, num_stages, itemsize, precision)
     return bq, bk, min(num_warps, 4 * max(1, bq * gp // ROWS_PER_WARPGROUP)), num_stages
 
@@ -161,7 +170,7 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
     gp = pl.next_power_of_2(n_heads // n_kv)
     dt = attention_dot_dtype(q.dtype, k_cache.dtype)
     precision = attention_dot_precision(dt, interpret)
-    bq, bk, num_warps, num_stages = launch_config(config, s, t, gp, hd, jnp.dtype(dt).itemsize, precision)
+    bq, bk, num_warps, num_stages = launch_config(config, s, t, n_kv, gp, hd, jnp.dtype(dt).itemsize, precision)
     n_blocks = pl.cdiv(s, bq)
     rows = bq * gp
     qg = _group_rows(q.astype(dt), n_kv, gp, n_blocks * bq)

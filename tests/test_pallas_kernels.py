@@ -24,6 +24,7 @@ import pytest
 from pallas_kernels.decode_attention import (
     DEFAULT_CONFIG,
     SMEM_LIMIT,
+    config_for,
     decode_attention,
     decode_attention_reference,
     decode_tile_that_fits,
@@ -344,6 +345,19 @@ def test_decode_attention_tiles_shrink_to_fit():
     assert decode_tile_that_fits(bt, stages, 16, 64, 4, TF32X3) == (bt, stages)
 
 
+@pytest.mark.parametrize(
+    "attn_len,split_16bit,split_f32",
+    [(128, 256, 64), (256, 256, 64), (512, 64, 64), (1024, 128, 64), (2048, 128, 128), (4096, 256, 256)],
+)
+def test_decode_splits_by_bucket(attn_len, split_16bit, split_f32):
+    # The fastest splits of 1-8 blocks at buckets of 128-4,096 slots on an H100 (KERNEL_NOTES.md run 31): f32's
+    # three TF32 products make a block step dear, so its splits hold one block further; 16-bit keeps one split
+    # while a merge costs more than the blocks it would take off the chain.
+    block_t, _, num_warps, num_stages = DEFAULT_CONFIG
+    for dtype, split_t in ((jnp.bfloat16, split_16bit), (jnp.float16, split_16bit), (jnp.float32, split_f32)):
+        assert config_for(attn_len, jnp.dtype(dtype)) == (block_t, split_t, num_warps, num_stages)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_head_dim_256(dtype):
     # Gemma 3's head, on the default tiles (in f32 the shorter blocks above): one kv head of four queries.
@@ -380,7 +394,7 @@ def test_model_decode_pallas_matches_xla(qk_norm, monkeypatch):
     from yalm_jax.config import ModelConfig
     from yalm_jax.weights import LayerWeights, Weights
 
-    monkeypatch.setattr(attn_mod, "config_for", lambda attn_len: (16, 16, 4, 2))
+    monkeypatch.setattr(attn_mod, "config_for", lambda attn_len, dot_dtype: (16, 16, 4, 2))
     cfg = ModelConfig(
         arch="qwen3" if qk_norm else "qwen2", vocab_size=64, dim=64, hidden_dim=128, n_layers=2, n_heads=6,
         n_kv_heads=2, head_dim=32, norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64,

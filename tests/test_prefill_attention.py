@@ -74,14 +74,15 @@ def test_prefill_attention_f16_and_scale():
 
 
 def test_prefill_attention_default_config():
-    # 64 rows = 16 positions x 4 heads, keys in blocks of 64: grid (1 kv head, 3 q blocks).
+    # One kv head's 40 positions: 16 rows a program (4 positions x 4 heads; fewer programs than a wave, so the
+    # rows halve to MIN_ROWS), keys in blocks of 128: grid (1 kv head, 10 q blocks).
     _check(4, 1, 16, 128, 40, 50, None, jnp.float32, None)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_prefill_attention_head_dim_256(dtype):
-    # Gemma 3's head (one kv head of four queries) on the default config, which its f32 tiles do not fit: they
-    # lose block_k, then rows (launch_config); compiled on a GPU, where the unfitted tile was refused.
+    # Gemma 3's head (one kv head of four queries) on the default config: 16 rows (its few programs), block_k cut
+    # to fit (f32 to 32, bf16 to 64; launch_config); compiled on a GPU, where the unfitted tile was refused.
     _check(4, 1, 256, 256, 40, 100, 24, dtype, None)
 
 
@@ -122,16 +123,40 @@ def test_reference_ignores_unseen_slots():
 
 
 def test_tiles_shrink_to_fit_shared_memory():
-    # A 512-query chunk over 4,096 slots, groups of 4 query heads: what the default config becomes
+    # A 512-query chunk over 4,096 slots, groups of 4 query heads, with kv heads enough (32) that the chunk's
+    # programs fill a wave at the default rows: what the default config becomes by shared memory alone
     # (pallas_kernels.decode_attention.tile_smem_bytes holds the count to the card's refusals). The f32 tiles
     # are the fastest of those that ran on an H100 for Mistral-7B, and for Gemma 3 of those with 32 rows.
     tf32x3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
     def fitted(hd, itemsize, precision=None):
-        return pa.launch_config(None, 512, 4096, 4, hd, itemsize, precision)
+        return pa.launch_config(None, 512, 4096, 32, 4, hd, itemsize, precision)
 
-    assert fitted(128, 2) == (32, 128, 8, 2)  # Mistral-7B, bf16: the default
-    assert fitted(64, 4, tf32x3) == (32, 128, 8, 2)  # SmolLM2, f32
-    assert fitted(256, 2) == (32, 64, 8, 2)  # Gemma 3, bf16
-    assert fitted(128, 4, tf32x3) == (32, 32, 8, 2)  # Mistral-7B, f32
-    assert fitted(256, 4, tf32x3) == (8, 32, 4, 2)  # Gemma 3, f32: 32 rows, one warpgroup
+    assert fitted(128, 2) == (32, 128, 8, 2)  # bf16: the default
+    assert fitted(64, 4, tf32x3) == (32, 128, 8, 2)  # f32 at SmolLM2's head of 64
+    assert fitted(256, 2) == (32, 64, 8, 2)  # bf16 at Gemma 3's head of 256
+    assert fitted(128, 4, tf32x3) == (32, 32, 8, 2)  # f32 at 128
+    assert fitted(256, 4, tf32x3) == (8, 32, 4, 2)  # f32 at 256: 32 rows, one warpgroup
+
+
+@pytest.mark.parametrize(
+    "s,n_kv,hd,itemsize,expected",
+    [
+        (512, 8, 128, 2, (32, 128, 8, 2)),  # Mistral-7B: 128 programs fill the wave at 128 rows
+        (64, 8, 128, 2, (4, 128, 4, 2)),  # its 64-token chunk: 16 rows, 128 programs
+        (512, 3, 64, 2, (16, 128, 4, 2)),  # SmolLM2: 64 rows, 96 programs (192 would be two waves)
+        (512, 3, 64, 4, (16, 128, 4, 2)),
+        (512, 1, 256, 2, (4, 64, 4, 2)),  # Gemma 3's one kv head: 16 rows, 128 programs
+        (512, 1, 256, 4, (4, 32, 4, 2)),
+        (3, 1, 256, 2, (4, 64, 4, 2)),  # never below MIN_ROWS
+    ],
+)
+def test_rows_halve_while_the_programs_fit_a_wave(s, n_kv, hd, itemsize, expected):
+    # The tiles measured fastest of 16-128 rows a program on an H100 (KERNEL_NOTES.md run 31), chunks of 512 and
+    # 64 tokens, groups of 4 query heads (SmolLM2's 3 padded to 4).
+    precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if itemsize == 4 else None
+    bq, bk, num_warps, num_stages = pa.launch_config(None, s, 4096, n_kv, 4, hd, itemsize, precision)
+    assert (bq, bk, num_warps, num_stages) == expected
+    assert n_kv * -(-s // bq) <= pa.WAVE_PROGRAMS
+
+

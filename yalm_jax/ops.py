@@ -307,7 +307,7 @@ def attention(
         out, k_cache, v_cache, split_counter = _attn.decode_attention_update(
             qkv[0].reshape(-1, hd), k_cache, v_cache, q_pos[0], split_counter, n_heads=n_heads,
             rope_inv_freq=rope_inv_freq, qk_norm=qk_norm, window=window, scale=scale,
-            config=_attn.config_for(attn_len), interpret=_interpret(),
+            attn_len=attn_len, interpret=_interpret(),
         )  # fmt: skip
         return out.reshape(1, n_heads * hd), k_cache, v_cache, split_counter
     heads = qkv.reshape(s, n_heads + 2 * n_kv, hd)
