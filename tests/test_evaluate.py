@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -140,7 +141,10 @@ def test_cli_perplexity_writes_the_library_figure(tiny_llama_chat_model, tmp_pat
     ids = lm.tokenizer.encode(text.read_text())
     kw = {"context": 512, "window": 64, "sinks": 2} if ring else {"context": 64, "stride": 16}
     want = evaluate.perplexity(lm.weights, lm.cfg, ids, **kw)
-    assert out == f"perplexity: {want.perplexity:.4f}\n"
+    # The same figure as the library's, to float noise: on a GPU two processes may autotune XLA's kernels apart
+    # (an H100 printed 858.3699 where the library gave 858.3698).
+    assert re.fullmatch(r"perplexity: \d+\.\d{4}\n", out)
+    assert np.isclose(float(out.split()[1]), want.perplexity, rtol=1e-6, atol=1e-4)
     assert np.isclose(stats["perplexity"], want.perplexity, rtol=1e-6) and stats["tokens"] == want.tokens
     assert stats["tokens"] == len(ids) - 1 and stats["windows"] == (1 if ring else -(-(len(ids) - 64) // 16) + 1)
     assert len(ids) > (4 * 64 if ring else 64)
