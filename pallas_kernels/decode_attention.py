@@ -315,8 +315,8 @@ def _decode_attention_call(
     the token into slot length - 1 of the caches (aliased, in place).
     `qk_norm` = (q_weight, k_weight, eps) RMS-norms each query and key head
     first; `rope_inv_freq` (hd/2,) then rotates them at position length - 1
-    (rotate-half layout). `config` defaults to config_for(attn_len), where
-    `attn_len` (static, default the cache's slots) bounds the length.
+    (rotate-half layout). `config` defaults to config_for(attn_len, the dots'
+    dtype), where `attn_len` (static, default the cache's slots) bounds the length.
     """
     n_kv, t, hd = k_cache.shape
     group = n_heads // n_kv

@@ -143,8 +143,8 @@ def tile_that_fits(bq: int, bk: int, gp: int, hd: int, num_stages: int, itemsize
 def launch_config(config, s: int, t: int, n_kv: int, gp: int, hd: int, itemsize: int, precision=None):
     """(block_q, block_k, num_warps, num_stages) for a chunk of s queries over t slots of n_kv heads: `config`'s
     (default DEFAULT_CONFIG) block_rows as whole groups of gp query heads, at least MIN_ROWS rows and at most the
-    chunk, halved while the n_kv x cdiv(s, block_q) programs fit WAVE_PROGRAMS; block_k a power of two that divides t; the tile cut until it fits (tile_that_fits); at most a warpgroup
-    for each ROWS_PER_WARPGROUP rows."""
+    chunk, halved while the n_kv x cdiv(s, block_q) programs fit WAVE_PROGRAMS; block_k a power of two that
+    divides t; the tile cut until it fits (tile_that_fits); at most a warpgroup for each ROWS_PER_WARPGROUP rows."""
     block_rows, bk, num_warps, num_stages = config or DEFAULT_CONFIG
     bq = min(max(block_rows // gp, 1), pl.next_power_of_2(s))
     bq = max(bq, pl.cdiv(MIN_ROWS, gp))

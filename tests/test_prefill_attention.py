@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
-from test_pallas_kernels import INTERPRET, ON_GPU, TOL, _key, _rel_err
+from test_pallas_kernels import INTERPRET, ON_GPU, TF32X3, TOL, _key, _rel_err
 
 from pallas_kernels import prefill_attention as pa
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
@@ -127,16 +126,14 @@ def test_tiles_shrink_to_fit_shared_memory():
     # programs fill a wave at the default rows: what the default config becomes by shared memory alone
     # (pallas_kernels.decode_attention.tile_smem_bytes holds the count to the card's refusals). The f32 tiles
     # are the fastest of those that ran on an H100 for Mistral-7B, and for Gemma 3 of those with 32 rows.
-    tf32x3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-
     def fitted(hd, itemsize, precision=None):
         return pa.launch_config(None, 512, 4096, 32, 4, hd, itemsize, precision)
 
     assert fitted(128, 2) == (32, 128, 8, 2)  # bf16: the default
-    assert fitted(64, 4, tf32x3) == (32, 128, 8, 2)  # f32 at SmolLM2's head of 64
+    assert fitted(64, 4, TF32X3) == (32, 128, 8, 2)  # f32 at SmolLM2's head of 64
     assert fitted(256, 2) == (32, 64, 8, 2)  # bf16 at Gemma 3's head of 256
-    assert fitted(128, 4, tf32x3) == (32, 32, 8, 2)  # f32 at 128
-    assert fitted(256, 4, tf32x3) == (8, 32, 4, 2)  # f32 at 256: 32 rows, one warpgroup
+    assert fitted(128, 4, TF32X3) == (32, 32, 8, 2)  # f32 at 128
+    assert fitted(256, 4, TF32X3) == (8, 32, 4, 2)  # f32 at 256: 32 rows, one warpgroup
 
 
 @pytest.mark.parametrize(
@@ -154,7 +151,7 @@ def test_tiles_shrink_to_fit_shared_memory():
 def test_rows_halve_while_the_programs_fit_a_wave(s, n_kv, hd, itemsize, expected):
     # The tiles measured fastest of 16-128 rows a program on an H100 (KERNEL_NOTES.md run 31), chunks of 512 and
     # 64 tokens, groups of 4 query heads (SmolLM2's 3 padded to 4).
-    precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if itemsize == 4 else None
+    precision = TF32X3 if itemsize == 4 else None
     bq, bk, num_warps, num_stages = pa.launch_config(None, s, 4096, n_kv, 4, hd, itemsize, precision)
     assert (bq, bk, num_warps, num_stages) == expected
     assert n_kv * -(-s // bq) <= pa.WAVE_PROGRAMS
