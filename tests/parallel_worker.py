@@ -176,8 +176,12 @@ def lowered_tp2_step() -> dict:
     jax.clear_caches()  # the interpreted kernels' traces of this same step, from the checks above
     try:
         step = lambda w, c, t, p: model.forward(w, c, t, p, cfg=cfg, backend="pallas")  # noqa: E731
-        kernels = triton_kernels(step, w, cache, token, pos)
-        all_reduces = gpu_lowering(step, w, cache, token, pos).count('"stablehlo.all_reduce"')
+        kernels = triton_kernels(step, w, cache, token, pos, own_mesh=True)
+        all_reduces = gpu_lowering(step, w, cache, token, pos, own_mesh=True).count('"stablehlo.all_reduce"')
+    except RuntimeError as e:
+        if "No supported GPU devices" not in str(e):
+            raise
+        return {"skip": f"jax {jax.__version__} lowers Triton kernels only for a card it sees or a context mesh names"}
     finally:
         ops._interpret = interpret
     return {"kernels": kernels, "all_reduces": all_reduces, "n_layers": cfg.n_layers}

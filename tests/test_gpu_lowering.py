@@ -28,16 +28,31 @@ from yalm_jax.config import ModelConfig
 from yalm_jax.weights import LayerWeights, Weights
 
 SDS = jax.ShapeDtypeStruct
+# The card a lowering targets where no GPU is visible: jax 0.11's Triton lowering takes it from the abstract mesh's
+# device and refuses without one (jax 0.10 assumed an sm_90 card). The card the kernels are tuned on.
+LOWERING_MESH = jax.sharding.AbstractMesh(
+    (1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),  # jax 0.11's default, Explicit, types shardings
+    abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu"),
+)  # fmt: skip
 
 
-def gpu_lowering(fn, *args) -> str:
-    """`fn(*args)` lowered for the GPU (StableHLO text), on any machine."""
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+def gpu_lowering(fn, *args, own_mesh: bool = False) -> str:
+    """`fn(*args)` lowered for the GPU (StableHLO text), on any machine. `own_mesh`: `fn` shards over a mesh of its
+    own, which a context mesh would have to match, so none names the card: where no GPU is visible that lowers
+    only under jax 0.10."""
+
+    def lower():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    if own_mesh:
+        return lower()
+    with jax.sharding.use_abstract_mesh(LOWERING_MESH):
+        return lower()
 
 
-def triton_kernels(fn, *args) -> list[str]:
+def triton_kernels(fn, *args, own_mesh: bool = False) -> list[str]:
     """The names of the Triton kernels `fn(*args)` launches on the GPU, in program order (lowered, not run)."""
-    lines = gpu_lowering(fn, *args).splitlines()
+    lines = gpu_lowering(fn, *args, own_mesh=own_mesh).splitlines()
     return [re.findall(r'name = "([^"]+)"', line)[-1] for line in lines if "xla.gpu.triton" in line]
 
 

@@ -96,6 +96,8 @@ def test_tp2_decode_step_keeps_its_kernels(results):
     """Each device runs the five kernels a layer and the output's, as one device does; two all-reduces a layer
     (after wo and w2) and the embedding's."""
     r = results["lowered_tp2"]
+    if "skip" in r:
+        pytest.skip(r["skip"])
     layer = ["gemv_", "decode_attention", "gemv_", "gemv_gated_", "gemv_"]
     want = layer * r["n_layers"] + ["gemv_"]
     assert len(r["kernels"]) == len(want) and all(k.startswith(p) for k, p in zip(r["kernels"], want)), r["kernels"]
