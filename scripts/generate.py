@@ -46,7 +46,11 @@ flags.DEFINE_integer("top_k", 50, "Sample among the k most likely tokens; 0 turn
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 turns it off.")
 flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability, in [0, 1]; 0 turns it off.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype of the weights and the KV cache.")
+flags.DEFINE_enum(
+    "dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+    "Compute dtype of the weights and the KV cache; auto: float32 on the CPU, on a GPU the dtype the weights are "
+    "stored in (bf16 or f16; float32 for f32 and quantized files).",
+)  # fmt: skip
 flags.DEFINE_string(
     "quant", None,
     "Weights: none (dense), native (keep a GGUF file's Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/IQ4_NL/Q2_K-Q6_K/IQ4_XS blocks "
@@ -144,7 +148,7 @@ def run(argv: list[str]) -> int:
     )  # fmt: skip
     options = dict(max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, stop=FLAGS.stop, on_text=_write)
     if FLAGS.verbose:
-        _err(f"loaded {path} ({lm.cfg.arch}, {lm.cfg.n_layers} layers, {FLAGS.dtype}) in {load_s:.2f} s; context {max_context}")
+        _err(f"loaded {path} ({lm.cfg.arch}, {lm.cfg.n_layers} layers, {lm.cfg.dtype}) in {load_s:.2f} s; context {max_context}")
 
     if FLAGS.mode == "passkey":
         return _passkey(generator, path, load_s, max_context, window)

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as QT
 
 from yalm_jax.errors import UserError
 from yalm_jax.loading import load_model
-from yalm_jax.loading.gguf import SUPPORTED_QUANTS, is_gguf, open_gguf, read_gguf
+from yalm_jax.loading.gguf import SUPPORTED_QUANTS, is_gguf, open_gguf, read_gguf, stored_dtype
 from yalm_jax.model import forward, init_cache
 
 # ---- writing small GGUF files ------------------------------------------------------------------
@@ -629,8 +629,28 @@ def smollm2_transformers(smollm2_gguf):
     return model.eval()
 
 
+def test_stored_dtype(tmp_path):
+    """A file computes in its matrices' float type with --dtype=auto on a GPU: F16 where they all are, f32 where
+    one is quantized or F32 (the norms, 1-D, are F32 in every file)."""
+    rng = np.random.default_rng()
+    norm, matrix = rng.standard_normal(32).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32)
+
+    def dtype_of(*qtypes):
+        tensors = {"output_norm.weight": norm}
+        for i, q in enumerate(qtypes):
+            tensors[f"blk.{i}.w"] = (matrix if q in (QT.F32, QT.F16) else _quantize(matrix, q), q)
+        path = write_gguf(tmp_path / f"{'_'.join(q.name for q in qtypes)}.gguf", tensors)
+        return stored_dtype(read_gguf(path).tensors)
+
+    assert dtype_of(QT.F16, QT.F16) == "float16"
+    assert dtype_of(QT.F16, QT.F32) == "float32"
+    assert dtype_of(QT.F32, QT.F32) == "float32"
+    assert dtype_of(QT.F16, QT.Q8_0) == "float32"
+
+
 def test_smollm2_config(smollm2_gguf):
     cfg, source, tok = open_gguf(smollm2_gguf)
+    assert open_gguf(smollm2_gguf, None)[0].dtype == "float32"  # stored as Q4_1 and Q8_0 blocks
     assert (cfg.arch, cfg.n_layers, cfg.dim, cfg.hidden_dim) == ("llama", 30, 576, 1536)
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (9, 3, 64, 49152)
     assert cfg.tie_embeddings and not source.has("lm_head.weight")

