@@ -66,6 +66,7 @@ DEFAULT_CONFIG = (64, 256, 4, 3)
 SPLITS_16BIT = ((256, 256), (512, 64), (2048, 128))
 SPLITS_F32 = ((1024, 64), (2048, 128))
 MIN_GROUP = 16  # rows of a tensor-core dot
+F32_TERMS = 3  # bf16 terms of an f32 query over a 16-bit cache: 3 x 8 bits of mantissa, f32's 24
 # Shared memory one program may take on an H100 (the "available" of the card's refusals).
 SMEM_LIMIT = 227 * 1024
 # The merge loads up to MERGE_SPLITS splits' f32 partial outputs at once, at most MERGE_FLOATS of them (64 kB over
@@ -77,7 +78,7 @@ MERGE_FLOATS = 8 * 16 * 128
 
 def config_for(attn_len: int, dot_dtype) -> tuple[int, int, int, int]:
     """The tile for a decode step that reads at most `attn_len` slots (static: each decode bucket compiles its
-    own step) with dots in `dot_dtype` (attention_dot_dtype): DEFAULT_CONFIG with the split of SPLITS_F32 or
+    own step) with dots in `dot_dtype` (attention_operands): DEFAULT_CONFIG with the split of SPLITS_F32 or
     SPLITS_16BIT. The split is in DEFAULT_CONFIG's blocks' slots: blocks cut to fit shared memory cut it
     alike (decode_tile_that_fits)."""
     splits = SPLITS_F32 if jnp.dtype(dot_dtype) == jnp.float32 else SPLITS_16BIT
@@ -86,27 +87,34 @@ def config_for(attn_len: int, dot_dtype) -> tuple[int, int, int, int]:
     return block_t, split_t, num_warps, num_stages
 
 
-def tile_smem_bytes(rows: int, block_t: int, hd: int, num_stages: int, itemsize: int, precision=None) -> int:
+def tile_smem_bytes(
+    rows: int, block_t: int, hd: int, num_stages: int, itemsize: int, precision=None, terms: int = 1
+) -> int:  # fmt: skip
     """Shared memory Triton asks for an attention program whose dots take operands of `itemsize` bytes: the (rows,
     hd) query tile and num_stages buffers of the (block_t, hd) k and v tiles (an fp8 cache's counted at the dots'
     width: unmeasured, likely above). Dots as three TF32 products (attention_dot_precision) add the query's
     second TF32 part, and below 64 rows (too few for Hopper's wgmma, whose A operand stays in registers) the
     probabilities' two parts, (rows, block_t) each. Fitted to the refusals of decode and prefill tiles by an H100
-    (one by an H200), every one matched to the byte (KERNEL_NOTES.md run 30)."""
-    tile = (rows + 2 * num_stages * block_t) * hd * itemsize
+    (one by an H200), every one matched to the byte (KERNEL_NOTES.md run 30). A query in `terms` terms
+    (attention_operands) counts a query tile a term and, below 64 rows, a (rows, block_t) tile a term of the
+    probabilities, by analogy: no refusal of that form was seen (the largest, Gemma 3's head of 256, compiled on an
+    H100 at 227,328 bytes by this count; KERNEL_NOTES.md run 32)."""
+    tile = (rows * terms + 2 * num_stages * block_t) * hd * itemsize
     if precision == lax.DotAlgorithmPreset.TF32_TF32_F32_X3:
         tile += rows * hd * 4 + (2 * rows * block_t * 4 if rows < 64 else 0)
+    if terms > 1 and rows < 64:
+        tile += terms * rows * block_t * itemsize
     return tile
 
 
 def decode_tile_that_fits(
-    block_t: int, num_stages: int, rows: int, hd: int, itemsize: int, precision=None
+    block_t: int, num_stages: int, rows: int, hd: int, itemsize: int, precision=None, terms: int = 1
 ) -> tuple[int, int]:  # fmt: skip
     """(block_t, num_stages) cut until the tiles fit SMEM_LIMIT: the stages down to two first, then block_t halved
     (to MIN_GROUP). Gemma 3's f32 head of 256: blocks of 32 in two stages 24 us at context 128, of 16 in three 35
     (H100, KERNEL_NOTES.md run 30)."""
     def fits(bt, stages):
-        return tile_smem_bytes(rows, bt, hd, stages, itemsize, precision) <= SMEM_LIMIT
+        return tile_smem_bytes(rows, bt, hd, stages, itemsize, precision, terms) <= SMEM_LIMIT
 
     while not fits(block_t, num_stages) and (num_stages > 2 or block_t > MIN_GROUP):
         if num_stages > 2:
@@ -128,7 +136,7 @@ def supported(t: int, hd: int) -> bool:
 
 def _attention_kernel(
     len_ref, rows_ref, *refs, n_heads, group, bt, split_t, n_merge, window, scale, has_new, rope, norm_eps,
-    dot_dtype, interpret,
+    dot_dtype, parts, interpret,
 ):  # fmt: skip
     refs = list(refs)
     rope_ref = refs.pop(0) if rope else None
@@ -174,7 +182,7 @@ def _attention_kernel(
             for c in (0, 1)
         )
         q1, q2 = prepare(q1, q2, q_norm_ref)
-        q1, q2 = q1.astype(dot_dtype), q2.astype(dot_dtype)
+        q1_terms, q2_terms = split_terms(q1, dot_dtype, parts), split_terms(q2, dot_dtype, parts)
         precision = attention_dot_precision(dot_dtype, interpret)
 
         lo = s * split_t
@@ -191,8 +199,7 @@ def _attention_kernel(
                 valid &= pos >= length - window
             k1 = k_ref[pl.ds(t0, bt), pl.ds(0, half)].astype(dot_dtype)
             k2 = k_ref[pl.ds(t0, bt), pl.ds(half, half)].astype(dot_dtype)
-            scores = plt.dot(q1, k1, trans_b=True, precision=precision)
-            scores += plt.dot(q2, k2, trans_b=True, precision=precision)
+            scores = dot_terms(q1_terms, k1, precision, trans_b=True) + dot_terms(q2_terms, k2, precision, trans_b=True)
             scores = jnp.where(valid[None, :], scores * scale, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(scores, axis=1))
             alpha = jnp.exp(m - m_new)
@@ -200,7 +207,7 @@ def _attention_kernel(
             l = alpha * l + jnp.sum(p, axis=1)
             v = v_ref[pl.ds(t0, bt), :].astype(dot_dtype)
             v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unwritten slots may hold anything
-            acc = alpha[:, None] * acc + plt.dot(p.astype(v.dtype), v, precision=precision)
+            acc = alpha[:, None] * acc + dot_terms(split_terms(p, v.dtype, parts), v, precision)
             return m_new, l, acc
 
         init = (jnp.full((gp,), -jnp.inf, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, hd), f32))
@@ -214,7 +221,7 @@ def _attention_kernel(
             # later step will read them.
             kn1, kn2 = (x.astype(k_out.dtype).astype(f32) for x in prepare(kn1, kn2, k_norm_ref))
             vn = rows_ref[pl.ds(v_row, 1), :].astype(v_out.dtype)
-            s_new = jnp.sum(q1.astype(f32) * kn1 + q2.astype(f32) * kn2, axis=1) * scale
+            s_new = jnp.sum(q1 * kn1 + q2 * kn2, axis=1) * scale
             m2 = jnp.maximum(m, s_new)
             alpha = jnp.exp(m - m2)
             p_new = jnp.exp(s_new - m2)
@@ -276,12 +283,30 @@ def _attention_kernel(
                 write_output(o_sum, l_sum)
 
 
-def attention_dot_dtype(q_dtype, cache_dtype) -> jnp.dtype:
-    """The dtype q and the cache blocks meet in for QK^T and PV (accumulating in f32): the wider of the two;
-    with an fp8 cache (no implicit promotion) q's, each block upcast as loaded."""
-    if jnp.dtype(cache_dtype).itemsize == 1:
-        return jnp.dtype(q_dtype)
-    return jnp.dtype(jnp.promote_types(q_dtype, cache_dtype))
+def attention_operands(q_dtype, cache_dtype) -> tuple[jnp.dtype, int]:
+    """(dtype, terms): the dtype q and the cache blocks meet in for QK^T and PV (accumulating in f32), and the
+    terms of it an f32 query and its probabilities are split into (split_terms). An f32 query over a bf16 or fp8
+    cache: bf16 (fp8 blocks upcast exactly as loaded) in F32_TERMS terms, whose sum is the f32 value, so the
+    products cost bf16's and not three TF32 ones'. Otherwise whole, in the wider of the two (with an fp8 cache
+    q's)."""
+    q, c = jnp.dtype(q_dtype), jnp.dtype(cache_dtype)
+    if q == jnp.float32 and (c == jnp.bfloat16 or c.itemsize == 1):
+        return jnp.dtype(jnp.bfloat16), F32_TERMS
+    return (q if c.itemsize == 1 else jnp.dtype(jnp.promote_types(q, c))), 1
+
+
+def split_terms(x: jax.Array, dtype, terms: int) -> list[jax.Array]:
+    """x as `terms` values of `dtype` that sum to it: each the rounding of what the ones before leave."""
+    out = []
+    for _ in range(terms):
+        out.append(x.astype(dtype))
+        x = x - out[-1].astype(x.dtype)
+    return out
+
+
+def dot_terms(terms: list[jax.Array], b: jax.Array, precision, trans_b: bool = False) -> jax.Array:
+    """The sum of each term's product with b, in f32, the smaller terms' first."""
+    return functools.reduce(jnp.add, [plt.dot(a, b, trans_b=trans_b, precision=precision) for a in terms[::-1]])
 
 
 def attention_dot_precision(dot_dtype, interpret: bool):
@@ -321,10 +346,10 @@ def _decode_attention_call(
     n_kv, t, hd = k_cache.shape
     group = n_heads // n_kv
     gp = max(MIN_GROUP, pl.next_power_of_2(group))
-    dot_dtype = attention_dot_dtype(rows.dtype, k_cache.dtype)
+    dot_dtype, parts = attention_operands(rows.dtype, k_cache.dtype)
     block_t, split_t, num_warps, num_stages = config or config_for(attn_len or t, dot_dtype)
     precision = attention_dot_precision(dot_dtype, interpret)
-    bt, num_stages = decode_tile_that_fits(block_t, num_stages, gp, hd, dot_dtype.itemsize, precision)
+    bt, num_stages = decode_tile_that_fits(block_t, num_stages, gp, hd, dot_dtype.itemsize, precision, parts)
     # A split keeps its blocks where they shrink to fit: a program's walk is a chain of block_t-slot steps, and
     # Gemma 3's f32 head (blocks of 32) ran 1.36-1.48x faster at contexts 512 to 4096 with half the split (run 30).
     split_t = split_t * bt // block_t
@@ -386,7 +411,8 @@ def _decode_attention_call(
     kernel = functools.partial(
         _attention_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, n_merge=n_merge, window=window,
         scale=hd**-0.5 if scale is None else scale, has_new=has_new, rope=rope_inv_freq is not None,
-        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, interpret=interpret,
+        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, parts=parts,
+        interpret=interpret,
     )  # fmt: skip
     o, split_counter, _, _, _, *caches = pl.pallas_call(
         kernel,

@@ -33,7 +33,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.decode_attention import SMEM_LIMIT, attention_dot_dtype, attention_dot_precision, tile_smem_bytes
+from pallas_kernels.decode_attention import (
+    SMEM_LIMIT,
+    attention_dot_precision,
+    attention_operands,
+    dot_terms,
+    split_terms,
+    tile_smem_bytes,
+)
 from pallas_kernels.gemv import _pow2_divisor
 
 # (block_rows, block_k, num_warps, num_stages): the best of a first sweep on one H100 80GB HBM3 (2026-11-25,
@@ -63,7 +70,7 @@ def supported(t: int, hd: int) -> bool:
     return hd >= 16 and hd & (hd - 1) == 0 and t % 16 == 0
 
 
-def _prefill_kernel(start_ref, q_ref, k_ref, v_ref, *refs, s, bq, gp, bk, window, scale, precision):
+def _prefill_kernel(start_ref, q_ref, k_ref, v_ref, *refs, s, bq, gp, bk, window, scale, dot_dtype, terms, precision):
     o_ref = refs[-1]  # a leading ref is a poison buffer aliased to it (tests)
     q_start = start_ref[0]
     block = pl.cdiv(s, bq) - 1 - pl.program_id(1)  # the last q blocks, with the most keys, start first
@@ -79,8 +86,8 @@ def _prefill_kernel(start_ref, q_ref, k_ref, v_ref, *refs, s, bq, gp, bk, window
         full_lo = jnp.minimum(lax.div(jnp.maximum(p_last - window + 1, 0) + bk - 1, bk), blk_hi)
     full_hi = jnp.maximum(jnp.minimum(lax.div(p_lo + 1, bk), blk_hi), full_lo)
 
-    q = q_ref[...]
-    rows, hd = q.shape
+    rows, hd = q_ref.shape
+    q_terms = split_terms(q_ref[...], dot_dtype, terms)
     f32 = jnp.float32
     # Row r holds position p_lo + r // gp; padding rows past the chunk repeat its last position.
     pos_q = jnp.minimum(p_lo + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), gp), p_last)
@@ -88,9 +95,9 @@ def _prefill_kernel(start_ref, q_ref, k_ref, v_ref, *refs, s, bq, gp, bk, window
     def body(b, carry, masked):
         m, l, acc = carry
         t0 = pl.multiple_of(b * bk, bk)
-        k = k_ref[pl.ds(t0, bk), :].astype(q.dtype)
-        v = v_ref[pl.ds(t0, bk), :].astype(q.dtype)
-        scores = plt.dot(q, k, trans_b=True, precision=precision) * scale
+        k = k_ref[pl.ds(t0, bk), :].astype(dot_dtype)
+        v = v_ref[pl.ds(t0, bk), :].astype(dot_dtype)
+        scores = dot_terms(q_terms, k, precision, trans_b=True) * scale
         if masked:
             pos_k = t0 + lax.broadcasted_iota(jnp.int32, (bk,), 0)
             visible = pos_k[None, :] <= pos_q[:, None]
@@ -103,7 +110,7 @@ def _prefill_kernel(start_ref, q_ref, k_ref, v_ref, *refs, s, bq, gp, bk, window
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(scores - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + plt.dot(p.astype(v.dtype), v, precision=precision)
+        acc = alpha[:, None] * acc + dot_terms(split_terms(p, dot_dtype, terms), v, precision)
         return m_new, l, acc
 
     carry = (jnp.full((rows,), M_INIT, f32), jnp.zeros((rows,), f32), jnp.zeros((rows, hd), f32))
@@ -122,11 +129,11 @@ def _group_rows(x, n_kv: int, gp: int, s_pad: int):
     return x.reshape(n_kv, s_pad * gp, hd)
 
 
-def tile_that_fits(bq: int, bk: int, gp: int, hd: int, num_stages: int, itemsize: int, precision=None):
+def tile_that_fits(bq: int, bk: int, gp: int, hd: int, num_stages: int, itemsize: int, precision=None, terms=1):
     """(block_q, block_k) cut until the tiles (bq * gp rows) fit SMEM_LIMIT: block_k halved down to
     MIN_BLOCK_K, then the rows down to MIN_ROWS, then block_k to MIN_ROWS."""
     def fits(bq, bk):
-        return tile_smem_bytes(bq * gp, bk, hd, num_stages, itemsize, precision) <= SMEM_LIMIT
+        return tile_smem_bytes(bq * gp, bk, hd, num_stages, itemsize, precision, terms) <= SMEM_LIMIT
 
     while not fits(bq, bk):
         if bk > MIN_BLOCK_K:
@@ -140,7 +147,7 @@ def tile_that_fits(bq: int, bk: int, gp: int, hd: int, num_stages: int, itemsize
     return bq, bk
 
 
-def launch_config(config, s: int, t: int, n_kv: int, gp: int, hd: int, itemsize: int, precision=None):
+def launch_config(config, s: int, t: int, n_kv: int, gp: int, hd: int, itemsize: int, precision=None, terms=1):
     """(block_q, block_k, num_warps, num_stages) for a chunk of s queries over t slots of n_kv heads: `config`'s
     (default DEFAULT_CONFIG) block_rows as whole groups of gp query heads, at least MIN_ROWS rows and at most the
     chunk, halved while the n_kv x cdiv(s, block_q) programs fit WAVE_PROGRAMS; block_k a power of two that
@@ -150,7 +157,7 @@ def launch_config(config, s: int, t: int, n_kv: int, gp: int, hd: int, itemsize:
     bq = max(bq, pl.cdiv(MIN_ROWS, gp))
     while bq // 2 * gp >= MIN_ROWS and n_kv * pl.cdiv(s, bq // 2) <= WAVE_PROGRAMS:
         bq //= 2
-    bq, bk = tile_that_fits(bq, _pow2_divisor(t, bk), gp, hd, num_stages, itemsize, precision)
+    bq, bk = tile_that_fits(bq, _pow2_divisor(t, bk), gp, hd, num_stages, itemsize, precision, terms)
     return bq, bk, min(num_warps, 4 * max(1, bq * gp // ROWS_PER_WARPGROUP)), num_stages
 
 
@@ -159,7 +166,8 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
 
     Scores are q.k * scale (default head_dim ** -0.5), the softmax in f32; 16-bit
     operands multiply on tensor cores with f32 accumulation, f32 ones as three TF32
-    products (attention_dot_precision). An fp8 cache is upcast to q's dtype as each block is loaded.
+    products (attention_dot_precision), an f32 query over a bf16 or fp8 cache as three
+    bf16 terms (attention_operands). An fp8 cache's blocks are upcast as loaded.
     `config` = (block_rows, block_k, num_warps, num_stages), fitted to the shapes
     and the shared memory by launch_config. `out`, if given,
     is an (S, n_heads, hd) buffer in q's dtype aliased to the result (tests fill it
@@ -168,12 +176,12 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
     s, n_heads, hd = q.shape
     n_kv, t, _ = k_cache.shape
     gp = pl.next_power_of_2(n_heads // n_kv)
-    dt = attention_dot_dtype(q.dtype, k_cache.dtype)
+    dt, terms = attention_operands(q.dtype, k_cache.dtype)
     precision = attention_dot_precision(dt, interpret)
-    bq, bk, num_warps, num_stages = launch_config(config, s, t, n_kv, gp, hd, jnp.dtype(dt).itemsize, precision)
+    bq, bk, num_warps, num_stages = launch_config(config, s, t, n_kv, gp, hd, dt.itemsize, precision, terms)
     n_blocks = pl.cdiv(s, bq)
     rows = bq * gp
-    qg = _group_rows(q.astype(dt), n_kv, gp, n_blocks * bq)
+    qg = _group_rows(q.astype(dt) if terms == 1 else q, n_kv, gp, n_blocks * bq)  # split in the kernel
     q_start = jnp.asarray(q_start, jnp.int32).reshape(1)
 
     row_spec = pl.BlockSpec((None, rows, hd), lambda h, i: (h, n_blocks - 1 - i, 0))
@@ -188,7 +196,7 @@ def prefill_attention(q, k_cache, v_cache, q_start, *, window=None, scale=None, 
 
     kernel = functools.partial(
         _prefill_kernel, s=s, bq=bq, gp=gp, bk=bk, window=window, scale=hd**-0.5 if scale is None else scale,
-        precision=precision,
+        dot_dtype=dt, terms=terms, precision=precision,
     )
     o = pl.pallas_call(
         kernel,

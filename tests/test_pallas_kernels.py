@@ -24,11 +24,13 @@ import pytest
 from pallas_kernels.decode_attention import (
     DEFAULT_CONFIG,
     SMEM_LIMIT,
+    attention_operands,
     config_for,
     decode_attention,
     decode_attention_reference,
     decode_tile_that_fits,
     merge_splits,
+    split_terms,
     tile_smem_bytes,
 )
 from pallas_kernels.gemv import gemv, gemv_reference
@@ -256,11 +258,11 @@ def test_pair_chain_matches_reference(pairs, hidden, dim):
         assert _rel_err(out, ref) < TOL[jnp.float32]
 
 
-def _check_attention(n_heads, n_kv, t, hd, length, window, dtype, config):
+def _check_attention(n_heads, n_kv, t, hd, length, window, dtype, config, cache_dtype=None):
     k1, k2, k3 = jax.random.split(_key(), 3)
     q = jax.random.normal(k1, (n_heads, hd), dtype)
-    kc = jax.random.normal(k2, (n_kv, t, hd), dtype)
-    vc = jax.random.normal(k3, (n_kv, t, hd), dtype)
+    kc = jax.random.normal(k2, (n_kv, t, hd), jnp.float32).astype(cache_dtype or dtype)
+    vc = jax.random.normal(k3, (n_kv, t, hd), jnp.float32).astype(cache_dtype or dtype)
     if t > length:  # unwritten slots may hold anything: the kernel must not let them through
         kc = kc.at[:, length:].set(jnp.nan)
         vc = vc.at[:, length:].set(jnp.nan)
@@ -270,9 +272,13 @@ def _check_attention(n_heads, n_kv, t, hd, length, window, dtype, config):
         return decode_attention(q, kc, vc, length, window=window, config=config, out=poisoned, interpret=INTERPRET)
 
     out = jax.jit(run)(q, kc, vc, jnp.int32(length))
-    ref = decode_attention_reference(q, jnp.nan_to_num(kc), jnp.nan_to_num(vc), length, window=window)
+    ref = decode_attention_reference(q, _finite(kc), _finite(vc), length, window=window)
     assert out.shape == (n_heads, hd) and out.dtype == dtype
     assert _rel_err(out, ref) < TOL[dtype]
+
+
+def _finite(cache):
+    return jnp.where(jnp.isnan(cache.astype(jnp.float32)), 0, cache).astype(cache.dtype)  # nan_to_num, fp8 too
 
 
 SMALL_ATTN = (16, 32, 4, 2)  # block_t, split_t, num_warps, num_stages: grid (2 kv heads, 4 splits)
@@ -286,6 +292,24 @@ SMALL_ATTN = (16, 32, 4, 2)  # block_t, split_t, num_warps, num_stages: grid (2 
 )
 def test_decode_attention_matches_reference_small(dtype, n_heads, length, window):
     _check_attention(n_heads, 2, 128, 32, length, window, dtype, SMALL_ATTN)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_decode_attention_f32_query_over_a_narrow_cache(cache_dtype):
+    """An f32 query over a bf16 or fp8 cache multiplies in three bf16 terms (attention_operands): within f32's
+    tolerance of the f32 reference over the same cache values."""
+    assert attention_operands(jnp.float32, cache_dtype) == (jnp.bfloat16, 3)
+    _check_attention(8, 2, 128, 32, 100, None, jnp.float32, SMALL_ATTN, cache_dtype)
+    _check_attention(6, 2, 128, 32, 70, 20, jnp.float32, SMALL_ATTN, cache_dtype)
+
+
+def test_split_terms_sum_to_the_value():
+    x = jax.random.normal(_key(), (4096,), jnp.float32) * jnp.exp(jax.random.normal(_key(), (4096,)) * 8)
+    terms = split_terms(x, jnp.bfloat16, 3)
+    assert all(t.dtype == jnp.bfloat16 for t in terms)
+    total = sum(np.asarray(t, np.float64) for t in terms)
+    np.testing.assert_allclose(total, np.asarray(x, np.float64), rtol=2**-23, atol=0)
+    assert np.abs(np.asarray(terms[0], np.float64) - np.asarray(x, np.float64)).max() > 0  # one term is not x
 
 
 @pytest.mark.parametrize("length,window", [(500, None), (500, 420)], ids=["32_splits", "27_splits_from_the_sixth"])
@@ -381,6 +405,13 @@ def test_decode_attention_length_is_traced():
 @pytest.mark.parametrize("length,window", [(1, None), (128, None), (3000, None), (4096, None), (4096, 1024)])
 def test_decode_attention_matches_reference_real(dtype, length, window):
     _check_attention(32, 8, 4096, 128, length, window, dtype, None)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="real shapes need a GPU")
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(32, 8, 128), (4, 1, 256)], ids=["mistral", "gemma3"])
+@pytest.mark.parametrize("length", [128, 3000])
+def test_decode_attention_f32_query_over_a_bf16_cache_real(n_heads, n_kv, hd, length):
+    _check_attention(n_heads, n_kv, 4096, hd, length, None, jnp.float32, None, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["qwen2", "qwen3"])

@@ -62,10 +62,11 @@ def test_prefill_attention_matches_reference_small(dtype, n_heads, s, q_start, w
     _check(n_heads, 2, 32, 64, s, q_start, window, dtype, SMALL)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_prefill_attention_fp8_cache(dtype):
-    # e4m3 values are exact in bf16 and f32: the upcast adds no error of its own.
-    _check(8, 2, 32, 64, 10, 21, None, dtype, SMALL, cache_dtype=FP8)
+@pytest.mark.parametrize("dtype,cache_dtype", [(jnp.float32, FP8), (jnp.bfloat16, FP8), (jnp.float32, jnp.bfloat16)])
+def test_prefill_attention_narrow_cache(dtype, cache_dtype):
+    # e4m3 values are exact in bf16 and f32: the upcast adds no error of its own. An f32 query over a narrower
+    # cache multiplies in three bf16 terms (attention_operands), within f32's tolerance of the f32 reference.
+    _check(8, 2, 32, 64, 10, 21, None, dtype, SMALL, cache_dtype=cache_dtype)
 
 
 def test_prefill_attention_f16_and_scale():
@@ -112,6 +113,12 @@ def test_prefill_attention_q_start_is_traced():
 )
 def test_prefill_attention_matches_reference_real(dtype, n_heads, n_kv, hd, s, q_start, window):
     _check(n_heads, n_kv, hd, 4096, s, q_start, window, dtype, None)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="real shapes need a GPU")
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(32, 8, 128), (4, 1, 256)], ids=["mistral", "gemma3"])
+def test_prefill_attention_f32_query_over_a_bf16_cache_real(n_heads, n_kv, hd):
+    _check(n_heads, n_kv, hd, 4096, 512, 1000, None, jnp.float32, None, cache_dtype=jnp.bfloat16)
 
 
 def test_reference_ignores_unseen_slots():
