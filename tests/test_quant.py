@@ -806,11 +806,21 @@ def test_fp8_kv_cache_through_both_paths(tiny_dir, rng):
         # the bound until a CI draw hit 0.0215); f16: worst 0.0018.
         tol = {"bfloat16": 0.06, "float16": 0.02, "float8_e4m3fn": 0.35}[kv]
         assert _rel(pre, ref_pre) < tol and _rel(dec, ref_dec) < tol, kv
-        # Both paths attend over keys and values as the cache stores them. The kernels compute in f32
-        # from those; so does the xla path on the CPU, but on a GPU it multiplies in the cache's 16-bit
-        # dtype (bf16 for fp8), rounding the probabilities.
-        cross_tol = 1e-3 if jax.default_backend() == "cpu" else 2e-2
-        assert _rel(dec_pallas, dec) < cross_tol, kv
+        # Both paths attend over keys and values as the cache stores them, with the f32 query exact: the
+        # kernels in bf16 terms (attention_operands), the xla path in f32 (ops.attention_dtype).
+        assert _rel(dec_pallas, dec) < 1e-3, kv
+
+
+def test_xla_attention_multiplies_an_f32_query_in_f32(monkeypatch):
+    """On a GPU the xla path multiplies 16-bit queries in the cache's 16-bit dtype, and an f32 one in f32 (not
+    rounded to the cache's dtype); the CPU always in f32."""
+    assert ops.attention_dtype(jnp.float32, jnp.bfloat16) == jnp.float32
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ops.attention_dtype(jnp.float32, jnp.bfloat16) == jnp.float32
+    assert ops.attention_dtype(jnp.float32, jnp.float8_e4m3fn) == jnp.float32
+    assert ops.attention_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
+    assert ops.attention_dtype(jnp.bfloat16, jnp.float8_e4m3fn) == jnp.bfloat16
+    assert ops.attention_dtype(jnp.float16, jnp.float16) == jnp.float16
 
 
 def test_decode_attention_kernel_reads_and_writes_an_fp8_cache(rng):

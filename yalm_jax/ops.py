@@ -345,13 +345,15 @@ def new_split_counter(k_cache: jax.Array) -> jax.Array:
     return _attn.new_split_counter(k_cache.shape[0])
 
 
-def _attention_dtype(cache_dtype) -> jnp.dtype:
-    """The dtype attention multiplies in (always accumulating in f32).
+def attention_dtype(q_dtype, cache_dtype) -> jnp.dtype:
+    """The dtype the XLA path's attention multiplies in (always accumulating in f32).
 
     f32 on the CPU, where XLA has no bf16 x bf16 -> f32 product and is slow at
-    16-bit ones anyway; elsewhere the cache's 16-bit dtype (bf16 for an fp8 cache).
+    16-bit ones anyway, and for an f32 query or cache (the kernels keep an f32
+    query exact over a narrower cache too); else the cache's 16-bit dtype (bf16
+    for an fp8 cache).
     """
-    if jax.default_backend() == "cpu" or cache_dtype == jnp.float32:
+    if jax.default_backend() == "cpu" or jnp.float32 in (jnp.dtype(q_dtype), jnp.dtype(cache_dtype)):
         return jnp.dtype(jnp.float32)
     return jnp.dtype(cache_dtype if cache_dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16)
 
@@ -361,7 +363,7 @@ def _attend(q, k, v, k_cache, v_cache, visible, *, attn_len, scale, q_sink=None,
     cache slots then the chunk's own; the first `sinks` slots are scored against `q_sink`."""
     s, n_heads, hd = q.shape
     n_kv = k.shape[1]
-    dt, f32 = _attention_dtype(k_cache.dtype), jnp.float32
+    dt, f32 = attention_dtype(q.dtype, k_cache.dtype), jnp.float32
     scale = hd**-0.5 if scale is None else scale
     # The chunk's own keys and values as the cache stores them, as the kernels (which read them back)
     # and every later step see them.
