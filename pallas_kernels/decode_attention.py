@@ -66,7 +66,7 @@ DEFAULT_CONFIG = (64, 256, 4, 3)
 SPLITS_16BIT = ((256, 256), (512, 64), (2048, 128))
 SPLITS_F32 = ((1024, 64), (2048, 128))
 MIN_GROUP = 16  # rows of a tensor-core dot
-F32_TERMS = 3  # bf16 terms of an f32 query over a 16-bit cache: 3 x 8 bits of mantissa, f32's 24
+F32_TERMS = 3  # bf16 terms of an f32 query over a bf16 or fp8 cache: 3 x 8 bits of mantissa, f32's 24
 # Shared memory one program may take on an H100 (the "available" of the card's refusals).
 SMEM_LIMIT = 227 * 1024
 # The merge loads up to MERGE_SPLITS splits' f32 partial outputs at once, at most MERGE_FLOATS of them (64 kB over
@@ -136,7 +136,7 @@ def supported(t: int, hd: int) -> bool:
 
 def _attention_kernel(
     len_ref, rows_ref, *refs, n_heads, group, bt, split_t, n_merge, window, scale, has_new, rope, norm_eps,
-    dot_dtype, parts, interpret,
+    dot_dtype, terms, interpret,
 ):  # fmt: skip
     refs = list(refs)
     rope_ref = refs.pop(0) if rope else None
@@ -182,7 +182,7 @@ def _attention_kernel(
             for c in (0, 1)
         )
         q1, q2 = prepare(q1, q2, q_norm_ref)
-        q1_terms, q2_terms = split_terms(q1, dot_dtype, parts), split_terms(q2, dot_dtype, parts)
+        q1_terms, q2_terms = split_terms(q1, dot_dtype, terms), split_terms(q2, dot_dtype, terms)
         precision = attention_dot_precision(dot_dtype, interpret)
 
         lo = s * split_t
@@ -207,7 +207,7 @@ def _attention_kernel(
             l = alpha * l + jnp.sum(p, axis=1)
             v = v_ref[pl.ds(t0, bt), :].astype(dot_dtype)
             v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # unwritten slots may hold anything
-            acc = alpha[:, None] * acc + dot_terms(split_terms(p, v.dtype, parts), v, precision)
+            acc = alpha[:, None] * acc + dot_terms(split_terms(p, v.dtype, terms), v, precision)
             return m_new, l, acc
 
         init = (jnp.full((gp,), -jnp.inf, f32), jnp.zeros((gp,), f32), jnp.zeros((gp, hd), f32))
@@ -346,10 +346,10 @@ def _decode_attention_call(
     n_kv, t, hd = k_cache.shape
     group = n_heads // n_kv
     gp = max(MIN_GROUP, pl.next_power_of_2(group))
-    dot_dtype, parts = attention_operands(rows.dtype, k_cache.dtype)
+    dot_dtype, terms = attention_operands(rows.dtype, k_cache.dtype)
     block_t, split_t, num_warps, num_stages = config or config_for(attn_len or t, dot_dtype)
     precision = attention_dot_precision(dot_dtype, interpret)
-    bt, num_stages = decode_tile_that_fits(block_t, num_stages, gp, hd, dot_dtype.itemsize, precision, parts)
+    bt, num_stages = decode_tile_that_fits(block_t, num_stages, gp, hd, dot_dtype.itemsize, precision, terms)
     # A split keeps its blocks where they shrink to fit: a program's walk is a chain of block_t-slot steps, and
     # Gemma 3's f32 head (blocks of 32) ran 1.36-1.48x faster at contexts 512 to 4096 with half the split (run 30).
     split_t = split_t * bt // block_t
@@ -411,7 +411,7 @@ def _decode_attention_call(
     kernel = functools.partial(
         _attention_kernel, n_heads=n_heads, group=group, bt=bt, split_t=split_t, n_merge=n_merge, window=window,
         scale=hd**-0.5 if scale is None else scale, has_new=has_new, rope=rope_inv_freq is not None,
-        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, parts=parts,
+        norm_eps=None if qk_norm is None else float(qk_norm[2]), dot_dtype=dot_dtype, terms=terms,
         interpret=interpret,
     )  # fmt: skip
     o, split_counter, _, _, _, *caches = pl.pallas_call(
