@@ -148,14 +148,11 @@ def test_bad_models_and_prompts_exit_2_with_one_line(tiny_llama_chat_model, env,
     _assert_usage_error(
         _run(env, f"--model={tiny_llama_chat_model}", "--max_context=8", f"--prompt={PROMPT} {PROMPT}"), "context"
     )
-    # On the CPU quantized weights are dequantized at load, leaving no matrix for --int8_activations.
-    import jax
-
-    if jax.default_backend() == "cpu":
-        _assert_usage_error(
-            _run(env, f"--model={tiny_llama_chat_model}", "--quant=int8", "--int8_activations", "--prompt=hi"),
-            "--int8_activations",
-        )
+    # Dense weights leave no matrix for --int8_activations.
+    _assert_usage_error(
+        _run(env, f"--model={tiny_llama_chat_model}", "--quant=none", "--int8_activations", "--prompt=hi"),
+        "--int8_activations",
+    )
 
 
 def test_unsupported_gguf_quant_exits_2(env, tmp_path):

@@ -577,6 +577,38 @@ def test_xla_decode_product_matches_reference(rng, fmt, group, with_min):
     np.testing.assert_allclose(np.asarray(jax.jit(quant.matmul)(x, qm)), want, rtol=1e-4, atol=1e-4)
 
 
+def test_int8_planes_hold_x_within_half_a_step_of_the_last(rng):
+    # Each row of x as ACT_PLANES int8 planes under one scale a row, each plane rounding what those before it
+    # left: x is held to half a step of the last plane, max|x| / (2 * 127 * 254^(planes - 1)) (f32's own rounding
+    # of each step, ~1e-7 of max|x|, inside the 5% slack).
+    x = rng.standard_normal((5, 576)).astype(np.float32) * np.float32([[1e-3], [1.0], [40.0], [1.0], [7.0]])
+    x[1, rng.integers(576)] *= 300  # an outlier
+    x[3] = 0
+    planes, scales = jax.jit(quant.int8_planes)(jnp.asarray(x))
+    assert planes.dtype == jnp.int8 and planes.shape == (quant.ACT_PLANES, 5, 576)
+    held = np.sum(np.asarray(planes, np.float64) * np.asarray(scales, np.float64), axis=0)
+    half_step = np.abs(x).max(-1, keepdims=True) / (2 * 127 * 254 ** (quant.ACT_PLANES - 1))
+    assert np.all(np.abs(held - x) <= 1.05 * half_step)
+    assert not held[3].any()
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU's product; a GPU multiplies in its kernels or a float fusion")
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_cpu_multiplies_int8_per_channel_as_integers(rng, tokens):
+    # int8 with a scale a row times x's int8 planes, in XLA's int8 product: the dequantized matrix's product to
+    # f32's precision of x (sum_k |W_nk| times 2^-23 of max|x|, which two planes' error exceeds).
+    k = 576
+    qm = jax.device_put(quant.quantize(_weights(rng, 96, k), "int8"))
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    x[0, rng.integers(k)] = 25.0
+    got = np.asarray(jax.jit(quant.matmul)(jnp.asarray(x), qm), np.float64)
+    dense = np.asarray(quant.dequantize(qm, jnp.float32), np.float64)
+    want = x.astype(np.float64) @ dense.T
+    f32_of_x = np.abs(x).max(-1, keepdims=True) * 2.0**-23
+    assert np.all(np.abs(got - want) <= f32_of_x * np.abs(dense).sum(-1)[None] + 1e-6 * np.abs(want).max())
+    assert "xi8>" in jax.jit(quant.matmul).lower(jnp.asarray(x), qm).as_text()  # the integer product, not a float one
+
+
 @pytest.mark.skipif(not ON_GPU, reason="a GPU keeps weights quantized in the graph; the CPU dequantizes at load")
 def test_prefill_holds_one_dense_matrix_at_a_time(rng):
     # At Mistral-7B's width XLA computed every layer's dequantize ahead of the first layer, a dense copy of all
@@ -668,13 +700,13 @@ def test_smollm2_native_blocks_compute_the_dense_model(smollm2_gguf):
     assert _rel(pre, ref_pre) < 1e-5 and _rel(dec, ref_dec) < 1e-5
 
 
-def test_cpu_default_dequantizes_at_load(tiny_dir, monkeypatch):
+def test_cpu_default_dequantizes_at_load_all_but_int8_per_channel(tiny_dir, monkeypatch):
+    # The CPU multiplies int8 with a scale a row as integers (faster than dense f32), every other form dense.
     from yalm_jax.loading import load_model
 
     monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", True)
-    lm = load_model(tiny_dir, quant="int8")
-    on_cpu = jax.default_backend() == "cpu"
-    assert isinstance(lm.weights.layers[0].wo, jax.Array) == on_cpu
+    assert quant.is_quantized(load_model(tiny_dir, quant="int8").weights.layers[0].wo)
+    assert isinstance(load_model(tiny_dir, quant="int4:32").weights.layers[0].wo, jax.Array) == (not ON_GPU)
 
 
 def test_a_gguf_keeps_its_blocks_by_default_where_weights_stay_quantized(smollm2_gguf, tiny_dir, monkeypatch):
@@ -728,8 +760,11 @@ def _estimate(path: str, dtype: str, choice: str) -> int:
 
 
 @pytest.mark.parametrize("choice", ["none", "int8", "int4:32", "int4:128", "fp8", "native"])
-def test_weights_bytes_estimate_is_what_loading_places(tiny_dir, choice):
+@pytest.mark.parametrize("dequantize_on_cpu", [False, True], ids=["kept", "cpu_default"])
+def test_weights_bytes_estimate_is_what_loading_places(tiny_dir, choice, dequantize_on_cpu, monkeypatch):
     from yalm_jax.loading import load_model
+
+    monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", dequantize_on_cpu)
 
     placed = load_model(tiny_dir, dtype="bfloat16", quant=choice).weights.nbytes()
     assert _estimate(tiny_dir, "bfloat16", choice) == placed

@@ -3,7 +3,8 @@
 A `QuantizedMatrix` stands in the weights pytree where a dense (out, in)
 matrix would be. `ops.linear` and `ops.gated_ffn_up` dispatch on it: the xla
 path dequantizes inside the jitted graph (decode as one multiply-then-sum
-fusion that reads the quantized bytes), the pallas decode path calls
+fusion that reads the quantized bytes; on the CPU, int8 with a scale a row as
+an integer product, `_int8_product`), the pallas decode path calls
 `pallas_kernels/gemv_quant.py`, which dequantizes in the kernel. Indexing rows
 (`w[tokens]`, the embedding lookup) dequantizes just those rows.
 
@@ -649,9 +650,11 @@ def dequantize(w: QuantizedMatrix, dtype=None) -> jax.Array:
 
 
 def matmul(x: jax.Array, w: QuantizedMatrix) -> jax.Array:
-    """x @ W.T in f32 for x (S, K). One token: a multiply-then-sum over the quantized values
-    (one fusion that reads the quantized bytes, scales applied per group after the sum);
-    a chunk: dequantize, then one matrix product."""
+    """x @ W.T in f32 for x (S, K). On the CPU, int8 with a scale a row: an int8 product (`_int8_product`).
+    Otherwise one token: a multiply-then-sum over the quantized values (one fusion that reads the quantized
+    bytes, scales applied per group after the sum); a chunk: dequantize, then one matrix product."""
+    if _multiplies_int8_on_cpu(w.fmt, w.group, w.shape[1]):
+        return _int8_product(x, w)
     n, k = w.shape
     if x.shape[0] != 1:
         # The dequantize made to wait for x, so one matrix's dense copy is live at a time: XLA GPU otherwise
@@ -669,6 +672,51 @@ def matmul(x: jax.Array, w: QuantizedMatrix) -> jax.Array:
     if w.min is not None:
         y = y + jnp.sum(mins_of(w.scale, w.min) * jnp.sum(xg, axis=-1)[None], axis=-1)
     return y[None]
+
+
+# XLA CPU multiplies int8 by int8 into int32 through its own int8 matrix product, on a per-channel int8 matrix
+# ~1.5x faster than dense f32 reads its 4x the bytes, where its product of int8 by f32 (any other form, too) is a
+# convert-multiply-reduce fusion 1.35x (int8 per channel) to 31x slower than dense f32 (BENCHMARKS.md,
+# Quantization). So x is split into ACT_PLANES int8 planes under one scale a row, each 1/254 of the last:
+# three hold x to 2^-24 of its largest value, f32's own precision, so the product is the dequantized matrix's
+# in f32 (two, 2^-16, failed a 1e-4 check against it; one, int8 activations a token, read +3.3% perplexity).
+ACT_PLANES = 3
+
+
+def _multiplies_int8_on_cpu(fmt: str, group: int | None, k: int) -> bool:
+    """Whether a matrix in this form is multiplied by `_int8_product` (so the CPU keeps it quantized)."""
+    return fmt == "int8" and group in (None, k) and jax.default_backend() == "cpu"
+
+
+def int8_planes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x (S, K) as ACT_PLANES int8 planes (ACT_PLANES, S, K) and their scales (ACT_PLANES, S, 1):
+    x ~ sum_p scales[p] * planes[p], each plane the rounding of what the planes before it left."""
+    rest = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(rest), axis=-1, keepdims=True) / 127
+    scale = jnp.where(scale > 0, scale, 1.0)
+    planes, scales = [], []
+    for _ in range(ACT_PLANES):
+        q = jnp.clip(jnp.round(rest / scale), -127, 127)
+        planes.append(q.astype(jnp.int8))
+        scales.append(scale)
+        rest = rest - q * scale
+        scale = scale / 254  # what is left is within half a step: |rest / scale| <= 127
+    return jnp.stack(planes), jnp.stack(scales)
+
+
+def _int8_product(x: jax.Array, w: QuantizedMatrix) -> jax.Array:
+    """x @ W.T (S, N) in f32 for int8 W with a scale a row: x's int8 planes times W's integers, summed in int32
+    (|sum| <= 127^2 K, within int32 for K < 133,000), then each plane's scale and the row's."""
+    planes, scales = int8_planes(x)
+    p, s, k = planes.shape
+    # The planes as one (ACT_PLANES * S, K) operand, one matrix product: XLA CPU's int8 product costs a token's
+    # three columns about what it costs one.
+    sums = lax.dot_general(planes.reshape(p * s, k), w.q_bytes(), (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.int32).astype(jnp.float32)  # fmt: skip
+    # Each plane's rows scaled and added as slices: the same sum over a (planes, S, N) view decoded SmolLM2
+    # 1.45x slower inside the decode loop (XLA CPU, 59 against 86 tok/s).
+    y = sum(sums[i * s : (i + 1) * s] * scales[i] for i in range(p))
+    return y * w.scale.astype(jnp.float32).reshape(1, -1)
 
 
 def error_bound(w: np.ndarray, qm: QuantizedMatrix) -> np.ndarray:
@@ -748,7 +796,7 @@ def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, sourc
     n_rows = sum(shapes[n][0] for n in names)
     dense = n_rows * int(np.prod(shapes[names[0]][1:])) * np.dtype(dtype).itemsize
     form = field_form(choice, field, is_moe)
-    if form is None or dequantizes_at_load():
+    if form is None or dequantizes_at_load(*form, shapes[names[0]][1]):
         return dense
     fmt, group = form
     if fmt == "native":
@@ -767,17 +815,21 @@ def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, sourc
 
 
 # On the CPU, XLA's dequantize-in-graph decode is 7-31x slower than dense f32 (BENCHMARKS.md,
-# Quantization), so a quantized matrix is dequantized once, at load, into the compute dtype there.
+# Quantization), so a quantized matrix is dequantized once, at load, into the compute dtype there; all but
+# int8 with a scale a row, which the CPU multiplies as integers (_int8_product).
 DEQUANTIZE_ON_CPU = True
 
 
-def dequantizes_at_load() -> bool:
-    return DEQUANTIZE_ON_CPU and jax.default_backend() == "cpu"
+def dequantizes_at_load(fmt: str | None = None, group: int | None = None, k: int | None = None) -> bool:
+    """Whether a quantized matrix loads dense: on the CPU, unless its form (fmt, group, row length k) is one the
+    CPU multiplies quantized; without a form, whether the CPU's other forms do."""
+    return DEQUANTIZE_ON_CPU and jax.default_backend() == "cpu" and not _multiplies_int8_on_cpu(fmt, group, k)
 
 
 def for_device(w: QuantizedMatrix):
-    """What build_weights places for a host QuantizedMatrix: itself, or on the CPU its dense matrix."""
-    return np.asarray(dequantize(w)) if dequantizes_at_load() else w
+    """What build_weights places for a host QuantizedMatrix: itself, or on the CPU (dequantizes_at_load) its
+    dense matrix."""
+    return np.asarray(dequantize(w)) if dequantizes_at_load(w.fmt, w.group, w.shape[1]) else w
 
 
 def auto_choice(source) -> str:

@@ -92,7 +92,7 @@ def load_model(
         import jax
 
         if not any(getattr(w, "int8_activations", False) for w in jax.tree.leaves(weights, is_leaf=quant_lib.is_quantized)):
-            why = " (the CPU computes with weights dequantized at load; the option is for the GPU's kernels)"
+            why = " (the CPU dequantizes every form but int8 at load; the option is for the GPU's kernels)"
             raise UserError(f"--int8_activations needs int8 or int4:32 weights; got --quant={quant}"
                             f"{why if quant_lib.dequantizes_at_load() else ''}")  # fmt: skip
     return LoadedModel(cfg=cfg, weights=weights, tokenizer=tokenizer)
