@@ -579,8 +579,9 @@ def test_xla_decode_product_matches_reference(rng, fmt, group, with_min):
 
 def test_int8_planes_hold_x_within_half_a_step_of_the_last(rng):
     # Each row of x as ACT_PLANES int8 planes under one scale a row, each plane rounding what those before it
-    # left: x is held to half a step of the last plane, max|x| / (2 * 127 * 254^(planes - 1)) (f32's own rounding
-    # of each step, ~1e-7 of max|x|, inside the 5% slack).
+    # left: x is held to half a step of the last plane, max|x| / (2 * 127 * 254^(planes - 1)), plus what f32's
+    # rounding of the scales costs: 127 times an ulp of the first is about one such half step (XLA GPU's
+    # reciprocals read 1.35 half steps; the CPU 1.0), so two.
     x = rng.standard_normal((5, 576)).astype(np.float32) * np.float32([[1e-3], [1.0], [40.0], [1.0], [7.0]])
     x[1, rng.integers(576)] *= 300  # an outlier
     x[3] = 0
@@ -588,7 +589,7 @@ def test_int8_planes_hold_x_within_half_a_step_of_the_last(rng):
     assert planes.dtype == jnp.int8 and planes.shape == (quant.ACT_PLANES, 5, 576)
     held = np.sum(np.asarray(planes, np.float64) * np.asarray(scales, np.float64), axis=0)
     half_step = np.abs(x).max(-1, keepdims=True) / (2 * 127 * 254 ** (quant.ACT_PLANES - 1))
-    assert np.all(np.abs(held - x) <= 1.05 * half_step)
+    assert np.all(np.abs(held - x) <= 2 * half_step)
     assert not held[3].any()
 
 
