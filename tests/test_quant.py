@@ -771,17 +771,23 @@ def test_weights_bytes_estimate_is_what_loading_places(tiny_dir, choice, dequant
     assert _estimate(tiny_dir, "bfloat16", choice) == placed
 
 
-def test_weights_bytes_estimate_of_stored_blocks(smollm2_gguf, tiny_dir, tmp_path):
+def test_weights_bytes_estimate_of_stored_blocks(smollm2_gguf, tiny_dir, tmp_path, monkeypatch):
     from yalm_jax.loading import load_model
 
     # GGUF Q4_1 / Q8_0 blocks kept as they are, the rest dequantized.
     assert _estimate(smollm2_gguf, "bfloat16", "native") == load_model(smollm2_gguf, "bfloat16", quant="native").weights.nbytes()
-    out = str(tmp_path / "q")  # a quantized checkpoint, which loads as it is stored
-    subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "quantize.py"), f"--model={tiny_dir}", f"--out={out}", "--quant=int4"],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    assert _estimate(out, "float32", "native") == load_model(out).weights.nbytes()
+    for choice in ("int4", "int8"):  # quantized checkpoints, which load as they are stored
+        out = str(tmp_path / choice)
+        subprocess.run(
+            [sys.executable, os.path.join(REPO, "scripts", "quantize.py"), f"--model={tiny_dir}", f"--out={out}",
+             f"--quant={choice}"],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        assert _estimate(out, "float32", "native") == load_model(out).weights.nbytes()
+        # The CPU's default: int8 with a scale a row stays int8, int4 loads dense.
+        monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", True)
+        assert _estimate(out, "float32", "native") == load_model(out).weights.nbytes()
+        monkeypatch.setattr(quant, "DEQUANTIZE_ON_CPU", False)
 
 
 def test_a_quantized_model_fits_where_its_dense_form_does_not(tiny_dir):

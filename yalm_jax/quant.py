@@ -796,9 +796,10 @@ def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, sourc
     n_rows = sum(shapes[n][0] for n in names)
     dense = n_rows * int(np.prod(shapes[names[0]][1:])) * np.dtype(dtype).itemsize
     form = field_form(choice, field, is_moe)
-    if form is None or dequantizes_at_load(*form, shapes[names[0]][1]):
+    if form is None:
         return dense
-    fmt, group = form
+    (fmt, group), k = form, shapes[names[0]][1]
+    stored_nbytes = None  # the parts' own bytes, where they are placed as stored
     if fmt == "native":
         stored = getattr(source, "quantized_form", lambda name: None)
         parts = [stored(n) for n in names]
@@ -807,10 +808,14 @@ def loaded_nbytes(choice: str, field: str, names: list[str], shapes: dict, sourc
         if not _one_form(parts):
             fmt, group = MIXED_FORM
         elif _placed_as_stored(parts[0].fmt, int8_activations):
-            return sum(p.nbytes for p in parts)
+            fmt, group, stored_nbytes = parts[0].fmt, parts[0].group, sum(p.nbytes for p in parts)
         else:  # iq4 placed as int8 (iq4_as_int8)
             fmt, group = "int8", parts[0].group
-    one_row = quantize(np.ones((1, shapes[names[0]][1]), np.float32), fmt, group, with_min=True, dtype=dtype)
+    if dequantizes_at_load(fmt, group, k):
+        return dense
+    if stored_nbytes is not None:
+        return stored_nbytes
+    one_row = quantize(np.ones((1, k), np.float32), fmt, group, with_min=True, dtype=dtype)
     return n_rows * one_row.nbytes
 
 
