@@ -94,8 +94,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(EXIT_USAGE)
 
 
-def _err(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
+def _err(*parts, end: str = "\n") -> None:
+    print(*parts, file=sys.stderr, end=end, flush=True)
 
 
 def _write(text: str) -> None:

@@ -95,6 +95,50 @@ def test_interactive_chat_keeps_the_conversation_and_cache(tiny_llama_chat_model
     assert second["generated_token_ids"] == expected
 
 
+def test_interactive_chat_on_a_terminal(tiny_llama_chat_model, env, tmp_path):
+    # README's chat as a person runs it: stdin and stdout a terminal, so the REPL prompts with "> ". (It died at
+    # its first prompt there, while every piped run passed.) The replies must be the greedy ones.
+    import pty
+    import select
+    import time
+
+    stats_path = tmp_path / "stats.json"
+    args = [f"--model={tiny_llama_chat_model}", "--mode=chat", "--temperature=0", "--max_new_tokens=8"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, *args, f"--stats_json={stats_path}"], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until_prompt(count):
+        nonlocal seen
+        deadline = time.time() + 300
+        while seen.count(b"> ") < count and time.time() < deadline and proc.poll() is None:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the child has closed the terminal
+                    break
+        return seen.count(b"> ") >= count
+
+    try:
+        assert read_until_prompt(1), seen.decode(errors="replace")
+        time.sleep(1.0)  # typing
+        os.write(master, b"Hello there\n")
+        assert read_until_prompt(2), seen.decode(errors="replace")
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    (turn,) = json.loads(stats_path.read_text())["turns"]
+    assert turn["text"] and turn["text"] in seen.decode(errors="replace").replace("\r\n", "\n")
+    expected = hf_greedy(tiny_llama_chat_model, turn["prompt_token_ids"], 8, eos_ids=_eos(tiny_llama_chat_model))
+    assert turn["generated_token_ids"] == expected
+
+
 def _assert_usage_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
