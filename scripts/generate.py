@@ -165,11 +165,15 @@ def run(argv: list[str]) -> int:
         session.prompt_ids()  # a model without a chat template fails here, before any input is read
         turns = [FLAGS.prompt] if FLAGS.prompt is not None else None
         interactive = turns is None
+        stop_warm_up = _warm_up_while_typing(generator, sampling) if interactive and sys.stdin.isatty() else None
         while True:
             if interactive:
                 if sys.stdin.isatty():
                     _err("> ", end="")
                 line = sys.stdin.readline()
+                if stop_warm_up is not None:
+                    stop_warm_up()
+                    stop_warm_up = None
                 if not line or line.strip() == "/exit":
                     break
                 text = line.rstrip("\n")
@@ -193,6 +197,41 @@ def run(argv: list[str]) -> int:
     if FLAGS.stats_json:
         _write_stats(FLAGS.stats_json, results, load_s, path, max_context)
     return 0
+
+
+def _warm_up_while_typing(generator, sampling):
+    """Starts `generator.warm_up` in a thread for the prompt lengths a chat's turns pad to: its template around a
+    short question first (the first reply's), a later turn's few new tokens, then a longer first message and a
+    greeting's. Returns a function that stops it (before its next compile or run) and waits for it. A first reply
+    typed in a few seconds then starts at a warm program's speed (BENCHMARKS.md, CPU)."""
+    import threading
+
+    from yalm_jax.generate import ChatSession, padded_length
+
+    def first_prompt_length(message):
+        probe = ChatSession(generator, system=FLAGS.system)
+        probe.messages.append({"role": "user", "content": message})
+        return len(probe.prompt_ids())
+
+    question, greeting = first_prompt_length("What is the capital of France?"), first_prompt_length("Hi!")
+    sizes = (question, 1, 2 * question, greeting)
+    lengths = list(dict.fromkeys(padded_length(n, generator.prefill_chunk) for n in sizes))
+    cancel = threading.Event()
+
+    def warm_up():
+        try:
+            generator.warm_up(lengths, sampling=sampling, cancel=cancel)
+        except Exception:  # noqa: BLE001 - the first reply runs the same programs and reports what fails
+            pass
+
+    worker = threading.Thread(target=warm_up, daemon=True)
+    worker.start()
+
+    def stop():
+        cancel.set()
+        worker.join()
+
+    return stop
 
 
 def _eval_stats(model_path: str, load_s: float, max_context: int, window: int, **fields) -> None:

@@ -96,8 +96,9 @@ def test_interactive_chat_keeps_the_conversation_and_cache(tiny_llama_chat_model
 
 
 def test_interactive_chat_on_a_terminal(tiny_llama_chat_model, env, tmp_path):
-    # README's chat as a person runs it: stdin and stdout a terminal, so the REPL prompts with "> ". (It died at
-    # its first prompt there, while every piped run passed.) The replies must be the greedy ones.
+    # README's chat as a person runs it: stdin and stdout a terminal, so the REPL prompts with "> " and warms
+    # its programs up while the first line is typed. (It once died at its first prompt there, while every
+    # piped run passed.) The replies must be the greedy ones, with the warm-up's throwaway prompts forgotten.
     import pty
     import select
     import time
@@ -124,7 +125,7 @@ def test_interactive_chat_on_a_terminal(tiny_llama_chat_model, env, tmp_path):
 
     try:
         assert read_until_prompt(1), seen.decode(errors="replace")
-        time.sleep(1.0)  # typing
+        time.sleep(1.0)  # typing, while the warm-up runs
         os.write(master, b"Hello there\n")
         assert read_until_prompt(2), seen.decode(errors="replace")
         os.write(master, b"/exit\n")
@@ -137,6 +138,7 @@ def test_interactive_chat_on_a_terminal(tiny_llama_chat_model, env, tmp_path):
     assert turn["text"] and turn["text"] in seen.decode(errors="replace").replace("\r\n", "\n")
     expected = hf_greedy(tiny_llama_chat_model, turn["prompt_token_ids"], 8, eos_ids=_eos(tiny_llama_chat_model))
     assert turn["generated_token_ids"] == expected
+    assert turn["prefilled_tokens"] == turn["prompt_tokens"]  # nothing of the warm-up's prompts was reused
 
 
 def _assert_usage_error(proc, *needles):

@@ -179,3 +179,27 @@ def test_compile_time_excludes_work_queued_on_the_arguments():
     wall = time.perf_counter() - t
     assert programs.compile_s > 0.3 * slow_s  # else the check below cannot tell overlap from none
     assert wall - programs.compile_s >= 0.7 * slow_s
+
+
+def test_warm_up_compiles_a_reply_and_changes_nothing(tiny_llama_chat_model):
+    # After warm_up for the prompt's padded length, the reply compiles nothing, and it is the reply a generator
+    # without warm-up samples from the same seed (the cache and the sampling key are left as they were).
+    import threading
+
+    sampling = SamplingParams.make(0.9, 20, 0.95, 0.0)
+    g, tok = _generator(tiny_llama_chat_model, seed=7)
+    tok.eos_ids = frozenset()
+    prompt = tok.encode(PROMPT)
+    fresh, fresh_tok = _generator(tiny_llama_chat_model, seed=7)
+    fresh_tok.eos_ids = frozenset()
+    want = fresh.generate(prompt, max_new_tokens=N_NEW, sampling=sampling)
+
+    cancelled = threading.Event()
+    cancelled.set()
+    g.warm_up([gen.padded_length(len(prompt), g.prefill_chunk)], sampling=sampling, cancel=cancelled)
+    assert g.programs.compile_s == 0  # cancelled: not one compile or run
+    g.warm_up([gen.padded_length(len(prompt), g.prefill_chunk)], sampling=sampling)
+    assert g.programs.compile_s > 0 and g.cached_ids == []
+    out = g.generate(prompt, max_new_tokens=N_NEW, sampling=sampling)
+    assert out.compile_s == 0
+    assert out.token_ids == want.token_ids and len(set(out.token_ids)) > 1

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -180,17 +181,27 @@ def first_token(logits: jax.Array, key: jax.Array, params: SamplingParams) -> tu
 # -- compiled programs ---------------------------------------------------------------
 
 
+class Interrupted(Exception):
+    """A `Programs` call refused because its `interrupt` was set."""
+
+
 class Programs:
     """Ahead-of-time compiled executables, one per jitted function and shape, and the time spent compiling.
 
     The first call of a shape is lowered and compiled here (or loaded from the
     persistent cache) before it runs, so timing a call never includes compiling it:
-    callers subtract `compile_s` from their wall time.
+    callers subtract `compile_s` from their wall time. While `interrupt` is set, a
+    compile or a run raises Interrupted instead (Generator.warm_up's cancel).
     """
 
     def __init__(self):
         self._exe: dict = {}
         self.compile_s = 0.0
+        self.interrupt: threading.Event | None = None
+
+    def _check_interrupt(self):
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise Interrupted
 
     def get(self, fn, *args, **static):
         leaves, tree = jax.tree_util.tree_flatten(args)
@@ -201,6 +212,7 @@ class Programs:
             # the compile, and subtracting the compile time would then drop that work's time as well: a first
             # reply's decode read 211 tok/s where SmolLM2 on this CPU runs 62.
             jax.block_until_ready(args)
+            self._check_interrupt()
             t = time.perf_counter()
             exe = fn.lower(*args, **static).compile()
             self.compile_s += time.perf_counter() - t
@@ -208,13 +220,20 @@ class Programs:
         return exe
 
     def __call__(self, fn, *args, **static):
-        return self.get(fn, *args, **static)(*args)
+        exe = self.get(fn, *args, **static)
+        self._check_interrupt()
+        return exe(*args)
 
 
 def _placement(x):
     """How a multi-device (tensor-parallel) array is split; None on one device, where it never matters."""
     sharding = getattr(x, "sharding", None)
     return sharding if sharding is not None and len(sharding.device_set) > 1 else None
+
+
+def padded_length(n: int, chunk: int) -> int:
+    """The length a prefill call of n prompt tokens runs at (the last, or only, chunk's; before the cache's end)."""
+    return chunk if n >= chunk else min(chunk, max(MIN_PREFILL_CHUNK, _next_pow2(n)))
 
 
 def _plan_prefill(
@@ -230,7 +249,7 @@ def _plan_prefill(
     plan = []
     while start < end:
         n = min(chunk, end - start)
-        length = chunk if n == chunk else min(chunk, max(MIN_PREFILL_CHUNK, _next_pow2(n)))
+        length = padded_length(n, chunk)
         if ring_sinks is not None and start + length > max_context:
             slot = start if start < ring_sinks else ring_sinks + (start - ring_sinks) % (max_context - ring_sinks)
             n = length = 1 << (min(n, max_context - slot).bit_length() - 1)
@@ -401,6 +420,35 @@ class Generator:
 
     def reset(self) -> None:
         self.cached_ids = []
+
+    def warm_up(
+        self,
+        prompt_lengths: Sequence[int],
+        *,
+        sampling: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Compiles, and runs once, what a reply to a prompt of each length needs (its prefill, its first
+        token, a decode chunk), on throwaway tokens; the cache holds nothing of them after, and the sampling
+        key is as before, so replies are what they would have been. A program's first run costs more than
+        its next ones (XLA CPU sets up its matrix products then: ~0.3 s a prefill program), so an interactive
+        chat calls this while its first message is typed. `cancel` stops it before its next compile or run."""
+        key, decoded = self.key, False
+        self.programs.interrupt = cancel
+        try:
+            for n in prompt_lengths:
+                if n + self.decode_chunk >= self.max_context:
+                    continue
+                self.reset()
+                # One prompt also runs a decode chunk: every length's reply shares that program.
+                new_tokens = 1 if decoded else self.decode_chunk + 1
+                decoded = len(self.generate([0] * n, max_new_tokens=new_tokens, sampling=sampling).token_ids) > 1
+        except Interrupted:
+            pass  # a cache it had taken is dropped; the next call makes a new one
+        finally:
+            self.programs.interrupt = None
+            self.reset()
+            self.key = key
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
         if not prompt_ids:
