@@ -170,7 +170,11 @@ def run(argv: list[str]) -> int:
             if interactive:
                 if sys.stdin.isatty():
                     _err("> ", end="")
-                line = sys.stdin.readline()
+                try:
+                    line = sys.stdin.readline()
+                except KeyboardInterrupt:  # Ctrl-C at the prompt leaves, as /exit does
+                    _err("")
+                    line = ""
                 if stop_warm_up is not None:
                     stop_warm_up()
                     stop_warm_up = None
@@ -186,6 +190,9 @@ def run(argv: list[str]) -> int:
                     results.append(session.send(text, **options))
                 except UserError as e:  # e.g. the conversation outgrew the context: report it and go on
                     _err(f"error: {e} (/reset starts a new conversation)")
+                    continue
+                except KeyboardInterrupt:  # Ctrl-C in a reply stops it, as llama.cpp's chat does
+                    _err("\n[interrupted: the turn is left out of the conversation; Ctrl-C at the prompt leaves]")
                     continue
             else:
                 if not turns:

@@ -98,9 +98,11 @@ def test_interactive_chat_keeps_the_conversation_and_cache(tiny_llama_chat_model
 def test_interactive_chat_on_a_terminal(tiny_llama_chat_model, env, tmp_path):
     # README's chat as a person runs it: stdin and stdout a terminal, so the REPL prompts with "> " and warms
     # its programs up while the first line is typed. (It once died at its first prompt there, while every
-    # piped run passed.) The replies must be the greedy ones, with the warm-up's throwaway prompts forgotten.
+    # piped run passed.) The replies must be the greedy ones, with the warm-up's throwaway prompts forgotten;
+    # Ctrl-C at the prompt leaves, as /exit does.
     import pty
     import select
+    import signal
     import time
 
     stats_path = tmp_path / "stats.json"
@@ -128,7 +130,7 @@ def test_interactive_chat_on_a_terminal(tiny_llama_chat_model, env, tmp_path):
         time.sleep(1.0)  # typing, while the warm-up runs
         os.write(master, b"Hello there\n")
         assert read_until_prompt(2), seen.decode(errors="replace")
-        os.write(master, b"/exit\n")
+        proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
     finally:
         if proc.poll() is None:

@@ -69,6 +69,33 @@ def test_chunk_queued_past_a_stop_leaves_the_reused_cache_intact(tiny_llama_chat
     assert fresh.generate(out2.prompt_ids, max_new_tokens=12).token_ids == out2.token_ids
 
 
+def test_interrupted_reply_leaves_the_session_as_before(tiny_llama_chat_model):
+    # Ctrl-C in a chat reply (KeyboardInterrupt out of the text callback, mid-decode, a chunk queued ahead): the
+    # turn is left out, and the next turn's reply is the one a session that never saw it gives.
+    g, tok = _generator(tiny_llama_chat_model)
+    tok.eos_ids = frozenset()
+    session = gen.ChatSession(g, system="You are a model.")
+    session.send("Hello, how are you today?", max_new_tokens=8)
+    history = list(session.messages)
+    pieces = []
+
+    def interrupt(text):
+        pieces.append(text)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.send("Tell me a long story.", max_new_tokens=64, on_text=interrupt)
+    assert session.messages == history
+    after = session.send("What is the sky?", max_new_tokens=8)
+
+    fresh_g, fresh_tok = _generator(tiny_llama_chat_model)
+    fresh_tok.eos_ids = frozenset()
+    fresh = gen.ChatSession(fresh_g)
+    fresh.messages = list(history)
+    assert after.token_ids == fresh.send("What is the sky?", max_new_tokens=8).token_ids
+
+
 def test_stop_string_truncates_text_and_stream(tiny_llama_chat_model):
     g, tok = _generator(tiny_llama_chat_model)
     tok.eos_ids = frozenset()

@@ -522,8 +522,11 @@ class Generator:
         kept, reason = self._accept(all_ids[0], [], stream, eos, n_prompt, max_new_tokens)
         fed = 0  # sampled tokens written to the cache
         stop_ids = jnp.asarray(sorted(eos) or [-1], jnp.int32)
+        # The chunks donate their state; the key goes in as a copy, so a call interrupted mid-decode (Ctrl-C in
+        # a chat) leaves the generator a live key. (Its cache is dropped then; the next call makes a new one.)
         state = DecodeState(
-            cache=cache, token=token, pos=jnp.asarray(n_prompt, jnp.int32), key=self.key, done=jnp.asarray(False)
+            cache=cache, token=token, pos=jnp.asarray(n_prompt, jnp.int32), key=jax.random.clone(self.key),
+            done=jnp.asarray(False),
         )
         t1 = time.perf_counter()
         compile_mid = self.programs.compile_s
@@ -614,11 +617,12 @@ class ChatSession:
         return tok.encode(tok.render_chat(self.messages, add_generation_prompt=True), add_special_tokens=False)
 
     def send(self, text: str, **generate_kwargs) -> Generation:
-        """Adds a user turn, generates the reply, and adds it to the conversation."""
+        """Adds a user turn, generates the reply, and adds it to the conversation; a turn that fails or is
+        interrupted (Ctrl-C) is left out of it."""
         self.messages.append({"role": "user", "content": text})
         try:
             result = self.generator.generate(self.prompt_ids(), **generate_kwargs)
-        except UserError:
+        except (UserError, KeyboardInterrupt):
             self.messages.pop()
             raise
         self.messages.append({"role": "assistant", "content": result.text})
