@@ -207,10 +207,10 @@ def run(argv: list[str]) -> int:
 
 
 def _warm_up_while_typing(generator, sampling):
-    """Starts `generator.warm_up` in a thread for the prompt lengths a chat's turns pad to: its template around a
-    short question first (the first reply's), a later turn's few new tokens, then a longer first message and a
-    greeting's. Returns a function that stops it (before its next compile or run) and waits for it. A first reply
-    typed in a few seconds then starts at a warm program's speed (BENCHMARKS.md, CPU)."""
+    """Starts `generator.warm_up` in a thread for the prompt lengths a first turn pads to (its template around a
+    short question, then around a greeting). Returns a function that stops it (before its next compile or run)
+    and waits for it. A first reply typed in a few seconds then starts at a warm program's speed (BENCHMARKS.md,
+    CPU); later turns compile what they need as they did, while their prompts are read and typed."""
     import threading
 
     from yalm_jax.generate import ChatSession, padded_length
@@ -221,7 +221,7 @@ def _warm_up_while_typing(generator, sampling):
         return len(probe.prompt_ids())
 
     question, greeting = first_prompt_length("What is the capital of France?"), first_prompt_length("Hi!")
-    sizes = (question, 1, 2 * question, greeting)
+    sizes = (question, greeting)
     lengths = list(dict.fromkeys(padded_length(n, generator.prefill_chunk) for n in sizes))
     cancel = threading.Event()
 
