@@ -324,6 +324,9 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         _err("")
         code = 130
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as a killed-by-SIGPIPE tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        code = 128 + 13
     sys.exit(code)
 
 

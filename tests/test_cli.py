@@ -143,6 +143,19 @@ def test_interactive_chat_on_a_terminal(tiny_llama_chat_model, env, tmp_path):
     assert turn["prefilled_tokens"] == turn["prompt_tokens"]  # nothing of the warm-up's prompts was reused
 
 
+def test_a_reader_that_left_ends_the_run_quietly(tiny_llama_chat_model, env):
+    # `generate.py ... | head -c 20`: the pipe's reader is gone before the first token is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, f"--model={tiny_llama_chat_model}", f"--prompt={PROMPT}", "--max_new_tokens=8"],
+        stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+
+
 def _assert_usage_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
