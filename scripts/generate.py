@@ -314,6 +314,8 @@ def main(argv: list[str]) -> None:
     if not FLAGS.verbose:
         absl_logging.set_verbosity(absl_logging.WARNING)  # JAX's start-up INFO lines stay quiet
 
+    # Any locale: bytes that are not UTF-8 reach the tokenizer as lone surrogates, which it reports (exit 2).
+    sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
     try:
         code = run(argv)
     except (UserError, _UsageError) as e:

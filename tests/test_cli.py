@@ -209,6 +209,14 @@ def test_bad_models_and_prompts_exit_2_with_one_line(tiny_llama_chat_model, env,
     _assert_usage_error(
         _run(env, f"--model={tiny_llama_chat_model}", "--max_context=8", f"--prompt={PROMPT} {PROMPT}"), "context"
     )
+    # A prompt on stdin that is not UTF-8 (a Latin-1 "café"), under a UTF-8 locale and under C's.
+    for lang in ("C.UTF-8", "C"):
+        proc = subprocess.run(
+            [sys.executable, SCRIPT, f"--model={tiny_llama_chat_model}", "--max_new_tokens=4"],
+            input="café au lait".encode("latin-1"), capture_output=True, env={**env, "LANG": lang, "LC_ALL": lang},
+            timeout=300,
+        )  # fmt: skip
+        _assert_usage_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", proc.stderr.decode()), "UTF-8")
     # Dense weights leave no matrix for --int8_activations.
     _assert_usage_error(
         _run(env, f"--model={tiny_llama_chat_model}", "--quant=none", "--int8_activations", "--prompt=hi"),

@@ -86,6 +86,10 @@ class Tokenizer:
     # -- ids -----------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, kept by surrogateescape
+            raise UserError(f"the text is not UTF-8 (at character {e.start}); convert it first") from None
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos:
             ids = [self.bos_id, *ids]
