@@ -154,6 +154,8 @@ def run(argv: list[str]) -> int:
         return _passkey(generator, path, load_s, max_context, window)
     results = []
     if FLAGS.mode == "completion":
+        if FLAGS.prompt is None and sys.stdin.isatty():
+            _err("completion: type the prompt, then Ctrl-D on a line of its own (--mode=chat for a chat)")
         prompt = FLAGS.prompt if FLAGS.prompt is not None else sys.stdin.read()
         if not prompt:
             raise _UsageError("empty prompt: pass --prompt or pipe text on stdin")
