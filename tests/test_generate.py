@@ -69,6 +69,50 @@ def test_chunk_queued_past_a_stop_leaves_the_reused_cache_intact(tiny_llama_chat
     assert fresh.generate(out2.prompt_ids, max_new_tokens=12).token_ids == out2.token_ids
 
 
+def test_decode_chunk_past_a_stop_token_moves_only_the_key(tiny_llama_chat_model):
+    # A chunk whose third token is a stop token against the same chunk cut after that token: the same tokens
+    # (then -1), position and token, the same cache below the stop token's slot; the key moved on once a step,
+    # run or not. (The CPU skips those steps; a GPU runs them idle, writing the stop token's slot, which no
+    # one reads. Both forms pass here.)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    g, tok = _generator(tiny_llama_chat_model)
+    prompt = tok.encode(PROMPT)
+    sampling = SamplingParams.make(0.9, 20, 0.95, 0.0)
+    logits, cache = gen.prefill(g.weights, g._new_cache(), prompt, 0, g.cfg, chunk=g.prefill_chunk)
+    key0 = jax.random.key(np.random.default_rng().integers(1 << 30))
+    first, key = gen.first_token(logits, key0, sampling)
+
+    attn_len = gen.attn_bucket(len(prompt) + 8, g.slots)
+
+    def chunk(n_steps, stop_ids):  # each from copies: the chunk donates its state
+        state = gen.DecodeState(
+            cache=jax.tree.map(jnp.copy, cache), token=jnp.copy(first), pos=jnp.asarray(len(prompt), jnp.int32),
+            key=jax.random.clone(key), done=jnp.asarray(False),
+        )  # fmt: skip
+        stop_ids = jnp.asarray(stop_ids, jnp.int32)
+        return gen.decode_chunk(
+            g.weights, state, sampling, stop_ids, cfg=g.cfg, n_steps=n_steps, attn_len=attn_len, backend=g.backend
+        )
+
+    free, _ = chunk(8, [-1])
+    stop = int(free[2])
+    assert stop not in np.asarray(free[:2])  # else the stop would come earlier
+    tokens, state = chunk(8, [stop])
+    cut_tokens, cut = chunk(3, [-1])
+    assert np.asarray(tokens).tolist() == np.asarray(cut_tokens).tolist() + [-1] * 5
+    assert bool(state.done) and int(state.pos) == int(cut.pos) and int(state.token) == int(cut.token) == stop
+    fed = int(cut.pos)  # slots below hold the prompt and the fed tokens
+    for a, b in zip(state.cache.k + state.cache.v, cut.cache.k + cut.cache.v):
+        np.testing.assert_array_equal(np.asarray(a)[:, :fed], np.asarray(b)[:, :fed])
+    moved = key
+    for _ in range(8):
+        moved = jax.random.split(moved)[0]
+    np.testing.assert_array_equal(jax.random.key_data(state.key), jax.random.key_data(moved))
+
+
 def test_interrupted_reply_leaves_the_session_as_before(tiny_llama_chat_model):
     # Ctrl-C in a chat reply (KeyboardInterrupt out of the text callback, mid-decode, a chunk queued ahead): the
     # turn is left out, and the next turn's reply is the one a session that never saw it gives.

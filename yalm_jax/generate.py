@@ -148,10 +148,11 @@ def decode_chunk(
     """`n_steps` decode steps in one `lax.scan` on the device: the sampled tokens (n_steps,) int32 and the new state.
 
     Once a token in `stop_ids` (E,) is sampled, the remaining steps yield -1
-    and leave the state as it was: they feed the stop token again at the same
-    position, rewriting its cache slot with the same values. Every position
-    fed, up to `state.pos + n_steps - 1`, must lie within the cache and below
-    `attn_len`.
+    and leave the state as it was but for the key, which moves on as if they
+    ran: on a GPU they feed the stop token at its position (writing its cache
+    slot, past the tokens fed, which nothing reads); on the CPU they are skipped.
+    Every position fed, up to `state.pos + n_steps - 1`, must lie within the
+    cache and below `attn_len`.
     """
 
     def step(s: DecodeState, _):
@@ -167,7 +168,32 @@ def decode_chunk(
         )
         return s, token
 
-    state, tokens = lax.scan(step, state, None, length=n_steps)
+    def every_step(state):
+        return lax.scan(step, state, None, length=n_steps)
+
+    def until_stop(state):
+        def step_unless_done(s: DecodeState, _):
+            # A loop of one step, or none once a stop token came: XLA keeps a loop's state in place, where a
+            # lax.cond here copied the cache every step (3.5x slower decode).
+            def more(carry):
+                s, token, ran = carry
+                return ~ran & ~s.done
+
+            def one(carry):
+                s, _, _ = carry
+                s, token = step(s, None)
+                return s, token, True
+
+            next_key = jax.random.split(s.key)[0]  # what a step makes its key, run or idle (decode_step)
+            s, token, _ = lax.while_loop(more, one, (s, jnp.int32(-1), False))
+            return dataclasses.replace(s, key=next_key), token
+
+        return lax.scan(step_unless_done, state, None, length=n_steps)
+
+    # The CPU skips the steps after a stop token, so a reply's last chunk, and the one queued after it, cost
+    # nothing past it (a short chat reply 0.58 -> 0.19 s, decode speed unchanged); XLA GPU would read the inner
+    # loop's condition back to the host every step, so a GPU runs every step, those past the stop idling.
+    state, tokens = (until_stop if jax.default_backend() == "cpu" else every_step)(state)
     return tokens, state
 
 
