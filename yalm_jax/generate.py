@@ -50,6 +50,9 @@ PREFILL_CHUNK = 128  # prompt tokens per prefill call; a shorter last chunk is p
 PREFILL_CHUNK_GPU = 512  # on a GPU: 1.8x the prefill speed of 128-token chunks (H100, Mistral-7B shape: BENCHMARKS.md)
 MIN_PREFILL_CHUNK = 16
 DECODE_CHUNK = 16  # decode steps per device call
+# On the CPU: the same decode speed in f32 (61-63 tok/s, SmolLM2; int8 2% slower), the text streamed every ~70 ms
+# where 16 steps showed it in bursts ~280 ms apart (BENCHMARKS.md, CPU).
+DECODE_CHUNK_CPU = 4
 MIN_ATTN_LEN = 256
 # The Pallas attention kernels tile the cache in multiples of this many slots; a cache of any other length
 # runs XLA's attention instead (Mistral-7B's decode 7% slower a token on one H200: BENCHMARKS.md, run 18).
@@ -60,6 +63,12 @@ def default_prefill_chunk() -> int:
     """Prompt tokens per prefill call on the default backend: larger on a GPU, where a chunk's matrix products
     run near the tensor cores' rate only with enough rows."""
     return PREFILL_CHUNK_GPU if jax.default_backend() == "gpu" else PREFILL_CHUNK
+
+
+def default_decode_chunk() -> int:
+    """Decode steps per device call on the default backend: fewer on the CPU, whose steps are long enough that
+    a call's own cost does not show and a reply's text then comes in smaller pieces."""
+    return DECODE_CHUNK_CPU if jax.default_backend() == "cpu" else DECODE_CHUNK
 
 
 def _next_pow2(n: int) -> int:
@@ -422,7 +431,7 @@ class Generator:
         backend: str | None = None,
         seed: int = 0,
         prefill_chunk: int | None = None,
-        decode_chunk: int = DECODE_CHUNK,
+        decode_chunk: int | None = None,
         window: int | None = None,
         sinks: int = 2,
         kv_dtype: str | None = None,
@@ -435,7 +444,7 @@ class Generator:
         self.backend = backend or ops.default_backend()
         self.kv_dtype = kv_dtype  # the KV cache's dtype (default: the compute dtype); attention upcasts
         self.prefill_chunk = prefill_chunk or default_prefill_chunk()
-        self.decode_chunk = decode_chunk
+        self.decode_chunk = decode_chunk or default_decode_chunk()
         self.cache: KVCache | None = self._new_cache()
         self.cached_ids: list[int] = []
         self.key = jax.random.key(seed)
