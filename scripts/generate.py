@@ -170,19 +170,12 @@ def run(argv: list[str]) -> int:
         stop_warm_up = _warm_up_while_typing(generator, sampling) if interactive and sys.stdin.isatty() else None
         while True:
             if interactive:
-                if sys.stdin.isatty():
-                    _err("> ", end="")
-                try:
-                    line = sys.stdin.readline()
-                except KeyboardInterrupt:  # Ctrl-C at the prompt leaves, as /exit does
-                    _err("")
-                    line = ""
+                text = _read_message()
                 if stop_warm_up is not None:
                     stop_warm_up()
                     stop_warm_up = None
-                if not line or line.strip() == "/exit":
+                if text is None or text.strip() == "/exit":
                     break
-                text = line.rstrip("\n")
                 if text.strip() == "/reset":
                     session = ChatSession(generator, system=FLAGS.system)
                     continue
@@ -206,6 +199,26 @@ def run(argv: list[str]) -> int:
     if FLAGS.stats_json:
         _write_stats(FLAGS.stats_json, results, load_s, path, max_context)
     return 0
+
+
+def _read_message() -> str | None:
+    """One chat message from stdin: a line, or several while each ends with a backslash (as llama.cpp's chat
+    continues a message); None at the end of the input or on Ctrl-C at the prompt (which leaves, as /exit does)."""
+    lines = []
+    while True:
+        if sys.stdin.isatty():
+            _err("... " if lines else "> ", end="")
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            _err("")
+            return None
+        if not line:
+            return "\n".join(lines) if lines else None
+        line = line.rstrip("\n")
+        if not line.endswith("\\"):
+            return "\n".join([*lines, line])
+        lines.append(line[:-1])
 
 
 def _warm_up_while_typing(generator, sampling):

@@ -156,6 +156,16 @@ def test_a_reader_that_left_ends_the_run_quietly(tiny_llama_chat_model, env):
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
 
 
+def test_chat_line_ending_in_a_backslash_continues_the_message(tiny_llama_chat_model, env, tmp_path):
+    stats_path = tmp_path / "stats.json"
+    args = [f"--model={tiny_llama_chat_model}", "--mode=chat", "--temperature=0", "--max_new_tokens=4"]
+    _ok(_run(env, *args, f"--stats_json={stats_path}", stdin="Tell me\\\nabout the sky\n/exit\n"))
+    (turn,) = json.loads(stats_path.read_text())["turns"]
+    tok = tokenizer_from_hf_dir(tiny_llama_chat_model)
+    message = [{"role": "user", "content": "Tell me\nabout the sky"}]
+    assert turn["prompt_token_ids"] == tok.encode(tok.render_chat(message), add_special_tokens=False)
+
+
 def _assert_usage_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
