@@ -235,9 +235,8 @@ def _warm_up_while_typing(generator, sampling):
         probe.messages.append({"role": "user", "content": message})
         return len(probe.prompt_ids())
 
-    question, greeting = first_prompt_length("What is the capital of France?"), first_prompt_length("Hi!")
-    sizes = (question, greeting)
-    lengths = list(dict.fromkeys(padded_length(n, generator.prefill_chunk) for n in sizes))
+    messages = ("What is the capital of France?", "Hi!")  # a question's length first, then a greeting's
+    lengths = list(dict.fromkeys(padded_length(first_prompt_length(m), generator.prefill_chunk) for m in messages))
     cancel = threading.Event()
 
     def warm_up():

@@ -185,7 +185,7 @@ def decode_chunk(
             # A loop of one step, or none once a stop token came: XLA keeps a loop's state in place, where a
             # lax.cond here copied the cache every step (3.5x slower decode).
             def more(carry):
-                s, token, ran = carry
+                s, _, ran = carry
                 return ~ran & ~s.done
 
             def one(carry):
