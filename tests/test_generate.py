@@ -34,6 +34,25 @@ def test_greedy_matches_transformers(tiny_chat_model, monkeypatch):
     assert out.text == tok.decode(out.token_ids)
 
 
+def test_xla_cache_holds_the_attention_bucket_it_needs(tiny_chat_model, monkeypatch):
+    # On the XLA path the cache grows by attention buckets (XLA copies any part of it that attention reads
+    # short of the whole), and a new sequence starts small again; the kernels' cache keeps every slot.
+    monkeypatch.setattr(gen, "MIN_ATTN_LEN", 16)
+    g, tok = _generator(tiny_chat_model, backend="xla", prefill_chunk=16, decode_chunk=4)
+    tok.eos_ids = frozenset()
+    prompt = tok.encode(PROMPT)
+    assert g.cache.max_context == 16
+    long = g.generate(prompt, max_new_tokens=24)
+    assert g.cache.max_context == gen.attn_bucket(len(prompt) + 24, 128) < 128
+    assert long.token_ids == hf_greedy(tiny_chat_model, prompt, 24)
+    other = [t for t in tok.encode("Two words") if t != prompt[0]]
+    short = g.generate(other, max_new_tokens=4)
+    assert short.prefilled == len(other) and g.cache.max_context == 16
+    assert short.token_ids == hf_greedy(tiny_chat_model, other, 4)
+    kernels, _ = _generator(tiny_chat_model, backend="pallas")
+    assert kernels.cache.max_context == 128
+
+
 def test_chat_session_continuation_equals_one_shot_prefill(tiny_llama_chat_model):
     g, tok = _generator(tiny_llama_chat_model)
     session = gen.ChatSession(g, system="You are a model.")

@@ -59,6 +59,16 @@ def init_cache(cfg: ModelConfig, max_context: int, dtype: str | None = None, rin
     )
 
 
+@functools.partial(jax.jit, static_argnames=("slots",))
+def grow_cache(cache: KVCache, slots: int) -> KVCache:
+    """The cache with `slots` slots: the same positions in the same slots, and zeroed room past them.
+    Not for a ring, whose slots' meaning depends on their count."""
+    if cache.ring_sinks is not None:
+        raise ValueError("a ring cache cannot grow")
+    grow = lambda x: jnp.pad(x, ((0, 0), (0, slots - x.shape[1]), (0, 0)))  # noqa: E731
+    return KVCache(k=[grow(x) for x in cache.k], v=[grow(x) for x in cache.v])
+
+
 def attention_block(
     x, layer: LayerWeights, k_cache, v_cache, split_counter, positions, cfg: ModelConfig, attn_len, backend,
     i: int | None = None, ring_sinks: int | None = None,
