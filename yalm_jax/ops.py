@@ -362,11 +362,10 @@ def _attend(q, k, v, k_cache, v_cache, visible, *, attn_len, scale, q_sink=None,
     """softmax(q.k * scale over the `visible` keys) . v, the keys being the first `attn_len`
     cache slots then the chunk's own; the first `sinks` slots are scored against `q_sink`.
 
-    The cache and the chunk are multiplied apart and only their scores joined: a cache joined to the chunk
-    would be copied whole every step (XLA CPU's decode at context 1,000 ran at half its short-context speed).
-    Each kv head's queries are the rows of one batched product, (kv heads, group x S, head_dim) against the
-    cache's (kv heads, slots, head_dim) as it lies, which XLA CPU runs 2-3x faster than the product of
-    4-d operands it had.
+    The cache and the chunk are multiplied apart and only their scores joined: joining the cache's slots to
+    the chunk's keys and values copied them every step. Each kv head's queries are the rows of one batched
+    product, (kv heads, group x S, head_dim) against the cache's (kv heads, slots, head_dim) as it lies, where
+    XLA CPU ran 4-d operands several times slower (BENCHMARKS.md, CPU).
     """
     s, n_heads, hd = q.shape
     n_kv = k.shape[1]
