@@ -459,9 +459,8 @@ class Generator:
         slots = attn_bucket(1, self.slots) if self.grows else self.slots
         return model.init_cache(self.cfg, slots, self.kv_dtype, ring_sinks=self.ring_sinks)
 
-    def _fitted(self, cache: KVCache, needed: int) -> KVCache:
-        """`cache`, on a growing generator grown to the attention bucket of `needed` positions."""
-        slots = attn_bucket(needed, self.slots)
+    def _fitted(self, cache: KVCache, slots: int) -> KVCache:
+        """`cache`, on a growing generator grown to `slots` slots (an attention bucket)."""
         if not self.grows or slots <= cache.max_context:
             return cache
         return self.programs(model.grow_cache, cache, slots=slots)
@@ -545,7 +544,7 @@ class Generator:
             self.cache = self._new_cache()  # a new sequence starts in a cache of the size it needs
         cache, self.cache = self.cache, None  # donated below; a failure leaves the generator without a cache
         self.cached_ids = []
-        cache = self._fitted(cache, n_prompt)
+        cache = self._fitted(cache, attn_bucket(n_prompt, self.slots))
         plan = _plan_prefill(reuse, n_prompt, self.prefill_chunk, cache.max_context, self.ring_sinks)
         for start, n, length in plan:  # compile before timing
             args = _chunk_args(prompt_ids, start, n, length)
@@ -592,7 +591,7 @@ class Generator:
             if n_prompt + n_fed + n_steps > self.max_context:
                 n_steps = room
             attn_len = attn_bucket(n_prompt + n_fed + n_steps, self.slots)
-            state = dataclasses.replace(state, cache=self._fitted(state.cache, n_prompt + n_fed + n_steps))
+            state = dataclasses.replace(state, cache=self._fitted(state.cache, attn_len))
             tokens, state = self.programs(
                 decode_chunk, self.weights, state, sampling, stop_ids,
                 cfg=self.cfg, n_steps=n_steps, attn_len=attn_len, backend=self.backend,

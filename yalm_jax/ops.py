@@ -383,7 +383,7 @@ def _attend(q, k, v, k_cache, v_cache, visible, *, attn_len, scale, q_sink=None,
 
     # The chunk's own keys and values as the cache stores them, as the kernels (which read them back)
     # and every later step see them.
-    k_own, v_own = (x.swapaxes(0, 1).astype(k_cache.dtype) for x in (k, v))
+    k_own, v_own = k.swapaxes(0, 1).astype(k_cache.dtype), v.swapaxes(0, 1).astype(v_cache.dtype)
     cached = scores_of(q, k_cache[:, :attn_len])
     if sinks:
         cached = jnp.concatenate([scores_of(q_sink, k_cache[:, :sinks]), cached[..., sinks:]], axis=-1)
